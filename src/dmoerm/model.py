@@ -1,0 +1,267 @@
+"""DMoERM: the router (outer, sparse layer) over per-category inner models (dense mixtures of LoRA experts).
+
+One backbone, one PEFT model, every adapter on it: ``<category>__rm`` (phase 1) and
+``<category>__<capability>`` (phase 2, one per capability point), each with its value head; one aggregator
+MLP per category (phase 3). Training lives in :mod:`dmoerm.training.phases`; ``forward`` only scores.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dmoerm.data import Message
+from dmoerm.encoding import EncodedInput, collate, encode, length_buckets, render
+from dmoerm.experts import BackboneConfig, ExpertBank
+from dmoerm.outputs import RewardOutput
+from dmoerm.reward_model import InputTooLongError, RewardModel, read_model_file, write_model_file
+from dmoerm.router import Router
+from dmoerm.taxonomy import Taxonomy
+
+
+@dataclass
+class RoutingConfig:
+    """How the router's output picks inner models at scoring time."""
+
+    mode: str = "top1"
+    """``top1``: the most probable category's inner model only (the paper). ``topk``: when the router is unsure
+    (top probability below ``mix_below``), the top ``top_k`` inner models' rewards mixed by renormalised
+    router probability."""
+    top_k: int = 2
+    """Inner models mixed in ``topk`` mode."""
+    mix_below: float = 0.6
+    """In ``topk`` mode, rows whose top router probability is at least this use top-1."""
+    aggregation: str = "mlp"
+    """``mlp``: the phase-3 aggregator (the paper). ``mean``: the experts' scalar scores averaged (an ablation)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("top1", "topk"):
+            raise ValueError(f"mode: {self.mode!r} is not 'top1' or 'topk'")
+        if self.top_k < 1:
+            raise ValueError(f"top_k: must be >= 1, got {self.top_k}")
+        if not 0.0 <= self.mix_below <= 1.0:
+            raise ValueError(f"mix_below: must be in [0, 1], got {self.mix_below}")
+        if self.aggregation not in ("mlp", "mean"):
+            raise ValueError(f"aggregation: {self.aggregation!r} is not 'mlp' or 'mean'")
+
+
+@dataclass
+class DMoERMOutput:
+    """Named outputs of one batch."""
+
+    reward: torch.Tensor
+    """[B] the rewards."""
+    category_probs: torch.Tensor
+    """[B, C] router probabilities over ``DMoERM.categories``."""
+    category_index: torch.Tensor
+    """[B] index of the category whose inner model scored each row (the most probable one)."""
+    capability_scores: list[dict[str, float]] = field(default_factory=list)
+    """Per row, each capability expert's scalar score (of the chosen category)."""
+
+
+def rm_expert(category: str) -> str:
+    """Adapter name of a category's phase-1 reward model."""
+    return f"{category}__rm"
+
+
+def capability_expert(category: str, capability: str) -> str:
+    """Adapter name of a category's phase-2 expert for one capability point."""
+    return f"{category}__{capability}"
+
+
+class DMoERM(nn.Module):
+    """Router + inner models over one shared split backbone."""
+
+    def __init__(self, bank: ExpertBank, taxonomy: Taxonomy, categories: Sequence[str], routing: RoutingConfig | None = None):
+        super().__init__()
+        known = {c.name for c in taxonomy.categories}
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise ValueError(f"categories: {unknown} are not in taxonomy {taxonomy.name!r}")
+        self.bank = bank
+        self.taxonomy = taxonomy
+        self.routing = routing or RoutingConfig()
+        self.router = Router(bank.hidden_size, list(categories))
+        self.aggregators = nn.ModuleDict()
+        self.aggregator_experts: dict[str, list[str]] = {}
+        """Per category, the expert adapters whose states its aggregator reads, in order."""
+        self.eval()
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def categories(self) -> list[str]:
+        return self.router.categories
+
+    @property
+    def tokenizer(self):
+        return self.bank.tokenizer
+
+    @property
+    def max_length(self) -> int:
+        return self.bank.config.max_length
+
+    def capability_experts(self, category: str) -> list[str]:
+        """The phase-2 experts of ``category`` that exist, in taxonomy order."""
+        caps = next(c for c in self.taxonomy.categories if c.name == category).capabilities
+        return [capability_expert(category, c.name) for c in caps if capability_expert(category, c.name) in self.bank.heads]
+
+    # ------------------------------------------------------------------ scoring
+    def inner_reward(
+        self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, category: str
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """One category's inner model: trunk states [B, T, H] -> (reward [B], expert scores [K, B], expert names).
+
+        All experts run in one batched pass over the shared trunk. A category without a trained aggregator
+        falls back to its phase-1 reward model.
+        """
+        names = self.aggregator_experts.get(category) or self.capability_experts(category) or [rm_expert(category)]
+        hidden = self.bank.all_experts_hidden(trunk_states, attention_mask, names)  # [K, B, H]
+        scores = torch.stack([self.bank.heads[n](hidden[i]).squeeze(-1) for i, n in enumerate(names)])  # [K, B]
+        if self.routing.aggregation == "mlp" and category in self.aggregators:
+            reward = self.aggregators[category](hidden)  # [B]
+        elif self.routing.aggregation == "mean" or names != [rm_expert(category)]:
+            reward = scores.mean(0)
+        else:
+            reward = scores[0]
+        return reward, scores, names
+
+    def forward(self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor) -> DMoERMOutput:
+        """Trunk states [B, T, H], masks [B, T] -> rewards with routing and capability scores."""
+        probs = self.router.probabilities(self.router.features(trunk_states, prompt_mask))  # [B, C]
+        top_p, top_i = probs.max(-1)  # [B]
+        reward = torch.zeros(trunk_states.shape[0])
+        caps: list[dict[str, float]] = [{} for _ in range(trunk_states.shape[0])]
+        k = min(self.routing.top_k, len(self.categories)) if self.routing.mode == "topk" else 1
+        mixed = (top_p < self.routing.mix_below) if k > 1 else torch.zeros_like(top_p, dtype=torch.bool)
+        weights = torch.zeros_like(probs)  # [B, C] weight of each inner model per row
+        weights[torch.arange(len(top_i)), top_i] = 1.0
+        if mixed.any():
+            p_k, i_k = probs[mixed].topk(k, dim=-1)  # [M, k]
+            w = torch.zeros(int(mixed.sum()), probs.shape[1]).scatter(1, i_k, p_k / p_k.sum(-1, keepdim=True))
+            weights[mixed] = w
+        for c, category in enumerate(self.categories):
+            rows = (weights[:, c] > 0).nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            r, scores, names = self.inner_reward(trunk_states[rows], attention_mask[rows], category)
+            reward[rows] += weights[rows, c] * r.float()
+            for j, row in enumerate(rows.tolist()):
+                if top_i[row] == c:
+                    caps[row] = {n.split("__", 1)[1]: float(scores[i, j]) for i, n in enumerate(names)}
+        return DMoERMOutput(reward, probs, top_i, caps)
+
+    def encode(self, conversation: Sequence[Message], response: str) -> EncodedInput:
+        return encode(self.tokenizer, conversation, response, self.max_length)
+
+    def score_inputs(self, inputs: Sequence[EncodedInput], batch_size: int = 16) -> list[RewardOutput]:
+        """Score encoded inputs, in their order (length-bucketed batches, one trunk pass each)."""
+        out: list[RewardOutput | None] = [None] * len(inputs)
+        with torch.no_grad():
+            for idx in length_buckets([len(e.input_ids) for e in inputs], batch_size):
+                batch = collate([inputs[i] for i in idx], self.tokenizer.pad_token_id)
+                states = self.bank.trunk(batch["input_ids"], batch["attention_mask"])  # [B, T, H]
+                res = self(states, batch["attention_mask"], batch["prompt_mask"])
+                for j, i in enumerate(idx):
+                    c = int(res.category_index[j])
+                    out[i] = RewardOutput(
+                        reward=float(res.reward[j]),
+                        category=self.categories[c],
+                        category_probability=float(res.category_probs[j, c]),
+                        capability_scores=res.capability_scores[j],
+                    )
+        return out  # type: ignore[return-value]
+
+    def score(self, conversations: list[list[Message]], responses: list[str], batch_size: int = 16) -> list[RewardOutput]:
+        if len(conversations) != len(responses):
+            raise ValueError(f"{len(conversations)} conversations for {len(responses)} responses")
+        return self.score_inputs([self.encode(c, r) for c, r in zip(conversations, responses, strict=True)], batch_size)
+
+    def _assistant_header(self) -> str:
+        with_header, _ = render(self.tokenizer, [Message("user", "x")], "y")
+        without = self.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+        return with_header[len(without) :] if with_header.startswith(without) else ""
+
+    def score_texts(self, texts: list[str], batch_size: int = 16) -> list[float]:
+        """Rendered prompt+response strings: split at the last assistant header so the router sees the prompt."""
+        header = self._assistant_header()
+        inputs = []
+        for i, text in enumerate(texts):
+            cut = text.rfind(header) + len(header) if header and header in text else 0
+            prompt_ids = self.tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
+            response_ids = self.tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
+            if len(prompt_ids) + len(response_ids) > self.max_length:
+                raise InputTooLongError(
+                    f"query[{i}]: {len(prompt_ids) + len(response_ids)} tokens, over the limit of {self.max_length}"
+                )
+            inputs.append(EncodedInput(tuple(prompt_ids + response_ids), len(prompt_ids)))
+        return [o.reward for o in self.score_inputs(inputs, batch_size)]
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> None:
+        """One directory: config, taxonomy, router, every adapter and head, and the aggregators (safetensors)."""
+        from safetensors.torch import save_file
+
+        from dmoerm.taxonomy import save_taxonomy
+
+        directory = Path(directory)
+        self.bank.save(directory)
+        save_taxonomy(self.taxonomy, directory / "taxonomy.yaml")
+        save_file({k: v.contiguous() for k, v in self.router.state_dict().items()}, directory / "router.safetensors")
+        agg = {f"{c}.{k}": v.contiguous() for c, m in self.aggregators.items() for k, v in m.state_dict().items()}
+        if agg:
+            save_file(agg, directory / "aggregators.safetensors")
+        (directory / "dmoerm_config.json").write_text(
+            json.dumps(
+                {"categories": self.categories, "routing": asdict(self.routing), "aggregator_experts": self.aggregator_experts},
+                indent=2,
+            )
+        )
+        write_model_file(directory, "dmoerm")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> DMoERM:
+        from safetensors.torch import load_file
+
+        from dmoerm.aggregator import Aggregator
+        from dmoerm.taxonomy import load_taxonomy
+
+        directory = Path(directory)
+        info = read_model_file(directory)
+        if info["kind"] != "dmoerm":
+            raise ValueError(f"{directory}: a {info['kind']} model, not a DMoERM; use dmoerm.load_model")
+        config = json.loads((directory / "dmoerm_config.json").read_text())
+        model = cls(
+            ExpertBank.load(directory), load_taxonomy(str(directory / "taxonomy.yaml")), config["categories"],
+            RoutingConfig(**config["routing"]),
+        )
+        model.router.load_state_dict(load_file(directory / "router.safetensors"))
+        model.aggregator_experts = {c: list(v) for c, v in config["aggregator_experts"].items()}
+        if (directory / "aggregators.safetensors").exists():
+            state = load_file(directory / "aggregators.safetensors")
+            for c, names in model.aggregator_experts.items():
+                agg = Aggregator(len(names), model.bank.hidden_size)
+                agg.load_state_dict({k[len(c) + 1 :]: v for k, v in state.items() if k.startswith(c + ".")})
+                model.aggregators[c] = agg
+        model.requires_grad_(False)
+        model.eval()
+        return model
+
+
+def load_model(directory: str | Path) -> RewardModel | DMoERM:
+    """Load any dmoerm model directory (a single reward model or a DMoERM)."""
+    kind = read_model_file(directory)["kind"]
+    if kind == "single":
+        return RewardModel.from_pretrained(directory)
+    if kind == "dmoerm":
+        return DMoERM.from_pretrained(directory)
+    raise ValueError(f"{directory}: unknown model kind {kind!r}")
+
+
+def new_dmoerm(config: BackboneConfig, taxonomy: Taxonomy, categories: Sequence[str], routing: RoutingConfig | None = None, init_lora_weights: bool | str = True) -> DMoERM:
+    """A DMoERM on a fresh pretrained backbone, with no experts yet."""
+    return DMoERM(ExpertBank(config, init_lora_weights=init_lora_weights), taxonomy, categories, routing)

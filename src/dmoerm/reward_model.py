@@ -1,0 +1,115 @@
+"""The single reward model: a pretrained backbone plus a value head (LoRA or full fine-tuning of the top layers).
+
+It is the baseline that DMoERM must beat and the phase-1 model of each DMoERM category.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dmoerm import __version__
+from dmoerm.data import Message
+from dmoerm.encoding import EncodedInput, collate, encode, encode_text, length_buckets
+from dmoerm.experts import BackboneConfig, ExpertBank
+from dmoerm.outputs import RewardOutput
+
+MODEL_FILE = "dmoerm_model.json"
+"""Marks a model directory and names its kind (``single`` or ``dmoerm``)."""
+
+
+class InputTooLongError(ValueError):
+    """An already rendered text is longer than the model's token limit (it would lose its start)."""
+
+
+def write_model_file(directory: Path, kind: str, extra: dict | None = None) -> None:
+    info = {"kind": kind, "dmoerm_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    info.update(extra or {})
+    (directory / MODEL_FILE).write_text(json.dumps(info, indent=2))
+
+
+def read_model_file(directory: str | Path) -> dict:
+    path = Path(directory) / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: not a dmoerm model directory (no {MODEL_FILE})")
+    return json.loads(path.read_text())
+
+
+def rewards_of(bank: ExpertBank, expert: str, inputs: Sequence[EncodedInput], batch_size: int) -> torch.Tensor:
+    """Expert rewards of encoded inputs, in their order: [N]. Batches are length-bucketed."""
+    out = torch.empty(len(inputs))
+    pad = bank.tokenizer.pad_token_id
+    with torch.no_grad():
+        for idx in length_buckets([len(e.input_ids) for e in inputs], batch_size):
+            batch = collate([inputs[i] for i in idx], pad)
+            states = bank.trunk(batch["input_ids"], batch["attention_mask"])  # [B, T, H]
+            out[idx] = bank(states, batch["attention_mask"], expert).float()
+    return out
+
+
+class RewardModel(nn.Module):
+    """Backbone + value head. ``score`` returns one :class:`RewardOutput` per (conversation, response)."""
+
+    EXPERT = "reward"
+
+    def __init__(self, bank: ExpertBank):
+        super().__init__()
+        self.bank = bank
+        if self.EXPERT not in bank.heads:
+            bank.add_expert(self.EXPERT)
+        self.eval()
+
+    @classmethod
+    def create(cls, config: BackboneConfig, init_lora_weights: bool | str = True) -> RewardModel:
+        """A fresh model on the pretrained backbone (random value head, LoRA initialised as PEFT does)."""
+        return cls(ExpertBank(config, init_lora_weights=init_lora_weights))
+
+    @property
+    def tokenizer(self):
+        return self.bank.tokenizer
+
+    @property
+    def max_length(self) -> int:
+        return self.bank.config.max_length
+
+    def encode(self, conversation: Sequence[Message], response: str) -> EncodedInput:
+        return encode(self.tokenizer, conversation, response, self.max_length)
+
+    def rewards(self, inputs: Sequence[EncodedInput], batch_size: int = 16) -> torch.Tensor:
+        """Rewards of encoded inputs: [N]."""
+        return rewards_of(self.bank, self.EXPERT, inputs, batch_size)
+
+    def score(
+        self, conversations: list[list[Message]], responses: list[str], batch_size: int = 16
+    ) -> list[RewardOutput]:
+        if len(conversations) != len(responses):
+            raise ValueError(f"{len(conversations)} conversations for {len(responses)} responses")
+        inputs = [self.encode(c, r) for c, r in zip(conversations, responses, strict=True)]
+        return [RewardOutput(reward=float(r)) for r in self.rewards(inputs, batch_size)]
+
+    def score_texts(self, texts: list[str], batch_size: int = 16) -> list[float]:
+        inputs = []
+        for i, text in enumerate(texts):
+            n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if n > self.max_length:
+                raise InputTooLongError(f"query[{i}]: {n} tokens, over the model's limit of {self.max_length}")
+            inputs.append(encode_text(self.tokenizer, text, self.max_length))
+        return self.rewards(inputs, batch_size).tolist()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Config JSON + adapter (PEFT layout) + value head, in safetensors."""
+        directory = Path(directory)
+        self.bank.save(directory)
+        write_model_file(directory, "single")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> RewardModel:
+        info = read_model_file(directory)
+        if info["kind"] != "single":
+            raise ValueError(f"{directory}: a {info['kind']} model, not a single reward model; use dmoerm.load_model")
+        return cls(ExpertBank.load(directory))

@@ -1,0 +1,371 @@
+"""The shared machinery of every phase: trunk-state caching and the pairwise ranking loop.
+
+Only the top layers (with one expert's LoRA adapter) and its value head train, so the frozen trunk's states
+are computed once per input and reused across phases, experts and epochs (the performance issue).
+Training runs through Hugging Face ``accelerate``: the same code runs on several processes (DDP).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dmoerm.encoding import EncodedInput, RankedItem, collate, length_buckets
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one pairwise training run (phase 1, each phase-2 expert, a single model)."""
+
+    learning_rate: float = 5e-4
+    """AdamW learning rate of the adapter (or top layers) and value head."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    epochs: int = 3
+    """Passes over the training pairs (early stopping may end sooner)."""
+    batch_size: int = 8
+    """Records (each with two or more responses) per step and process."""
+    gradient_accumulation_steps: int = 1
+    """Steps whose gradients are summed before one optimizer update."""
+    warmup_ratio: float = 0.1
+    """Share of the updates with a linearly rising learning rate; linear decay after."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    eval_every: int = 0
+    """Evaluate on dev every this many updates; 0 evaluates at the end of each epoch."""
+    early_stopping_patience: int = 2
+    """Stop after this many dev evaluations without improvement (0 disables); the best weights are kept."""
+    mixed_precision: str = "no"
+    """``no`` or ``bf16`` (autocast of the top layers where the hardware supports it)."""
+    seed: int = 0
+    """Seed of initialisation order and batch shuffling."""
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps: must be >= 1, got {self.gradient_accumulation_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision: {self.mixed_precision!r} is not 'no' or 'bf16'")
+
+
+def ranking_loss(rewards: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of -log sigmoid(r_better - r_worse) over pairs (the paper's loss over every untied pair).
+
+    rewards: [N]; pairs: [P, 2] (better index, worse index) into rewards; weights: [P] or None -> scalar.
+    """
+    margin = rewards[pairs[:, 0]] - rewards[pairs[:, 1]]  # [P]
+    loss = -F.logsigmoid(margin)
+    if weights is None:
+        return loss.mean()
+    return (loss * weights).sum() / weights.sum().clamp(min=1e-8)
+
+
+class TrunkCache:
+    """Trunk states per token sequence, computed once and kept in memory up to ``max_bytes`` (LRU)."""
+
+    def __init__(self, max_bytes: int = 4 << 30):
+        self.max_bytes = max_bytes
+        self._states: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def _put(self, key: tuple[int, ...], value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        self._states[key] = value
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, old = self._states.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
+
+    def get(self, bank, inputs: Sequence[EncodedInput], batch_size: int = 16, desc: str | None = None) -> list[torch.Tensor]:
+        """Trunk states [T_i, H] of each input; missing ones are computed in length-bucketed batches."""
+        missing = list(dict.fromkeys(e.input_ids for e in inputs if e.input_ids not in self._states))
+        self.hits += len(inputs) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            todo = [EncodedInput(ids, 0) for ids in missing]
+            batches = length_buckets([len(e.input_ids) for e in todo], batch_size)
+            bar = tqdm(batches, desc=desc or "trunk states", disable=desc is None, unit="batch")
+            pad = bank.tokenizer.pad_token_id
+            for idx in bar:
+                batch = collate([todo[i] for i in idx], pad)
+                states = bank.trunk(batch["input_ids"], batch["attention_mask"])  # [B, T, H]
+                for row, i in enumerate(idx):
+                    n = len(todo[i].input_ids)
+                    self._put(todo[i].input_ids, states[row, :n].clone())
+        out = []
+        for e in inputs:
+            state = self._states.get(e.input_ids)
+            if state is None:  # evicted (cache smaller than the data): recompute this one
+                batch = collate([e], bank.tokenizer.pad_token_id)
+                state = bank.trunk(batch["input_ids"], batch["attention_mask"])[0]
+            else:
+                self._states.move_to_end(e.input_ids)
+            out.append(state)
+        return out
+
+
+def pad_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad trunk states [T_i, H] -> ([B, T, H], attention_mask [B, T])."""
+    width = max(s.shape[0] for s in states)
+    h = states[0].shape[1]
+    out = states[0].new_zeros((len(states), width, h))
+    mask = torch.zeros((len(states), width), dtype=torch.long)
+    for i, s in enumerate(states):
+        out[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = 1
+    return out, mask
+
+
+def batch_items(bank, items: Sequence[RankedItem], cache: TrunkCache) -> dict[str, torch.Tensor]:
+    """Flatten a batch of ranked items: trunk states [N, T, H], mask [N, T], pairs [P, 2], weights [P]."""
+    flat: list[EncodedInput] = []
+    pairs, weights = [], []
+    for item in items:
+        offset = len(flat)
+        flat.extend(item.inputs)
+        for better, worse in item.pairs:
+            pairs.append((offset + better, offset + worse))
+            weights.append(item.weight / len(item.pairs))  # each item weighs the same, however many pairs
+    states, mask = pad_states(cache.get(bank, flat))
+    return {
+        "states": states,
+        "attention_mask": mask,
+        "pairs": torch.tensor(pairs, dtype=torch.long).view(-1, 2),
+        "weights": torch.tensor(weights, dtype=torch.float32),
+    }
+
+
+def score_items(bank, expert: str, items: Sequence[RankedItem], cache: TrunkCache, batch_size: int = 16) -> list[list[float]]:
+    """Expert ``expert``'s reward of every response of every item (no gradients)."""
+    was_training = bank.training
+    bank.eval()
+    out: list[list[float]] = []
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            flat = [e for item in chunk for e in item.inputs]
+            states, mask = pad_states(cache.get(bank, flat))
+            rewards = bank(states, mask, expert).tolist()
+            for item in chunk:
+                out.append(rewards[: len(item.inputs)])
+                rewards = rewards[len(item.inputs) :]
+    bank.train(was_training)
+    return out
+
+
+def pair_agreement(items: Sequence[RankedItem], rewards: Sequence[Sequence[float]]) -> float:
+    """Share of untied pairs ranked as labelled (reward ties count half)."""
+    right = total = 0.0
+    for item, r in zip(items, rewards, strict=True):
+        for better, worse in item.pairs:
+            total += 1
+            right += 1.0 if r[better] > r[worse] else 0.5 if r[better] == r[worse] else 0.0
+    return right / total if total else float("nan")
+
+
+@dataclass
+class TrainResult:
+    """What a pairwise training run did."""
+
+    steps: int = 0
+    best_dev_agreement: float = float("nan")
+    history: dict = field(default_factory=lambda: {"step": [], "loss": [], "dev_step": [], "dev_agreement": []})
+    stopped_early: bool = False
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def train_expert(
+    bank,
+    expert: str,
+    train: Sequence[RankedItem],
+    dev: Sequence[RankedItem],
+    config: TrainConfig,
+    cache: TrunkCache,
+    checkpoint_dir: str | Path | None = None,
+    desc: str | None = None,
+) -> TrainResult:
+    """Train expert ``expert`` (its adapter or the top layers, and its value head) with the ranking loss.
+
+    Exactly ``bank.expert_parameters(expert)`` change; everything else stays frozen. With ``checkpoint_dir``,
+    the trainable weights, optimizer, scheduler and position are saved after each epoch, and a rerun resumes
+    from there. The weights with the best dev agreement are restored at the end.
+    """
+    from accelerate import Accelerator
+
+    if not train:
+        raise ValueError(f"{expert}: no training items")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+    )
+    torch.manual_seed(config.seed)
+    bank.requires_grad_(False)
+    params = bank.expert_parameters(expert)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    batches_per_epoch = math.ceil(len(train) / config.batch_size)
+    updates = max(1, math.ceil(batches_per_epoch * config.epochs / config.gradient_accumulation_steps))
+    warmup = int(config.warmup_ratio * updates)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (updates - step) / max(1, updates - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer, scheduler = accelerator.prepare(bank, optimizer, scheduler)
+
+    # Trunk states of every input, once (length-bucketed); epochs and dev evaluations reuse them.
+    cache.get(bank, [e for item in list(train) + list(dev) for e in item.inputs], desc=desc and f"{desc} trunk")
+
+    result = TrainResult()
+    start_epoch, best_state, bad_evals = 0, None, 0
+    ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        for p, v in zip(params, state["params"], strict=True):
+            p.data.copy_(v)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, result, best_state, bad_evals = state["epoch"], state["result"], state["best"], state["bad_evals"]
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        logger.info("%s: resumed from %s at epoch %d", expert, ckpt, start_epoch)
+
+    def evaluate() -> None:
+        nonlocal best_state, bad_evals
+        if not dev:
+            return
+        agreement = pair_agreement(dev, score_items(bank, expert, dev, cache))
+        result.history["dev_step"].append(result.steps)
+        result.history["dev_agreement"].append(agreement)
+        logger.info("%s: step %d dev agreement %.4f", expert, result.steps, agreement)
+        if not agreement <= result.best_dev_agreement:  # also true for the first (nan) comparison
+            result.best_dev_agreement = agreement
+            best_state = [p.detach().clone() for p in params]
+            bad_evals = 0
+        else:
+            bad_evals += 1
+
+    order_rng = random.Random(config.seed)
+    lengths = [sum(len(e.input_ids) for e in item.inputs) for item in train]
+    stop = result.stopped_early
+    for epoch in range(start_epoch, config.epochs):
+        if stop:
+            break
+        order_rng.seed(config.seed + epoch)
+        batches = length_buckets(lengths, config.batch_size)
+        order_rng.shuffle(batches)
+        # Each process takes its share of the batches (accelerate's DDP averages the gradients).
+        batches = batches[accelerator.process_index :: accelerator.num_processes]
+        model.train()
+        bar = tqdm(batches, desc=f"{desc or expert} epoch {epoch + 1}/{config.epochs}", disable=desc is None)
+        for idx in bar:
+            batch = batch_items(bank, [train[i] for i in idx], cache)
+            if batch["pairs"].numel() == 0:
+                continue
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    rewards = model(batch["states"], batch["attention_mask"], expert)  # [N]
+                loss = ranking_loss(rewards.float(), batch["pairs"], batch["weights"])
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            result.steps += 1
+            result.history["step"].append(result.steps)
+            result.history["loss"].append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if config.eval_every and result.steps % config.eval_every == 0:
+                evaluate()
+                model.train()
+        if not config.eval_every:
+            evaluate()
+        if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
+            result.stopped_early = stop = True
+            logger.info("%s: early stop after epoch %d", expert, epoch + 1)
+        if ckpt is not None and accelerator.is_main_process:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(
+                {
+                    "params": [p.detach().clone() for p in params],
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "result": result,
+                    "best": best_state,
+                    "bad_evals": bad_evals,
+                    "rng": _rng_state(),
+                },
+                tmp,
+            )
+            os.replace(tmp, ckpt)
+    if best_state is not None:
+        with torch.no_grad():
+            for p, v in zip(params, best_state, strict=True):
+                p.copy_(v)
+    bank.requires_grad_(False)
+    bank.eval()
+    accelerator.free_memory()
+    return result
+
+
+def save_curves(history: dict, path: str | Path, title: str = "") -> None:
+    """Training loss and dev agreement against steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    if history.get("loss"):
+        ax[0].plot(history["step"], history["loss"], lw=0.8)
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("train loss")
+    if history.get("dev_agreement"):
+        ax[1].plot(history["dev_step"], history["dev_agreement"], marker="o")
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel("dev agreement")
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def config_dict(config) -> dict:
+    return asdict(config)

@@ -1,0 +1,298 @@
+"""The router and the three phases of each category's inner model, one function each.
+
+Each takes its data and returns what it trained; they change only the parameters their docstring names
+(the tests check this): phase 1 and 2 an adapter and its head, phase 3 an aggregator, the router its head.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from dmoerm.aggregator import Aggregator
+from dmoerm.encoding import EncodedInput, RankedItem, encode
+from dmoerm.labelling.schema import CapabilityLabel
+from dmoerm.model import DMoERM, capability_expert, rm_expert
+from dmoerm.training.loop import (
+    TrainConfig,
+    TrainResult,
+    TrunkCache,
+    pad_states,
+    pair_agreement,
+    ranking_loss,
+    train_expert,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- router
+@dataclass
+class RouterTrainConfig:
+    """Training of the router's classification head (the trunk is frozen, so features are computed once)."""
+
+    learning_rate: float = 3e-3
+    """AdamW learning rate."""
+    epochs: int = 60
+    """Full passes over the (small) feature matrix."""
+    batch_size: int = 64
+    """Prompts per step."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    balance_classes: bool = True
+    """Weight the cross-entropy by inverse class frequency (Auto-J and RMB categories are imbalanced)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class RouterResult:
+    accuracy: float
+    per_category: dict[str, dict] = field(default_factory=dict)
+    """category -> {"n": dev prompts, "accuracy": share routed right}."""
+    history: dict = field(default_factory=lambda: {"step": [], "loss": []})
+
+
+def prompt_features(model: DMoERM, inputs: Sequence[EncodedInput], cache: TrunkCache, desc: str | None = None) -> torch.Tensor:
+    """Router features [N, H] of encoded inputs (mean of trunk states over each prompt's tokens)."""
+    states = cache.get(model.bank, inputs, desc=desc)
+    feats = []
+    for e, s in zip(inputs, states, strict=True):
+        n = max(1, e.prompt_length)
+        feats.append(s[:n].float().mean(0))
+    return torch.stack(feats)
+
+
+def train_router(
+    model: DMoERM,
+    train: Sequence[tuple[EncodedInput, str]],
+    dev: Sequence[tuple[EncodedInput, str]],
+    config: RouterTrainConfig,
+    cache: TrunkCache,
+) -> RouterResult:
+    """Train ``model.router`` (only) with cross-entropy on logits over (prompt input, category) examples."""
+    index = {c: i for i, c in enumerate(model.categories)}
+    train = [(e, c) for e, c in train if c in index]
+    dev = [(e, c) for e, c in dev if c in index]
+    if not train:
+        raise ValueError("router: no training prompt has one of the model's categories")
+    x = prompt_features(model, [e for e, _ in train], cache, desc="router trunk")  # [N, H]
+    y = torch.tensor([index[c] for _, c in train])  # [N]
+    counts = torch.bincount(y, minlength=len(index)).float()
+    weight = (counts.sum() / (len(index) * counts.clamp(min=1))) if config.balance_classes else None
+    torch.manual_seed(config.seed)
+    model.requires_grad_(False)
+    model.router.requires_grad_(True)
+    model.router.train()
+    opt = torch.optim.AdamW(model.router.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    result = RouterResult(accuracy=float("nan"))
+    step = 0
+    for _ in range(config.epochs):
+        perm = torch.randperm(len(y))
+        for start in range(0, len(y), config.batch_size):
+            idx = perm[start : start + config.batch_size]
+            loss = F.cross_entropy(model.router(x[idx]), y[idx], weight=weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            result.history["step"].append(step)
+            result.history["loss"].append(loss.item())
+    model.router.requires_grad_(False)
+    model.eval()
+    if dev:
+        xd = prompt_features(model, [e for e, _ in dev], cache)
+        with torch.no_grad():
+            pred = model.router(xd).argmax(-1)
+        yd = torch.tensor([index[c] for _, c in dev])
+        result.accuracy = float((pred == yd).float().mean())
+        for c, i in index.items():
+            rows = yd == i
+            if rows.any():
+                result.per_category[c] = {"n": int(rows.sum()), "accuracy": float((pred[rows] == i).float().mean())}
+    logger.info("router: dev accuracy %.4f over %d prompts", result.accuracy, len(dev))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- phase 1
+def train_phase1(
+    model: DMoERM,
+    category: str,
+    train: Sequence[RankedItem],
+    dev: Sequence[RankedItem],
+    config: TrainConfig,
+    cache: TrunkCache,
+    checkpoint_dir=None,
+    progress: bool = True,
+) -> TrainResult:
+    """Phase 1: the category's reward model (adapter ``<category>__rm`` and its head) on human rankings."""
+    name = rm_expert(category)
+    if name not in model.bank.heads:
+        model.bank.add_expert(name)
+    return train_expert(model.bank, name, train, dev, config, cache, checkpoint_dir, desc=f"{category} phase 1" if progress else None)
+
+
+# ---------------------------------------------------------------------------------------------- phase 2
+def labels_to_items(labels: Sequence[CapabilityLabel], tokenizer, max_length: int) -> list[RankedItem]:
+    """Capability labels -> ranked items (ties dropped; the label's confidence weighs its loss)."""
+    items = []
+    for label in labels:
+        if label.winner == "tie":
+            continue
+        inputs = (
+            encode(tokenizer, label.conversation, label.response_a, max_length),
+            encode(tokenizer, label.conversation, label.response_b, max_length),
+        )
+        pair = ((0, 1),) if label.winner == "a" else ((1, 0),)
+        items.append(RankedItem(inputs, pair, max(float(label.confidence), 1e-3), label.category))
+    return items
+
+
+def train_phase2(
+    model: DMoERM,
+    category: str,
+    capability: str,
+    train: Sequence[RankedItem],
+    dev: Sequence[RankedItem],
+    config: TrainConfig,
+    cache: TrunkCache,
+    checkpoint_dir=None,
+    progress: bool = True,
+) -> TrainResult:
+    """Phase 2: one capability expert, started from phase 1 (a copy of its adapter and head), on that
+    capability's preference labels. Only the new adapter ``<category>__<capability>`` and its head train."""
+    name = capability_expert(category, capability)
+    if name not in model.bank.heads:
+        if rm_expert(category) not in model.bank.heads:
+            raise ValueError(f"{category}: phase 2 starts from phase 1; train phase 1 first")
+        model.bank.add_expert(name, init_from=rm_expert(category))
+    return train_expert(
+        model.bank, name, train, dev, config, cache, checkpoint_dir,
+        desc=f"{category}/{capability} phase 2" if progress else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- phase 3
+@dataclass
+class AggregatorTrainConfig:
+    """Training of a category's aggregator MLP over frozen expert states (computed once)."""
+
+    learning_rate: float = 1e-3
+    """AdamW learning rate."""
+    epochs: int = 30
+    """Passes over the training items (early stopping on dev agreement may end sooner)."""
+    batch_size: int = 16
+    """Items per step."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    early_stopping_patience: int = 5
+    """Epochs without dev improvement before stopping (0 disables); the best weights are kept."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+
+
+def expert_states(model: DMoERM, names: list[str], inputs: Sequence[EncodedInput], cache: TrunkCache, batch_size: int = 16) -> torch.Tensor:
+    """Frozen experts' last-token states of every input, in one batched pass per batch: [K, N, H]."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            states, mask = pad_states(cache.get(model.bank, inputs[start : start + batch_size]))
+            out.append(model.bank.all_experts_hidden(states, mask, names))  # [K, b, H]
+    return torch.cat(out, dim=1)
+
+
+def _item_index(items: Sequence[RankedItem]) -> tuple[list[EncodedInput], list[list[int]]]:
+    flat, where = [], []
+    for item in items:
+        where.append(list(range(len(flat), len(flat) + len(item.inputs))))
+        flat.extend(item.inputs)
+    return flat, where
+
+
+def train_phase3(
+    model: DMoERM,
+    category: str,
+    train: Sequence[RankedItem],
+    dev: Sequence[RankedItem],
+    config: AggregatorTrainConfig,
+    cache: TrunkCache,
+    experts: list[str] | None = None,
+) -> TrainResult:
+    """Phase 3: backbone and experts frozen; the category's aggregator MLP over the concatenated last-token
+    states of its experts (default: its capability experts), trained on human rankings not used before."""
+    names = experts or model.capability_experts(category)
+    if not names:
+        raise ValueError(f"{category}: no experts to aggregate; run phase 2 first (or pass experts=)")
+    model.requires_grad_(False)
+    flat, where = _item_index(train)
+    feats = expert_states(model, names, flat, cache)  # [K, N, H], computed once: experts are frozen
+    dflat, dwhere = _item_index(dev)
+    dfeats = expert_states(model, names, dflat, cache) if dev else None
+    torch.manual_seed(config.seed)
+    agg = Aggregator(len(names), model.bank.hidden_size)
+    opt = torch.optim.AdamW(agg.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    result = TrainResult()
+    best, bad = None, 0
+    rng = random.Random(config.seed)
+    order = list(range(len(train)))
+    for epoch in range(config.epochs):
+        agg.train()
+        rng.shuffle(order)
+        for start in range(0, len(order), config.batch_size):
+            chunk = order[start : start + config.batch_size]
+            rows = [r for i in chunk for r in where[i]]
+            local = {r: j for j, r in enumerate(rows)}
+            pairs = [(local[where[i][b]], local[where[i][w]]) for i in chunk for b, w in train[i].pairs]
+            wts = [train[i].weight / len(train[i].pairs) for i in chunk for _ in train[i].pairs]
+            if not pairs:
+                continue
+            rewards = agg(feats[:, rows])  # [n]
+            loss = ranking_loss(rewards, torch.tensor(pairs), torch.tensor(wts))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            result.steps += 1
+            result.history["step"].append(result.steps)
+            result.history["loss"].append(loss.item())
+        if dfeats is not None:
+            agg.eval()
+            with torch.no_grad():
+                r = agg(dfeats).tolist()
+            agreement = pair_agreement(dev, [[r[j] for j in w] for w in dwhere])
+            result.history["dev_step"].append(result.steps)
+            result.history["dev_agreement"].append(agreement)
+            if not agreement <= result.best_dev_agreement:
+                result.best_dev_agreement, best, bad = agreement, {k: v.clone() for k, v in agg.state_dict().items()}, 0
+            else:
+                bad += 1
+                if config.early_stopping_patience and bad >= config.early_stopping_patience:
+                    result.stopped_early = True
+                    break
+    if best is not None:
+        agg.load_state_dict(best)
+    agg.requires_grad_(False)
+    agg.eval()
+    model.aggregators[category] = agg
+    model.aggregator_experts[category] = list(names)
+    logger.info("%s phase 3: dev agreement %.4f (%d experts)", category, result.best_dev_agreement, len(names))
+    return result
