@@ -129,9 +129,9 @@ class ExpertBank(nn.Module):
             raise ValueError(f"init_from: no expert named {init_from!r}")
         if self.peft_model is None and self.heads:
             raise ValueError("finetune='full' holds a single expert; use finetune='lora' for several")
-        head = nn.Linear(self.hidden_size, 1)
+        # No bias: the pairwise loss sees only reward differences, so a bias would get no gradient.
+        head = nn.Linear(self.hidden_size, 1, bias=False)
         nn.init.normal_(head.weight, std=1.0 / (self.hidden_size + 1) ** 0.5)
-        nn.init.zeros_(head.bias)
         if init_from is not None:
             head.load_state_dict(self.heads[init_from].state_dict())
         head.requires_grad_(False)

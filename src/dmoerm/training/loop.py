@@ -287,8 +287,13 @@ def train_expert(
         order_rng.seed(config.seed + epoch)
         batches = length_buckets(lengths, config.batch_size)
         order_rng.shuffle(batches)
-        # Each process takes its share of the batches (accelerate's DDP averages the gradients).
-        batches = batches[accelerator.process_index :: accelerator.num_processes]
+        # Each process takes its share of the batches (accelerate's DDP averages the gradients); every
+        # process must run the same number of steps, or DDP waits forever for the missing one.
+        world = accelerator.num_processes
+        if world > 1:
+            batches = batches[: max(world, len(batches) // world * world)]
+            batches = (batches * world)[: max(len(batches), world)]
+        batches = batches[accelerator.process_index :: world]
         model.train()
         bar = tqdm(batches, desc=f"{desc or expert} epoch {epoch + 1}/{config.epochs}", disable=desc is None)
         for idx in bar:
