@@ -18,6 +18,8 @@ def length_records(n: int, seed: int = 0, category: str | None = None) -> list[P
         short = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3)))
         long = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 16)))
         out.append(
-            PreferenceRecord.from_pair([Message("user", prompt)], long, short, category=category, source="test", uid=str(i))
+            PreferenceRecord.from_pair(
+                [Message("user", prompt)], long, short, category=category, source="test", uid=str(i)
+            )
         )
     return out

@@ -32,7 +32,9 @@ def test_split_equals_full_model_and_left_padding_equals_right(tiny_backbone):
     bank = ExpertBank(BackboneConfig(backbone=tiny_backbone, num_top_layers=2, trunk_dtype="float32"))
     bank.add_expert("reward")
     tok = bank.tokenizer
-    enc = [encode(tok, [{"role": "user", "content": "hi there"}], r, 64) for r in ["yes", "no thanks, bye now"]]
+    enc = [
+        encode(tok, [{"role": "user", "content": "hi there"}], r, 64) for r in ["yes", "no thanks, bye now"]
+    ]
     batch = collate(enc, tok.pad_token_id)
     ref = AutoModel.from_pretrained(tiny_backbone)(**{k: batch[k] for k in ("input_ids", "attention_mask")})
     with torch.no_grad():
@@ -40,11 +42,15 @@ def test_split_equals_full_model_and_left_padding_equals_right(tiny_backbone):
     real = batch["attention_mask"].bool()
     assert torch.allclose(ours[real], ref.last_hidden_state[real], atol=1e-5)
     # The same rows left-padded give the same last-token states.
-    left_ids = torch.stack([torch.roll(r, int((m == 0).sum())) for r, m in zip(batch["input_ids"], batch["attention_mask"])])
+    left_ids = torch.stack(
+        [torch.roll(r, int((m == 0).sum())) for r, m in zip(batch["input_ids"], batch["attention_mask"])]
+    )
     left_mask = torch.stack([torch.roll(m, int((m == 0).sum())) for m in batch["attention_mask"]])
     with torch.no_grad():
         left = bank.backbone(left_ids, left_mask)
-    assert torch.allclose(last_token_pool(left, left_mask), last_token_pool(ours, batch["attention_mask"]), atol=1e-5)
+    assert torch.allclose(
+        last_token_pool(left, left_mask), last_token_pool(ours, batch["attention_mask"]), atol=1e-5
+    )
 
 
 def test_backbone_config_validation():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import length_records
 
 from dmoerm.data import Message
 from dmoerm.encoding import EncodedInput, encode, encode_record
@@ -23,11 +22,16 @@ from dmoerm.training.phases import (
     train_phase3,
     train_router,
 )
+from helpers import length_records
 
 TAXONOMY = Taxonomy(
     name="tiny",
     categories=(
-        Category("code", "programming", (Capability("correctness", "is it right"), Capability("brevity", "is it short"))),
+        Category(
+            "code",
+            "programming",
+            (Capability("correctness", "is it right"), Capability("brevity", "is it short")),
+        ),
         Category("chat", "talk", (Capability("empathy", "is it kind"),)),
     ),
 )
@@ -76,7 +80,9 @@ def trained(tiny_backbone):
     cache = TrunkCache()
     tok, n = model.tokenizer, model.max_length
     snaps = {"start": snapshot(model)}
-    router_result = train_router(model, route_examples(model), route_examples(model, 8), RouterTrainConfig(epochs=40), cache)
+    router_result = train_router(
+        model, route_examples(model), route_examples(model, 8), RouterTrainConfig(epochs=40), cache
+    )
     snaps["router"] = snapshot(model)
     recs = length_records(40, seed=0, category="code")
     items = [encode_record(tok, r, n) for r in recs]
@@ -129,8 +135,12 @@ def test_experts_with_different_labels_score_differently(trained):
     names = model.capability_experts("code")
     hidden = expert_states(model, names, inputs, cache)  # [K, N, H]
     scores = [model.bank.heads[nm](hidden[i]).squeeze(-1) for i, nm in enumerate(names)]
-    longer_first = sum(float(s[2 * j] > s[2 * j + 1]) for j in range(len(rows)) for s in [scores[0]]) / len(rows)
-    shorter_first = sum(float(s[2 * j] < s[2 * j + 1]) for j in range(len(rows)) for s in [scores[1]]) / len(rows)
+    longer_first = sum(float(s[2 * j] > s[2 * j + 1]) for j in range(len(rows)) for s in [scores[0]]) / len(
+        rows
+    )
+    shorter_first = sum(float(s[2 * j] < s[2 * j + 1]) for j in range(len(rows)) for s in [scores[1]]) / len(
+        rows
+    )
     assert longer_first >= 0.8 and shorter_first >= 0.8
 
 
@@ -166,7 +176,9 @@ def test_all_experts_pass_equals_separate_passes(trained):
     model, _, recs, _ = trained
     from dmoerm.encoding import collate
 
-    batch = collate([model.encode(r.conversation, r.responses[0]) for r in recs[:5]], model.tokenizer.pad_token_id)
+    batch = collate(
+        [model.encode(r.conversation, r.responses[0]) for r in recs[:5]], model.tokenizer.pad_token_id
+    )
     states = model.bank.trunk(batch["input_ids"], batch["attention_mask"])
     names = model.capability_experts("code") + ["code__rm"]
     with torch.no_grad():
@@ -223,7 +235,9 @@ def test_resume_after_interrupted_phase_equals_uninterrupted(tiny_backbone, tmp_
     def run(ckpt):
         model = make_model(tiny_backbone)
         items = [encode_record(model.tokenizer, r, model.max_length) for r in recs]
-        train_phase1(model, "code", items[:16], items[16:], config, TrunkCache(), checkpoint_dir=ckpt, progress=False)
+        train_phase1(
+            model, "code", items[:16], items[16:], config, TrunkCache(), checkpoint_dir=ckpt, progress=False
+        )
         return {n: p for n, p in snapshot(model).items() if "code__rm" in n}
 
     reference = run(None)

@@ -15,7 +15,11 @@ def test_render_keeps_multi_turn_and_prompt_is_prefix(tiny_backbone):
     from dmoerm.backbone import load_tokenizer
 
     tok = load_tokenizer(tiny_backbone)
-    conv = [Message("user", "first question"), Message("assistant", "first answer"), Message("user", "second")]
+    conv = [
+        Message("user", "first question"),
+        Message("assistant", "first answer"),
+        Message("user", "second"),
+    ]
     prompt, suffix = render(tok, conv, "the reply")
     assert "first question" in prompt and "first answer" in prompt and prompt.endswith("assistant\n")
     assert suffix == "the reply<|im_end|>\n"

@@ -70,7 +70,11 @@ class FakeServer:
     def next_behaviour(self, prompt: str) -> str:
         with self.lock:
             self.requests += 1
-            if self.targeted is not None and all(x in prompt for x in self.targeted[1]) and self.targeted[2] > 0:
+            if (
+                self.targeted is not None
+                and all(x in prompt for x in self.targeted[1])
+                and self.targeted[2] > 0
+            ):
                 self.targeted = (self.targeted[0], self.targeted[1], self.targeted[2] - 1)
                 return self.targeted[0]
             return self.script.pop(0) if self.script else "ok"
@@ -264,7 +268,9 @@ def test_json_mode_one_call_per_order_and_parses_fenced_and_prose(server, tmp_pa
 
 
 def test_chinese_prompts_for_chinese_conversations(server, tmp_path):
-    pair = LabelPair((Message("user", "请介绍一下北京。"),), "北京是中国的首都，有很多名胜古迹。", "北京。", "chat")
+    pair = LabelPair(
+        (Message("user", "请介绍一下北京。"),), "北京是中国的首都，有很多名胜古迹。", "北京。", "chat"
+    )
     judge = _judge(server, tmp_path)
     stats = label_pairs([pair], TAX, judge, tmp_path / "l.jsonl", progress=False)
     assert stats.kept == 2
@@ -346,7 +352,9 @@ def test_killed_run_resumes_to_same_labels(server, tmp_path):
         f.write(b'{"conversation": [{"role": "us')
     answered_before = server.answers
     server.delay = 0.0
-    stats = label_pairs(_pairs(16), TAX, _judge(server, tmp_path, cache=JudgeCache(cache)), out, progress=False)
+    stats = label_pairs(
+        _pairs(16), TAX, _judge(server, tmp_path, cache=JudgeCache(cache)), out, progress=False
+    )
     final = _lines(out)
     assert len(final) == len(set(final)) == 32
     assert sorted(final) == sorted(_lines(ref))
@@ -357,7 +365,9 @@ def test_killed_run_resumes_to_same_labels(server, tmp_path):
 
 
 def test_records_with_unmapped_category_are_skipped_or_defaulted(server, tmp_path):
-    rec = PreferenceRecord.from_pair([Message("user", "Hi?")], "Hello there, friend!", "Hi.", category="unknown")
+    rec = PreferenceRecord.from_pair(
+        [Message("user", "Hi?")], "Hello there, friend!", "Hi.", category="unknown"
+    )
     judge = _judge(server, tmp_path)
     stats = label_pairs([rec], TAX, judge, tmp_path / "l.jsonl", progress=False)
     assert stats.pairs_no_category == 1 and stats.kept == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import length_records
 
 from dmoerm.data import Message
 from dmoerm.experts import BackboneConfig
@@ -12,6 +11,7 @@ from dmoerm.model import load_model
 from dmoerm.reward_model import InputTooLongError, RewardModel
 from dmoerm.training.loop import TrainConfig, ranking_loss
 from dmoerm.training.single import train_reward_model
+from helpers import length_records
 
 
 def test_ranking_loss_on_hand_made_tensors():
@@ -31,7 +31,9 @@ def test_ranked_list_gives_every_untied_pair():
 
 
 def _config(backbone, max_length=64, **kw):
-    return BackboneConfig(backbone=backbone, num_top_layers=2, trunk_dtype="float32", max_length=max_length, **kw)
+    return BackboneConfig(
+        backbone=backbone, num_top_layers=2, trunk_dtype="float32", max_length=max_length, **kw
+    )
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
@@ -42,8 +44,13 @@ def test_training_changes_every_trainable_parameter_and_no_frozen_one(tiny_backb
     trainable = {id(p) for p in model.bank.expert_parameters(RewardModel.EXPERT)}
     names = {n for n, p in model.named_parameters() if id(p) in trainable}
     train_reward_model(
-        length_records(16), [], _config(tiny_backbone), TrainConfig(epochs=1, batch_size=4, learning_rate=1e-2),
-        tmp_path / "rm", model=model, progress=False,
+        length_records(16),
+        [],
+        _config(tiny_backbone),
+        TrainConfig(epochs=1, batch_size=4, learning_rate=1e-2),
+        tmp_path / "rm",
+        model=model,
+        progress=False,
     )
     after = dict(model.named_parameters())
     moved = {n for n in before if not torch.equal(before[n], after[n].detach())}
@@ -57,11 +64,21 @@ def test_training_changes_every_trainable_parameter_and_no_frozen_one(tiny_backb
 def test_learns_a_simple_rule_and_save_load_gives_identical_rewards(tiny_backbone, tmp_path):
     torch.manual_seed(0)
     model, result = train_reward_model(
-        length_records(48), length_records(16, seed=1), _config(tiny_backbone),
-        TrainConfig(epochs=3, batch_size=8, learning_rate=5e-3), tmp_path / "rm", progress=False,
+        length_records(48),
+        length_records(16, seed=1),
+        _config(tiny_backbone),
+        TrainConfig(epochs=3, batch_size=8, learning_rate=5e-3),
+        tmp_path / "rm",
+        progress=False,
     )
     assert result.best_dev_agreement >= 0.8
-    for name in ("curves.png", "train_config.json", "backbone_config.json", "heads.safetensors", "dmoerm_model.json"):
+    for name in (
+        "curves.png",
+        "train_config.json",
+        "backbone_config.json",
+        "heads.safetensors",
+        "dmoerm_model.json",
+    ):
         assert (tmp_path / "rm" / name).exists(), name
     recs = length_records(5, seed=7)
     convs, resps = [list(r.conversation) for r in recs], [r.responses[1] for r in recs]
@@ -83,7 +100,10 @@ def test_batched_rewards_equal_separate_and_text_scoring(tiny_backbone):
     alone = [model.score([c], [r])[0].reward for c, r in zip(convs, resps)]
     assert together == pytest.approx(alone, abs=1e-5)
     prompt = model.tokenizer.apply_chat_template(
-        [{"role": "user", "content": recs[0].conversation[0].content}, {"role": "assistant", "content": resps[0]}],
+        [
+            {"role": "user", "content": recs[0].conversation[0].content},
+            {"role": "assistant", "content": resps[0]},
+        ],
         tokenize=False,
     )
     assert model.score_texts([prompt])[0] == pytest.approx(together[0], abs=1e-5)

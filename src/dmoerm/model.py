@@ -77,7 +77,13 @@ def capability_expert(category: str, capability: str) -> str:
 class DMoERM(nn.Module):
     """Router + inner models over one shared split backbone."""
 
-    def __init__(self, bank: ExpertBank, taxonomy: Taxonomy, categories: Sequence[str], routing: RoutingConfig | None = None):
+    def __init__(
+        self,
+        bank: ExpertBank,
+        taxonomy: Taxonomy,
+        categories: Sequence[str],
+        routing: RoutingConfig | None = None,
+    ):
         super().__init__()
         known = {c.name for c in taxonomy.categories}
         unknown = [c for c in categories if c not in known]
@@ -108,7 +114,11 @@ class DMoERM(nn.Module):
     def capability_experts(self, category: str) -> list[str]:
         """The phase-2 experts of ``category`` that exist, in taxonomy order."""
         caps = next(c for c in self.taxonomy.categories if c.name == category).capabilities
-        return [capability_expert(category, c.name) for c in caps if capability_expert(category, c.name) in self.bank.heads]
+        return [
+            capability_expert(category, c.name)
+            for c in caps
+            if capability_expert(category, c.name) in self.bank.heads
+        ]
 
     # ------------------------------------------------------------------ scoring
     def inner_reward(
@@ -119,9 +129,15 @@ class DMoERM(nn.Module):
         All experts run in one batched pass over the shared trunk. A category without a trained aggregator
         falls back to its phase-1 reward model.
         """
-        names = self.aggregator_experts.get(category) or self.capability_experts(category) or [rm_expert(category)]
+        names = (
+            self.aggregator_experts.get(category)
+            or self.capability_experts(category)
+            or [rm_expert(category)]
+        )
         hidden = self.bank.all_experts_hidden(trunk_states, attention_mask, names)  # [K, B, H]
-        scores = torch.stack([self.bank.heads[n](hidden[i]).squeeze(-1) for i, n in enumerate(names)])  # [K, B]
+        scores = torch.stack(
+            [self.bank.heads[n](hidden[i]).squeeze(-1) for i, n in enumerate(names)]
+        )  # [K, B]
         if self.routing.aggregation == "mlp" and category in self.aggregators:
             reward = self.aggregators[category](hidden)  # [B]
         elif self.routing.aggregation == "mean" or names != [rm_expert(category)]:
@@ -130,7 +146,9 @@ class DMoERM(nn.Module):
             reward = scores[0]
         return reward, scores, names
 
-    def forward(self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor) -> DMoERMOutput:
+    def forward(
+        self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> DMoERMOutput:
         """Trunk states [B, T, H], masks [B, T] -> rewards with routing and capability scores."""
         probs = self.router.probabilities(self.router.features(trunk_states, prompt_mask))  # [B, C]
         top_p, top_i = probs.max(-1)  # [B]
@@ -176,10 +194,14 @@ class DMoERM(nn.Module):
                     )
         return out  # type: ignore[return-value]
 
-    def score(self, conversations: list[list[Message]], responses: list[str], batch_size: int = 16) -> list[RewardOutput]:
+    def score(
+        self, conversations: list[list[Message]], responses: list[str], batch_size: int = 16
+    ) -> list[RewardOutput]:
         if len(conversations) != len(responses):
             raise ValueError(f"{len(conversations)} conversations for {len(responses)} responses")
-        return self.score_inputs([self.encode(c, r) for c, r in zip(conversations, responses, strict=True)], batch_size)
+        return self.score_inputs(
+            [self.encode(c, r) for c, r in zip(conversations, responses, strict=True)], batch_size
+        )
 
     def _assistant_header(self) -> str:
         with_header, _ = render(self.tokenizer, [Message("user", "x")], "y")
@@ -211,13 +233,21 @@ class DMoERM(nn.Module):
         directory = Path(directory)
         self.bank.save(directory)
         save_taxonomy(self.taxonomy, directory / "taxonomy.yaml")
-        save_file({k: v.contiguous() for k, v in self.router.state_dict().items()}, directory / "router.safetensors")
-        agg = {f"{c}.{k}": v.contiguous() for c, m in self.aggregators.items() for k, v in m.state_dict().items()}
+        save_file(
+            {k: v.contiguous() for k, v in self.router.state_dict().items()}, directory / "router.safetensors"
+        )
+        agg = {
+            f"{c}.{k}": v.contiguous() for c, m in self.aggregators.items() for k, v in m.state_dict().items()
+        }
         if agg:
             save_file(agg, directory / "aggregators.safetensors")
         (directory / "dmoerm_config.json").write_text(
             json.dumps(
-                {"categories": self.categories, "routing": asdict(self.routing), "aggregator_experts": self.aggregator_experts},
+                {
+                    "categories": self.categories,
+                    "routing": asdict(self.routing),
+                    "aggregator_experts": self.aggregator_experts,
+                },
                 indent=2,
             )
         )
@@ -236,7 +266,9 @@ class DMoERM(nn.Module):
             raise ValueError(f"{directory}: a {info['kind']} model, not a DMoERM; use dmoerm.load_model")
         config = json.loads((directory / "dmoerm_config.json").read_text())
         model = cls(
-            ExpertBank.load(directory), load_taxonomy(str(directory / "taxonomy.yaml")), config["categories"],
+            ExpertBank.load(directory),
+            load_taxonomy(str(directory / "taxonomy.yaml")),
+            config["categories"],
             RoutingConfig(**config["routing"]),
         )
         model.router.load_state_dict(load_file(directory / "router.safetensors"))
@@ -262,6 +294,12 @@ def load_model(directory: str | Path) -> RewardModel | DMoERM:
     raise ValueError(f"{directory}: unknown model kind {kind!r}")
 
 
-def new_dmoerm(config: BackboneConfig, taxonomy: Taxonomy, categories: Sequence[str], routing: RoutingConfig | None = None, init_lora_weights: bool | str = True) -> DMoERM:
+def new_dmoerm(
+    config: BackboneConfig,
+    taxonomy: Taxonomy,
+    categories: Sequence[str],
+    routing: RoutingConfig | None = None,
+    init_lora_weights: bool | str = True,
+) -> DMoERM:
     """A DMoERM on a fresh pretrained backbone, with no experts yet."""
     return DMoERM(ExpertBank(config, init_lora_weights=init_lora_weights), taxonomy, categories, routing)

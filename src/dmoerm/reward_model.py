@@ -40,7 +40,9 @@ def read_model_file(directory: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def rewards_of(bank: ExpertBank, expert: str, inputs: Sequence[EncodedInput], batch_size: int) -> torch.Tensor:
+def rewards_of(
+    bank: ExpertBank, expert: str, inputs: Sequence[EncodedInput], batch_size: int
+) -> torch.Tensor:
     """Expert rewards of encoded inputs, in their order: [N]. Batches are length-bucketed."""
     out = torch.empty(len(inputs))
     pad = bank.tokenizer.pad_token_id
@@ -97,7 +99,9 @@ class RewardModel(nn.Module):
         for i, text in enumerate(texts):
             n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             if n > self.max_length:
-                raise InputTooLongError(f"query[{i}]: {n} tokens, over the model's limit of {self.max_length}")
+                raise InputTooLongError(
+                    f"query[{i}]: {n} tokens, over the model's limit of {self.max_length}"
+                )
             inputs.append(encode_text(self.tokenizer, text, self.max_length))
         return self.rewards(inputs, batch_size).tolist()
 
@@ -111,5 +115,7 @@ class RewardModel(nn.Module):
     def from_pretrained(cls, directory: str | Path) -> RewardModel:
         info = read_model_file(directory)
         if info["kind"] != "single":
-            raise ValueError(f"{directory}: a {info['kind']} model, not a single reward model; use dmoerm.load_model")
+            raise ValueError(
+                f"{directory}: a {info['kind']} model, not a single reward model; use dmoerm.load_model"
+            )
         return cls(ExpertBank.load(directory))

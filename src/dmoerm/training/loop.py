@@ -60,14 +60,18 @@ class TrainConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.gradient_accumulation_steps < 1:
-            raise ValueError(f"gradient_accumulation_steps: must be >= 1, got {self.gradient_accumulation_steps}")
+            raise ValueError(
+                f"gradient_accumulation_steps: must be >= 1, got {self.gradient_accumulation_steps}"
+            )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision: {self.mixed_precision!r} is not 'no' or 'bf16'")
 
 
-def ranking_loss(rewards: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def ranking_loss(
+    rewards: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean of -log sigmoid(r_better - r_worse) over pairs (the paper's loss over every untied pair).
 
     rewards: [N]; pairs: [P, 2] (better index, worse index) into rewards; weights: [P] or None -> scalar.
@@ -102,7 +106,9 @@ class TrunkCache:
             _, old = self._states.popitem(last=False)
             self._bytes -= old.numel() * old.element_size()
 
-    def get(self, bank, inputs: Sequence[EncodedInput], batch_size: int = 16, desc: str | None = None) -> list[torch.Tensor]:
+    def get(
+        self, bank, inputs: Sequence[EncodedInput], batch_size: int = 16, desc: str | None = None
+    ) -> list[torch.Tensor]:
         """Trunk states [T_i, H] of each input; missing ones are computed in length-bucketed batches."""
         missing = list(dict.fromkeys(e.input_ids for e in inputs if e.input_ids not in self._states))
         self.hits += len(inputs) - len(missing)
@@ -161,7 +167,9 @@ def batch_items(bank, items: Sequence[RankedItem], cache: TrunkCache) -> dict[st
     }
 
 
-def score_items(bank, expert: str, items: Sequence[RankedItem], cache: TrunkCache, batch_size: int = 16) -> list[list[float]]:
+def score_items(
+    bank, expert: str, items: Sequence[RankedItem], cache: TrunkCache, batch_size: int = 16
+) -> list[list[float]]:
     """Expert ``expert``'s reward of every response of every item (no gradients)."""
     was_training = bank.training
     bank.eval()
@@ -195,7 +203,9 @@ class TrainResult:
 
     steps: int = 0
     best_dev_agreement: float = float("nan")
-    history: dict = field(default_factory=lambda: {"step": [], "loss": [], "dev_step": [], "dev_agreement": []})
+    history: dict = field(
+        default_factory=lambda: {"step": [], "loss": [], "dev_step": [], "dev_agreement": []}
+    )
     stopped_early: bool = False
 
 
@@ -247,7 +257,9 @@ def train_expert(
     model, optimizer, scheduler = accelerator.prepare(bank, optimizer, scheduler)
 
     # Trunk states of every input, once (length-bucketed); epochs and dev evaluations reuse them.
-    cache.get(bank, [e for item in list(train) + list(dev) for e in item.inputs], desc=desc and f"{desc} trunk")
+    cache.get(
+        bank, [e for item in list(train) + list(dev) for e in item.inputs], desc=desc and f"{desc} trunk"
+    )
 
     result = TrainResult()
     start_epoch, best_state, bad_evals = 0, None, 0
@@ -258,7 +270,12 @@ def train_expert(
             p.data.copy_(v)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, result, best_state, bad_evals = state["epoch"], state["result"], state["best"], state["bad_evals"]
+        start_epoch, result, best_state, bad_evals = (
+            state["epoch"],
+            state["result"],
+            state["best"],
+            state["bad_evals"],
+        )
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
         logger.info("%s: resumed from %s at epoch %d", expert, ckpt, start_epoch)

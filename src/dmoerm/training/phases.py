@@ -65,7 +65,9 @@ class RouterResult:
     history: dict = field(default_factory=lambda: {"step": [], "loss": []})
 
 
-def prompt_features(model: DMoERM, inputs: Sequence[EncodedInput], cache: TrunkCache, desc: str | None = None) -> torch.Tensor:
+def prompt_features(
+    model: DMoERM, inputs: Sequence[EncodedInput], cache: TrunkCache, desc: str | None = None
+) -> torch.Tensor:
     """Router features [N, H] of encoded inputs (mean of trunk states over each prompt's tokens)."""
     states = cache.get(model.bank, inputs, desc=desc)
     feats = []
@@ -96,7 +98,9 @@ def train_router(
     model.requires_grad_(False)
     model.router.requires_grad_(True)
     model.router.train()
-    opt = torch.optim.AdamW(model.router.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(
+        model.router.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     result = RouterResult(accuracy=float("nan"))
     step = 0
     for _ in range(config.epochs):
@@ -121,7 +125,10 @@ def train_router(
         for c, i in index.items():
             rows = yd == i
             if rows.any():
-                result.per_category[c] = {"n": int(rows.sum()), "accuracy": float((pred[rows] == i).float().mean())}
+                result.per_category[c] = {
+                    "n": int(rows.sum()),
+                    "accuracy": float((pred[rows] == i).float().mean()),
+                }
     logger.info("router: dev accuracy %.4f over %d prompts", result.accuracy, len(dev))
     return result
 
@@ -141,7 +148,16 @@ def train_phase1(
     name = rm_expert(category)
     if name not in model.bank.heads:
         model.bank.add_expert(name)
-    return train_expert(model.bank, name, train, dev, config, cache, checkpoint_dir, desc=f"{category} phase 1" if progress else None)
+    return train_expert(
+        model.bank,
+        name,
+        train,
+        dev,
+        config,
+        cache,
+        checkpoint_dir,
+        desc=f"{category} phase 1" if progress else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- phase 2
@@ -179,7 +195,13 @@ def train_phase2(
             raise ValueError(f"{category}: phase 2 starts from phase 1; train phase 1 first")
         model.bank.add_expert(name, init_from=rm_expert(category))
     return train_expert(
-        model.bank, name, train, dev, config, cache, checkpoint_dir,
+        model.bank,
+        name,
+        train,
+        dev,
+        config,
+        cache,
+        checkpoint_dir,
         desc=f"{category}/{capability} phase 2" if progress else None,
     )
 
@@ -210,7 +232,9 @@ class AggregatorTrainConfig:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
 
 
-def expert_states(model: DMoERM, names: list[str], inputs: Sequence[EncodedInput], cache: TrunkCache, batch_size: int = 16) -> torch.Tensor:
+def expert_states(
+    model: DMoERM, names: list[str], inputs: Sequence[EncodedInput], cache: TrunkCache, batch_size: int = 16
+) -> torch.Tensor:
     """Frozen experts' last-token states of every input, in one batched pass per batch: [K, N, H]."""
     model.eval()
     out = []
@@ -255,7 +279,7 @@ def train_phase3(
     best, bad = None, 0
     rng = random.Random(config.seed)
     order = list(range(len(train)))
-    for epoch in range(config.epochs):
+    for _epoch in range(config.epochs):
         agg.train()
         rng.shuffle(order)
         for start in range(0, len(order), config.batch_size):
@@ -282,7 +306,11 @@ def train_phase3(
             result.history["dev_step"].append(result.steps)
             result.history["dev_agreement"].append(agreement)
             if not agreement <= result.best_dev_agreement:
-                result.best_dev_agreement, best, bad = agreement, {k: v.clone() for k, v in agg.state_dict().items()}, 0
+                result.best_dev_agreement, best, bad = (
+                    agreement,
+                    {k: v.clone() for k, v in agg.state_dict().items()},
+                    0,
+                )
             else:
                 bad += 1
                 if config.early_stopping_patience and bad >= config.early_stopping_patience:
@@ -294,5 +322,7 @@ def train_phase3(
     agg.eval()
     model.aggregators[category] = agg
     model.aggregator_experts[category] = list(names)
-    logger.info("%s phase 3: dev agreement %.4f (%d experts)", category, result.best_dev_agreement, len(names))
+    logger.info(
+        "%s phase 3: dev agreement %.4f (%d experts)", category, result.best_dev_agreement, len(names)
+    )
     return result

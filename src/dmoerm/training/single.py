@@ -40,15 +40,30 @@ def train_reward_model(
     tok, n = model.tokenizer, model.max_length
     train_items = [item for item in (encode_record(tok, r, n) for r in train) if item.pairs]
     dev_items = [item for item in (encode_record(tok, r, n) for r in dev) if item.pairs]
-    logger.info("single reward model: %d train and %d dev records with untied pairs", len(train_items), len(dev_items))
+    logger.info(
+        "single reward model: %d train and %d dev records with untied pairs", len(train_items), len(dev_items)
+    )
     result = train_expert(
-        model.bank, RewardModel.EXPERT, train_items, dev_items, train_config, cache,
-        checkpoint_dir=output_dir / "checkpoint", desc="single RM" if progress else None,
+        model.bank,
+        RewardModel.EXPERT,
+        train_items,
+        dev_items,
+        train_config,
+        cache,
+        checkpoint_dir=output_dir / "checkpoint",
+        desc="single RM" if progress else None,
     )
     (output_dir / "train_config.json").write_text(json.dumps(asdict(train_config), indent=2))
     (output_dir / "train_result.json").write_text(
-        json.dumps({"steps": result.steps, "best_dev_agreement": result.best_dev_agreement,
-                    "stopped_early": result.stopped_early, "history": result.history}, indent=2)
+        json.dumps(
+            {
+                "steps": result.steps,
+                "best_dev_agreement": result.best_dev_agreement,
+                "stopped_early": result.stopped_early,
+                "history": result.history,
+            },
+            indent=2,
+        )
     )
     save_curves(result.history, output_dir / "curves.png", "single reward model")
     model.save_pretrained(output_dir)  # written last: its marker file means "finished"

@@ -1,0 +1,632 @@
+"""The whole job, from data to a scored reward: router, the three phases of every category, the single
+reward model baseline on the same data and budget, and their evaluation side by side.
+
+Resumable: every finished stage is recorded in ``<output_dir>/state.json`` after its outputs are saved
+(the model directory is replaced atomically), and a rerun skips it; an interrupted training stage resumes
+from its last epoch checkpoint. Nothing finished is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import torch
+
+from dmoerm.data import PreferenceRecord, load_source, split_by_prompt
+from dmoerm.encoding import EncodedInput, RankedItem, encode, encode_record
+from dmoerm.experts import BackboneConfig
+from dmoerm.model import DMoERM, RoutingConfig, new_dmoerm, rm_expert
+from dmoerm.reward_model import MODEL_FILE, RewardModel
+from dmoerm.taxonomy import assign_categories, load_taxonomy
+from dmoerm.training.loop import TrainConfig, TrunkCache, pad_states, save_curves
+from dmoerm.training.phases import (
+    AggregatorTrainConfig,
+    RouterTrainConfig,
+    labels_to_items,
+    train_phase1,
+    train_phase2,
+    train_phase3,
+    train_router,
+)
+from dmoerm.training.single import train_reward_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """Which data feeds which phase, and how much of it (sizes are per category)."""
+
+    sources: list[str] = field(default_factory=lambda: ["rmb/pairwise"])
+    """Human preference data: bundled source names (see ``dmoerm.data.SOURCES``) or JSONL files."""
+    router_sources: list[str] = field(default_factory=lambda: ["autoj/train"])
+    """Prompts with known categories for the router (the preference data's own prompts are added)."""
+    router_dev_sources: list[str] = field(default_factory=lambda: ["autoj/test"])
+    """Held-back prompts with categories for the router's per-category accuracy."""
+    taxonomy: str = "default"
+    """Taxonomy preset name or file."""
+    categories: list[str] | None = None
+    """Categories to build inner models for; None means every taxonomy category with data."""
+    phase1_records: int = 48
+    """Human rankings per category for phase 1."""
+    label_records: int = 16
+    """Phase-1 records per category whose pairs the judge labels per capability point (phase 2)."""
+    phase3_records: int = 32
+    """Human rankings per category for phase 3 (disjoint by prompt from phase 1 and the labels)."""
+    dev_records: int = 8
+    """Held-back rankings per category for early stopping."""
+    test_records: int = 40
+    """Held-back rankings per category for the final comparison."""
+    router_prompts: int = 400
+    """Router training prompts from ``router_sources`` at most (plus the training records' prompts)."""
+    router_dev_prompts: int = 200
+    """Router dev prompts from ``router_dev_sources`` at most."""
+    data_dir: str | None = None
+    """Folder of the bundled data; None uses ``$DMOERM_DATA_DIR`` or ``../shared/data``."""
+    seed: int = 0
+    """Seed of the prompt-disjoint splits and the sampling."""
+
+    def __post_init__(self) -> None:
+        for name in ("phase1_records", "phase3_records", "test_records"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("label_records", "dev_records", "router_prompts", "router_dev_prompts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.label_records > self.phase1_records:
+            raise ValueError(
+                "label_records: labelled records are drawn from phase 1's; use at most phase1_records"
+            )
+        if not self.sources:
+            raise ValueError("sources: name at least one preference data source")
+
+
+@dataclass
+class LabelsConfig:
+    """Where phase 2's capability labels come from."""
+
+    source: str = "local"
+    """``local`` or ``openai``: an LLM judge (see ``dmoerm label``); ``file``: an existing label JSONL;
+    ``none``: skip phase 2 (phase 3 then aggregates the phase-1 model alone, the "without phase 2" ablation)."""
+    file: str | None = None
+    """Label JSONL (the CapabilityLabel schema) when ``source`` is ``file``."""
+    judge: dict = field(default_factory=dict)
+    """Judge options passed to :class:`dmoerm.labelling.pipeline.LabelConfig` (model, base_url, api_key_env,
+    consistency, batch_size, ...)."""
+    min_labels: int = 4
+    """Capability points with fewer kept (untied) labels get no expert, with a log line."""
+
+    def __post_init__(self) -> None:
+        if self.source not in ("local", "openai", "file", "none"):
+            raise ValueError(f"source: {self.source!r} is not one of local, openai, file, none")
+        if self.source == "file" and not self.file:
+            raise ValueError("file: source=file needs the label JSONL path")
+
+
+@dataclass
+class PipelineConfig:
+    """``dmoerm train --config FILE``: everything the job does, saved resolved beside its outputs."""
+
+    output_dir: str = "runs/main"
+    """Where the model, the baseline, labels, curves, the report and the resume state go."""
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    """Backbone, split and LoRA settings (shared by DMoERM and the single reward model)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    router: RouterTrainConfig = field(default_factory=RouterTrainConfig)
+    phase1: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, learning_rate=1e-3))
+    """Phase 1 (and the single reward model: same data, same budget)."""
+    phase2: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=2, learning_rate=5e-4, early_stopping_patience=0)
+    )
+    """Each capability expert."""
+    phase3: AggregatorTrainConfig = field(default_factory=AggregatorTrainConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    baseline: bool = True
+    """Also train the single reward model on phase 1 + phase 3 data of every category and compare."""
+    trunk_cache_gb: float = 6.0
+    """Memory bound of the trunk-state cache."""
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> PipelineConfig:
+        """Build from nested dicts (a YAML/JSON file); unknown keys are errors naming the section."""
+        return _from_dict(cls, obj, "config")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PipelineConfig:
+        import yaml
+
+        text = Path(path).read_text(encoding="utf-8")
+        obj = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        try:
+            return cls.from_dict(obj or {})
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def _from_dict(cls, obj: dict, where: str):
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(obj).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(obj) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    kwargs = {}
+    for name, value in obj.items():
+        default = (
+            known[name].default_factory() if callable(known[name].default_factory) else known[name].default
+        )
+        if is_dataclass(default) and isinstance(value, dict):
+            value = _from_dict(type(default), value, f"{where}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------- stages
+class _Stages:
+    """Finished stages, persisted atomically in state.json."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+
+    def __contains__(self, stage: str) -> bool:
+        return stage in self.done
+
+    def finish(self, stage: str, info: dict | None = None) -> None:
+        self.done[stage] = info or {}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done, indent=2))
+        os.replace(tmp, self.path)
+
+
+def _save_atomically(model, directory: Path) -> None:
+    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class Splits:
+    """Per-category record lists of every phase."""
+
+    phase1: dict[str, list[PreferenceRecord]]
+    labels: dict[str, list[PreferenceRecord]]
+    phase3: dict[str, list[PreferenceRecord]]
+    dev: dict[str, list[PreferenceRecord]]
+    test: dict[str, list[PreferenceRecord]]
+
+    def sizes(self) -> dict[str, dict[str, int]]:
+        return {
+            c: {k: len(getattr(self, k)[c]) for k in ("phase1", "labels", "phase3", "dev", "test")}
+            for c in self.phase1
+        }
+
+
+def build_splits(
+    records: Sequence[PreferenceRecord], categories: Sequence[str], config: DataConfig
+) -> Splits:
+    """Prompt-disjoint phases: train/dev/test by prompt, then train into phase 1 / phase 3 by prompt.
+
+    The labelled records are drawn from phase 1, so nothing used in phase 1 or to derive capability labels
+    is trained on in phase 3 or evaluated on (the paper's phases are disjoint; the authors' code swapped its
+    train and validation splits).
+    """
+    top = split_by_prompt(records, {"train": 0.8, "dev": 0.1, "test": 0.1}, seed=config.seed)
+    halves = split_by_prompt(top["train"], {"phase1": 0.5, "phase3": 0.5}, seed=config.seed + 1)
+    rng = random.Random(config.seed)
+
+    def take(recs, n):
+        by_cat = defaultdict(list)
+        for r in recs:
+            by_cat[r.category].append(r)
+        out = {}
+        for c in categories:
+            pool = list(by_cat.get(c, []))
+            rng.shuffle(pool)
+            out[c] = pool[:n]
+        return out
+
+    phase1 = take(halves["phase1"], config.phase1_records)
+    return Splits(
+        phase1=phase1,
+        labels={c: v[: config.label_records] for c, v in phase1.items()},
+        phase3=take(halves["phase3"], config.phase3_records),
+        dev=take(top["dev"], config.dev_records),
+        test=take(top["test"], config.test_records),
+    )
+
+
+def load_preferences(config: DataConfig, taxonomy) -> list[PreferenceRecord]:
+    """Load every preference source and map its labels onto the taxonomy's categories."""
+    out: list[PreferenceRecord] = []
+    for name in config.sources:
+        if Path(name).suffix in (".jsonl", ".gz") and Path(name).exists():
+            from dmoerm.data import load_jsonl
+
+            recs = load_jsonl(name)
+        else:
+            recs = load_source(name, config.data_dir)
+        out.extend(assign_categories(recs, taxonomy))
+    return out
+
+
+def _prompt_inputs(tokenizer, records, max_length: int) -> list[tuple[EncodedInput, str]]:
+    out = []
+    for r in records:
+        if r.category is None:
+            continue
+        e = encode(tokenizer, r.conversation, "x", max_length)
+        out.append((EncodedInput(e.input_ids[: e.prompt_length], e.prompt_length), r.category))
+    return out
+
+
+def score_cached(
+    model: DMoERM | RewardModel, inputs: Sequence[EncodedInput], cache: TrunkCache, batch_size: int = 16
+):
+    """Score encoded inputs reading trunk states from ``cache`` (shared by every model on the same trunk).
+
+    Returns (rewards [N], routed category per input or None)."""
+    rewards = torch.empty(len(inputs))
+    routed: list[str | None] = [None] * len(inputs)
+    bank = model.bank
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start : start + batch_size]
+            states, mask = pad_states(cache.get(bank, chunk))
+            if isinstance(model, DMoERM):
+                prompt_mask = torch.zeros_like(mask)
+                for i, e in enumerate(chunk):
+                    prompt_mask[i, : e.prompt_length] = 1
+                out = model(states, mask, prompt_mask)
+                rewards[start : start + len(chunk)] = out.reward
+                for i in range(len(chunk)):
+                    routed[start + i] = model.categories[int(out.category_index[i])]
+            else:
+                rewards[start : start + len(chunk)] = bank(states, mask, RewardModel.EXPERT)
+    return rewards, routed
+
+
+def _flat(items: Sequence[RankedItem]) -> tuple[list[EncodedInput], list[slice]]:
+    flat, where = [], []
+    for item in items:
+        where.append(slice(len(flat), len(flat) + len(item.inputs)))
+        flat.extend(item.inputs)
+    return flat, where
+
+
+@dataclass
+class PipelineResult:
+    output_dir: str
+    sizes: dict
+    table: str
+    """Markdown: per-category agreement of DMoERM and the single reward model on the same held-back data."""
+    timings: dict
+    router: dict
+
+
+def _to_yaml(config: PipelineConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(asdict(config), sort_keys=False, allow_unicode=True)
+
+
+def run_pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResult:
+    """Run (or resume) the whole job; see the module docstring."""
+    from dmoerm.evaluation import comparison_table, compute_metrics, write_eval
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(_to_yaml(config), encoding="utf-8")
+    stages = _Stages(out / "state.json")
+    timings: dict[str, float] = dict(stages.done.get("_timings", {}))
+    t_start = time.perf_counter()
+
+    def timed(stage: str, t0: float) -> None:
+        timings[stage] = round(time.perf_counter() - t0, 2)
+
+    taxonomy = load_taxonomy(config.data.taxonomy)
+    records = load_preferences(config.data, taxonomy)
+    counts = Counter(r.category for r in records)
+    categories = config.data.categories or [c.name for c in taxonomy.categories if counts.get(c.name)]
+    missing = [c for c in categories if c not in taxonomy.category_names]
+    if missing:
+        raise ValueError(f"data.categories: {missing} are not categories of taxonomy {taxonomy.name!r}")
+    splits = build_splits([r for r in records if r.category in categories], categories, config.data)
+    empty = [c for c, s in splits.sizes().items() if not s["phase1"] or not s["test"]]
+    if empty:
+        raise ValueError(
+            f"data: categories {empty} have no phase-1 or test records; drop them from data.categories"
+        )
+    sizes = splits.sizes()
+    logger.info("sizes per category (records): %s", json.dumps(sizes))
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=2))
+
+    model_dir = out / "model"
+    cfg = config.model
+    if (model_dir / MODEL_FILE).exists():
+        model = DMoERM.from_pretrained(model_dir)
+        model.routing = config.routing
+        logger.info(
+            "resuming from %s (finished: %s)",
+            model_dir,
+            ", ".join(k for k in stages.done if not k.startswith("_")),
+        )
+    else:
+        model = new_dmoerm(cfg, taxonomy, categories, config.routing)
+    cache = TrunkCache(int(config.trunk_cache_gb * (1 << 30)))
+    tok, n = model.tokenizer, model.max_length
+    items = {
+        name: {c: [encode_record(tok, r, n) for r in getattr(splits, name)[c]] for c in categories}
+        for name in ("phase1", "phase3", "dev", "test")
+    }
+    curves = out / "curves"
+
+    def finish(stage: str, t0: float, info: dict | None = None) -> None:
+        _save_atomically(model, model_dir)
+        timed(stage, t0)
+        stages.finish(stage, info)
+        stages.finish("_timings", timings)
+
+    # ----------------------------------------------------------------------------------- router
+    if "router" not in stages:
+        t0 = time.perf_counter()
+        from dmoerm.taxonomy import assign_categories as _assign
+
+        def prompts(sources, limit):
+            recs = []
+            for s in sources:
+                recs.extend(_assign(load_source(s, config.data.data_dir), taxonomy))
+            recs = [r for r in recs if r.category in categories]
+            random.Random(config.data.seed).shuffle(recs)
+            return recs[:limit]
+
+        train_prompts = _prompt_inputs(
+            tok, prompts(config.data.router_sources, config.data.router_prompts), n
+        )
+        for name in ("phase1", "phase3"):
+            train_prompts += [
+                (
+                    EncodedInput(
+                        it.inputs[0].input_ids[: it.inputs[0].prompt_length], it.inputs[0].prompt_length
+                    ),
+                    c,
+                )
+                for c in categories
+                for it in items[name][c]
+            ]
+        dev_prompts = _prompt_inputs(
+            tok, prompts(config.data.router_dev_sources, config.data.router_dev_prompts), n
+        )
+        dev_prompts += [
+            (
+                EncodedInput(
+                    it.inputs[0].input_ids[: it.inputs[0].prompt_length], it.inputs[0].prompt_length
+                ),
+                c,
+            )
+            for c in categories
+            for it in items["dev"][c]
+        ]
+        logger.info("router: %d training and %d dev prompts", len(train_prompts), len(dev_prompts))
+        result = train_router(model, train_prompts, dev_prompts, config.router, cache)
+        save_curves(result.history, curves / "router.png", "router (cross-entropy)")
+        finish(
+            "router",
+            t0,
+            {
+                "accuracy": result.accuracy,
+                "per_category": result.per_category,
+                "train_prompts": len(train_prompts),
+                "dev_prompts": len(dev_prompts),
+            },
+        )
+
+    # ----------------------------------------------------------------------------------- inner models
+    for c in categories:
+        stage = f"phase1/{c}"
+        if stage not in stages:
+            t0 = time.perf_counter()
+            res = train_phase1(
+                model,
+                c,
+                items["phase1"][c],
+                items["dev"][c],
+                config.phase1,
+                cache,
+                checkpoint_dir=out / "checkpoints" / f"phase1_{c}",
+                progress=progress,
+            )
+            save_curves(res.history, curves / f"{c}_phase1.png", f"{c}: phase 1")
+            finish(stage, t0, {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps})
+
+        experts: list[str] = []
+        if config.labels.source != "none":
+            stage = f"labels/{c}"
+            label_path = out / "labels" / f"{c}.jsonl"
+            if stage not in stages:
+                t0 = time.perf_counter()
+                stats = _label(config, taxonomy, splits.labels[c], label_path, progress)
+                timed(stage, t0)
+                stages.finish(stage, stats)
+                stages.finish("_timings", timings)
+            labels = _read_category_labels(config, label_path, c)
+            for cap in next(x for x in taxonomy.categories if x.name == c).capabilities:
+                cap_items = labels_to_items([lab for lab in labels if lab.capability == cap.name], tok, n)
+                stage = f"phase2/{c}/{cap.name}"
+                if len(cap_items) < config.labels.min_labels:
+                    logger.warning(
+                        "%s/%s: %d kept labels (< %d): no expert",
+                        c,
+                        cap.name,
+                        len(cap_items),
+                        config.labels.min_labels,
+                    )
+                    continue
+                experts.append(cap.name)
+                if stage not in stages:
+                    t0 = time.perf_counter()
+                    res = train_phase2(
+                        model,
+                        c,
+                        cap.name,
+                        cap_items,
+                        [],
+                        config.phase2,
+                        cache,
+                        checkpoint_dir=out / "checkpoints" / f"phase2_{c}_{cap.name}",
+                        progress=progress,
+                    )
+                    finish(stage, t0, {"labels": len(cap_items), "steps": res.steps})
+
+        stage = f"phase3/{c}"
+        if stage not in stages:
+            t0 = time.perf_counter()
+            names = model.capability_experts(c) or [rm_expert(c)]
+            if names == [rm_expert(c)]:
+                logger.warning("%s: no capability experts; phase 3 aggregates the phase-1 model alone", c)
+            res = train_phase3(
+                model, c, items["phase3"][c], items["dev"][c], config.phase3, cache, experts=names
+            )
+            save_curves(res.history, curves / f"{c}_phase3.png", f"{c}: phase 3 aggregator")
+            finish(stage, t0, {"experts": names, "best_dev_agreement": res.best_dev_agreement})
+
+    # ----------------------------------------------------------------------------------- baseline
+    baseline = None
+    if config.baseline:
+        t0 = time.perf_counter()
+        train_recs = [r for c in categories for r in splits.phase1[c] + splits.phase3[c]]
+        dev_recs = [r for c in categories for r in splits.dev[c]]
+        baseline, res = train_reward_model(
+            train_recs, dev_recs, cfg, config.phase1, out / "baseline", cache=cache, progress=progress
+        )
+        if "baseline" not in stages:
+            timed("baseline", t0)
+            stages.finish("baseline", {"train_records": len(train_recs)})
+            stages.finish("_timings", timings)
+
+    # ----------------------------------------------------------------------------------- evaluation
+    t0 = time.perf_counter()
+    test_recs = [r for c in categories for r in splits.test[c]]
+    test_items = [it for c in categories for it in items["test"][c]]
+    flat, where = _flat(test_items)
+    cache.get(model.bank, flat, desc="test trunk" if progress else None)
+    systems = {"DMoERM": model}
+    if baseline is not None:
+        systems["single RM"] = baseline
+    results = {}
+    router_right = 0
+    for name, system in systems.items():
+        t1 = time.perf_counter()
+        rewards, routed = score_cached(system, flat, cache)
+        seconds = time.perf_counter() - t1
+        per_record = [rewards[w].tolist() for w in where]
+        result = compute_metrics(per_record, test_recs, system=name)
+        write_eval(result, out / "eval" / name.replace(" ", "_"))
+        results[name] = result
+        logger.info(
+            "%s: test agreement %.4f (%d responses scored in %.1fs from cached trunk states)",
+            name,
+            result.overall.value,
+            len(flat),
+            seconds,
+        )
+        if name == "DMoERM":
+            router_right = sum(routed[w.start] == r.category for w, r in zip(where, test_recs))
+    table = comparison_table(results)
+    timed("eval", t0)
+    timings["total_this_run"] = round(time.perf_counter() - t_start, 2)
+    router_info = dict(stages.done.get("router", {}))
+    router_info["test_accuracy"] = router_right / max(1, len(test_recs))
+    report = _report(config, sizes, table, router_info, timings, stages.done)
+    (out / "report.md").write_text(report, encoding="utf-8")
+    stages.finish("_timings", timings)
+    return PipelineResult(str(out), sizes, table, timings, router_info)
+
+
+def _label(
+    config: PipelineConfig, taxonomy, records: Sequence[PreferenceRecord], path: Path, progress: bool
+) -> dict:
+    """Judge the records' pairs per capability point (resumable: the label file and judge cache persist)."""
+    if config.labels.source == "file":
+        return {"source": config.labels.file}
+    from dmoerm.labelling.pipeline import LabelConfig, label_pairs, make_judge
+
+    opts = dict(config.labels.judge)
+    backend = "openai" if config.labels.source == "openai" else "local"
+    judge_config = LabelConfig(data=["pipeline"], out=str(path), backend=backend, **opts)
+    if backend == "local" and judge_config.model is None:
+        judge_config.model = config.model.backbone if config.model.backbone != "default" else None
+    judge = make_judge(
+        judge_config
+    )  # with its SQLite cache beside the label file: a rerun asks nothing twice
+    stats = label_pairs(
+        list(records),
+        taxonomy,
+        judge,
+        path,
+        consistency=judge_config.consistency,
+        min_margin=judge_config.min_margin,
+        language=judge_config.language,
+        max_pairs_per_record=1,
+        progress=progress,
+    )
+    return stats.to_dict()
+
+
+def _read_category_labels(config: PipelineConfig, path: Path, category: str):
+    from dmoerm.labelling.schema import read_labels
+
+    source = Path(config.labels.file) if config.labels.source == "file" else path
+    if not source.exists():
+        return []
+    return [lab for lab in read_labels(source) if lab.category in (category, None)]
+
+
+def _report(config, sizes, table, router, timings, done) -> str:
+    lines = [
+        "# dmoerm run report",
+        "",
+        f"Backbone: `{config.model.backbone}`, top layers trained: {config.model.num_top_layers}, "
+        f"max length: {config.model.max_length}, labels: {config.labels.source}.",
+        "",
+        "## Agreement with human preferences on held-back test data",
+        "",
+        table,
+        "",
+        f"Router: dev accuracy {router.get('accuracy', float('nan')):.3f}; "
+        f"routes {router.get('test_accuracy', float('nan')):.3f} of test records to their labelled category.",
+        "",
+        "## Sizes (records per category)",
+        "",
+        "| category | phase 1 | labelled | phase 3 | dev | test |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c, s in sizes.items():
+        lines.append(f"| {c} | {s['phase1']} | {s['labels']} | {s['phase3']} | {s['dev']} | {s['test']} |")
+    lines += ["", "## Stages", "", "| stage | seconds | details |", "|---|---|---|"]
+    for stage, info in done.items():
+        if stage.startswith("_"):
+            continue
+        detail = json.dumps({k: v for k, v in info.items() if k != "per_category"}, default=str)[:160]
+        lines.append(f"| {stage} | {timings.get(stage, '')} | {detail} |")
+    lines += [
+        "",
+        f"Curves: `curves/*.png`. Total wall time of the last run: {timings.get('total_this_run')} s.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,297 @@
+"""Rewards for RL: a TRL-style reward function backed by a Scorer or a reward server, and reward normalization.
+
+TRL's ``GRPOTrainer`` (and ``RLOOTrainer``) call each reward function as
+``reward_fn(prompts=..., completions=..., completion_ids=..., **dataset_columns_and_trainer_extras)`` and
+expect one float per completion. Prompts and completions are either plain strings or, for conversational
+datasets, lists of ``{"role", "content"}`` message dicts (a completion is then e.g.
+``[{"role": "assistant", "content": "..."}]``). :func:`make_reward_fn` builds such a function.
+
+Normalization: :func:`compute_normalization` measures the mean and standard deviation of a scorer's raw rewards
+on a reference set and writes them to ``<model_dir>/reward_normalization.json``. The reward server and
+:func:`make_reward_fn` then return ``(reward - mean) / std`` unless told not to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dmoerm.data import Message
+from dmoerm.outputs import Scorer
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "NORMALIZATION_FILE",
+    "RewardNormalization",
+    "completion_text",
+    "compute_normalization",
+    "load_normalization",
+    "make_reward_fn",
+    "save_normalization",
+    "to_conversation",
+]
+
+NORMALIZATION_FILE = "reward_normalization.json"
+"""Name of the normalization file inside a reward model directory."""
+
+_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RewardNormalization:
+    """Affine reward normalization ``(r - mean) / std`` measured on a reference set."""
+
+    mean: float
+    """Mean raw reward on the reference set."""
+    std: float
+    """Standard deviation of the raw rewards on the reference set (> 0)."""
+    count: int = 0
+    """Number of reference items it was measured on."""
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.mean):
+            raise ValueError(f"mean: must be finite, got {self.mean}")
+        if not math.isfinite(self.std) or self.std <= 0:
+            raise ValueError(f"std: must be finite and positive, got {self.std}")
+
+    def apply(self, rewards: Sequence[float]) -> list[float]:
+        """Normalize raw rewards."""
+        return [(float(r) - self.mean) / self.std for r in rewards]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": _FORMAT_VERSION, "mean": self.mean, "std": self.std, "count": self.count}
+
+
+def save_normalization(
+    model_dir: str | os.PathLike, normalization: RewardNormalization, **extra: Any
+) -> Path:
+    """Write ``normalization`` (plus JSON-able ``extra`` fields) to ``model_dir/reward_normalization.json``.
+
+    Written atomically: a temporary file in the same folder, flushed, then renamed over the target.
+    """
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise ValueError(f"model_dir: {folder} is not a directory")
+    data = {**normalization.to_dict(), "created_unix": int(time.time()), **extra}
+    target = folder / NORMALIZATION_FILE
+    fd, tmp = tempfile.mkstemp(prefix=".reward_normalization.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with _suppress_os_error():
+            os.unlink(tmp)
+        raise
+    logger.info(
+        "saved reward normalization to %s (mean=%.6g std=%.6g)", target, normalization.mean, normalization.std
+    )
+    return target
+
+
+class _suppress_os_error:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return exc_type is not None and issubclass(exc_type, OSError)
+
+
+def load_normalization(model_dir: str | os.PathLike) -> RewardNormalization | None:
+    """Read ``model_dir/reward_normalization.json``; None when there is none.
+
+    Raises ValueError naming the file when it exists but is malformed.
+    """
+    path = Path(model_dir) / NORMALIZATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return RewardNormalization(
+            mean=float(data["mean"]), std=float(data["std"]), count=int(data.get("count", 0))
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"{path}: malformed reward normalization ({exc}); recompute it with compute_normalization or delete it"
+        ) from None
+
+
+def compute_normalization(
+    scorer: Scorer,
+    conversations: Sequence[Sequence[Message]],
+    responses: Sequence[str],
+    *,
+    model_dir: str | os.PathLike | None = None,
+    batch_size: int = 16,
+) -> tuple[float, float]:
+    """Measure the mean and standard deviation of ``scorer``'s raw rewards on a reference set.
+
+    Use responses like the ones RL will produce (e.g. samples of the initial policy). When ``model_dir`` is
+    given the result is saved there as ``reward_normalization.json`` (atomically), where the server and
+    :func:`make_reward_fn` find it. Returns ``(mean, std)`` (population standard deviation).
+    """
+    if len(conversations) != len(responses):
+        raise ValueError(f"responses: {len(responses)} responses for {len(conversations)} conversations")
+    if len(responses) < 2:
+        raise ValueError(f"conversations: need at least 2 reference items, got {len(responses)}")
+    outputs = scorer.score([list(c) for c in conversations], list(responses), batch_size=batch_size)
+    rewards = [float(o.reward) for o in outputs]
+    bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
+    if bad:
+        raise ValueError(f"scorer: non-finite reward for reference items {bad[:10]}")
+    mean = math.fsum(rewards) / len(rewards)
+    std = math.sqrt(math.fsum((r - mean) ** 2 for r in rewards) / len(rewards))
+    if std < 1e-8:
+        raise ValueError(
+            f"conversations: all {len(rewards)} reference rewards are equal ({mean:.6g}); use a more varied reference set"
+        )
+    if model_dir is not None:
+        save_normalization(model_dir, RewardNormalization(mean, std, len(rewards)))
+    return mean, std
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TRL-style inputs
+
+
+def _content_text(content: Any) -> str:
+    """Message content as text: a string, or a list of parts (``{"type": "text", "text": ...}``)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "".join(parts)
+    if content is None:
+        return ""
+    raise ValueError(f"content: expected a string or a list of text parts, got {type(content).__name__}")
+
+
+def _as_message(turn: Any) -> Message:
+    if isinstance(turn, Message):
+        return turn
+    if isinstance(turn, Mapping):
+        return Message(role=str(turn.get("role")), content=_content_text(turn.get("content")))
+    raise ValueError(f"expected a message dict with role and content, got {type(turn).__name__}")
+
+
+def to_conversation(prompt: str | Sequence[Any]) -> list[Message]:
+    """A TRL prompt as a conversation: a plain string becomes one user turn; message dicts are kept."""
+    if isinstance(prompt, str):
+        return [Message(role="user", content=prompt)]
+    return [_as_message(t) for t in prompt]
+
+
+def completion_text(completion: str | Sequence[Any]) -> str:
+    """A TRL completion as the response text: a string, or the joined content of its message dicts."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(_as_message(t).content for t in completion)
+
+
+def make_reward_fn(
+    scorer_or_url: Scorer | str,
+    *,
+    token: str | None = None,
+    normalize: bool = True,
+    normalization: RewardNormalization | tuple[float, float] | None = None,
+    model_dir: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    plain_prompts: str = "chat",
+    timeout: float = 120.0,
+    name: str = "dmoerm_reward",
+) -> Callable[..., list[float]]:
+    """A reward function for TRL's GRPOTrainer: ``fn(prompts, completions, **kwargs) -> list[float]``.
+
+    Args:
+        scorer_or_url: a local :class:`~dmoerm.outputs.Scorer`, or the base URL of a ``dmoerm`` reward server
+            (e.g. ``"http://127.0.0.1:8000"``), which it calls through ``POST /score``.
+        token: bearer token for the server.
+        normalize: apply reward normalization. Locally: ``normalization`` if given, else
+            ``model_dir/reward_normalization.json`` (``model_dir`` defaults to the scorer's ``model_dir``
+            attribute) if present. Over HTTP the server applies its own normalization, so this only
+            chooses between its normalized ``reward`` and its ``raw_reward``.
+        normalization: explicit ``(mean, std)`` for a local scorer, overriding the file.
+        model_dir: where to look for the normalization file (local scorer).
+        batch_size: the scorer's forward-pass batch size (local scorer).
+        plain_prompts: how plain-string prompts are scored: ``"chat"`` makes the prompt a user turn and the
+            completion the assistant reply (``score``); ``"concat"`` scores ``prompt + completion`` as
+            already rendered text (``score_texts``, as OpenRLHF does).
+        timeout: per-request timeout in seconds (server).
+        name: the function's ``__name__``, which TRL uses to label the reward in its logs.
+    """
+    if plain_prompts not in ("chat", "concat"):
+        raise ValueError(f"plain_prompts: {plain_prompts!r} is not one of 'chat', 'concat'")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
+
+    if isinstance(scorer_or_url, str):
+        from dmoerm.client import RewardClient
+
+        client = RewardClient(scorer_or_url, token=token, timeout=timeout)
+        if normalization is not None:
+            raise ValueError("normalization: cannot be given with a server URL; the server applies its own")
+
+        def score_items(convs: list[list[Message]], resps: list[str]) -> list[float]:
+            return [o.reward for o in client.score(convs, resps, normalize=normalize)]
+
+        def score_texts(texts: list[str]) -> list[float]:
+            return client.get_reward(texts, normalize=normalize)
+
+    else:
+        scorer = scorer_or_url
+        if not hasattr(scorer, "score") or not hasattr(scorer, "score_texts"):
+            raise TypeError(
+                f"scorer_or_url: {type(scorer).__name__} is neither a URL nor a Scorer (score, score_texts)"
+            )
+        norm: RewardNormalization | None = None
+        if normalize:
+            if normalization is not None:
+                norm = (
+                    normalization
+                    if isinstance(normalization, RewardNormalization)
+                    else RewardNormalization(float(normalization[0]), float(normalization[1]))
+                )
+            else:
+                folder = model_dir or getattr(scorer, "model_dir", None)
+                norm = load_normalization(folder) if folder else None
+        if norm is not None:
+            logger.info("reward function normalizes rewards: mean=%.6g std=%.6g", norm.mean, norm.std)
+
+        def score_items(convs: list[list[Message]], resps: list[str]) -> list[float]:
+            raw = [float(o.reward) for o in scorer.score(convs, resps, batch_size=batch_size)]
+            return norm.apply(raw) if norm is not None else raw
+
+        def score_texts(texts: list[str]) -> list[float]:
+            raw = [float(r) for r in scorer.score_texts(texts, batch_size=batch_size)]
+            return norm.apply(raw) if norm is not None else raw
+
+    def reward_fn(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"completions: {len(completions)} completions for {len(prompts)} prompts")
+        if not prompts:
+            return []
+        responses = [completion_text(c) for c in completions]
+        if plain_prompts == "concat" and all(isinstance(p, str) for p in prompts):
+            return score_texts([p + r for p, r in zip(prompts, responses, strict=True)])
+        return score_items([to_conversation(p) for p in prompts], responses)
+
+    reward_fn.__name__ = name
+    reward_fn.__qualname__ = name
+    return reward_fn
