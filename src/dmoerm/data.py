@@ -1236,6 +1236,28 @@ def load_source(
     return RecordList(out, total)
 
 
+def load_data(
+    name: str | Path,
+    data_dir: str | Path | None = None,
+    *,
+    skip_bad: bool = False,
+    limit: int | None = None,
+) -> RecordList:
+    """A bundled source or group by name (:func:`load_source`), else a user JSONL file (:func:`load_jsonl`).
+
+    Every command that takes ``--data`` goes through here, so a source name and a file path work alike.
+    """
+    if str(name) in SOURCES:
+        return load_source(str(name), data_dir, skip_bad=skip_bad, limit=limit)
+    path = Path(name)
+    if path.is_file():
+        return load_jsonl(path, skip_bad=skip_bad, limit=limit)
+    raise FileNotFoundError(
+        f"{name}: neither a bundled source ({', '.join(sorted(SOURCE_GROUPS))}, ... see dmoerm.data.SOURCES) "
+        "nor an existing JSONL file"
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Splits
 

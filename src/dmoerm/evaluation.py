@@ -598,7 +598,7 @@ def evaluate(
     scorer: Scorer,
     records: Sequence[PreferenceRecord],
     batch_size: int = 16,
-    categories: Sequence[str | None] | Literal["record", "scorer"] | None = None,
+    categories: Sequence[str | None] | Literal["record", "scorer", "auto"] | None = None,
     *,
     token_lengths: Sequence[Sequence[int]] | None = None,
     n_resamples: int = 1000,
@@ -612,7 +612,8 @@ def evaluate(
 
     ``categories``: None or ``"record"`` uses ``record.category``; a list gives one category per record;
     ``"scorer"`` uses the category the scorer reports for the record's first response
-    (``RewardOutput.category``, the DMoERM router's choice), falling back to the record's own.
+    (``RewardOutput.category``, the DMoERM router's choice); ``"auto"`` uses the record's own category and
+    the scorer's where the record has none.
     Throughput is the wall time of the ``scorer.score`` call (``time.perf_counter``), including any warm-up
     the scorer does on its first batch.
     """
@@ -651,8 +652,12 @@ def evaluate(
         if categories == "scorer":
             cats = [o.category for o in first_out]
             source = "scorer"
+        elif categories == "auto":
+            # The issue's rule: the file's category, else the router's choice.
+            cats = [rec.category or o.category for rec, o in zip(records, first_out)]
+            source = "record, else scorer"
         elif categories != "record":
-            raise ValueError(f"categories: use a list, 'record' or 'scorer', got {categories!r}")
+            raise ValueError(f"categories: use a list, 'record', 'scorer' or 'auto', got {categories!r}")
     elif categories is not None:
         cats = categories
         source = "given"
@@ -1131,3 +1136,89 @@ def plot_bon_curves(
         plt.close(fig)
     logger.info("wrote %s", out)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dmoerm eval
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    """``dmoerm eval``: agreement of a saved model (single reward model or DMoERM) with human labels."""
+
+    model: str
+    """A model directory written by ``save_pretrained`` (either kind; :func:`dmoerm.model.load_model`)."""
+    data: list[str]
+    """Bundled source names (``rmb/pairwise``, ``pandalm/test``, ...) or JSONL files in the documented schema."""
+    out: str | None = None
+    """Folder for ``eval.json`` and ``eval.md``; None writes nothing (the table is still logged and returned)."""
+    taxonomy: str | None = None
+    """Taxonomy that maps the data's own category labels onto categories; None uses the model's taxonomy
+    (DMoERM) or the ``default`` preset (single reward model)."""
+    categories: str = "auto"
+    """Per-category rows by ``auto`` (the record's category, else the router's), ``record`` or ``scorer``."""
+    limit: int | None = None
+    """Records per data source at most (the first ones); None for all."""
+    batch_size: int = 16
+    """Responses per forward pass."""
+    n_resamples: int = 1000
+    """Bootstrap resamples for the 95% intervals."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+    skip_bad: bool = False
+    """Skip malformed records (and report how many) instead of stopping at the first."""
+    data_dir: str | None = None
+    """Folder of the bundled data; None uses ``$DMOERM_DATA_DIR`` or ``../shared/data``."""
+    system: str | None = None
+    """Row label in comparison tables; None uses the model folder's name."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not self.model:
+            raise ValueError("model: give the model directory to evaluate")
+        if not self.data:
+            raise ValueError("data: name at least one source (e.g. rmb/pairwise) or JSONL file")
+        if self.categories not in ("auto", "record", "scorer"):
+            raise ValueError(f"categories: {self.categories!r} is not one of auto, record, scorer")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit: {self.limit} must be >= 1, or None for all records")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: {self.batch_size} must be >= 1")
+        if self.n_resamples < 0:
+            raise ValueError(f"n_resamples: {self.n_resamples} must be >= 0 (0 skips the intervals)")
+
+
+def run_eval(config: EvalConfig) -> EvalResult:
+    """Load the model and the data, score every response, write ``eval.json``/``eval.md`` to ``config.out``."""
+    from dmoerm.data import load_data
+    from dmoerm.model import DMoERM, load_model
+    from dmoerm.taxonomy import assign_categories, load_taxonomy
+
+    model = load_model(config.model)
+    if config.taxonomy is not None:
+        taxonomy = load_taxonomy(config.taxonomy)
+    elif isinstance(model, DMoERM):
+        taxonomy = model.taxonomy
+    else:
+        taxonomy = load_taxonomy("default")
+    records: list[PreferenceRecord] = []
+    for name in config.data:
+        loaded = load_data(name, config.data_dir, skip_bad=config.skip_bad, limit=config.limit)
+        if loaded and not isinstance(loaded[0], PreferenceRecord):
+            raise ValueError(f"data: {name!r} holds prompts without responses; evaluation needs preferences")
+        records.extend(assign_categories(loaded, taxonomy))
+    result = evaluate(
+        model,
+        records,
+        batch_size=config.batch_size,
+        categories=config.categories,
+        n_resamples=config.n_resamples,
+        seed=config.seed,
+        system=config.system or Path(config.model).name,
+        meta={"model": str(config.model), "data": list(config.data), "limit": config.limit},
+    )
+    if config.out:
+        write_eval(result, config.out)
+    return result

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dmoerm.data import PreferenceRecord, load_source, split_by_prompt
+from dmoerm.data import PreferenceRecord, load_data, split_by_prompt
 from dmoerm.encoding import EncodedInput, RankedItem, encode, encode_record
 from dmoerm.experts import BackboneConfig
 from dmoerm.model import DMoERM, RoutingConfig, new_dmoerm, rm_expert
@@ -255,13 +255,7 @@ def load_preferences(config: DataConfig, taxonomy) -> list[PreferenceRecord]:
     """Load every preference source and map its labels onto the taxonomy's categories."""
     out: list[PreferenceRecord] = []
     for name in config.sources:
-        if Path(name).suffix in (".jsonl", ".gz") and Path(name).exists():
-            from dmoerm.data import load_jsonl
-
-            recs = load_jsonl(name)
-        else:
-            recs = load_source(name, config.data_dir)
-        out.extend(assign_categories(recs, taxonomy))
+        out.extend(assign_categories(load_data(name, config.data_dir), taxonomy))
     return out
 
 
@@ -280,9 +274,10 @@ def score_cached(
 ):
     """Score encoded inputs reading trunk states from ``cache`` (shared by every model on the same trunk).
 
-    Returns (rewards [N], routed category per input or None)."""
+    Returns (rewards [N], routed category per input or None, capability scores per input)."""
     rewards = torch.empty(len(inputs))
     routed: list[str | None] = [None] * len(inputs)
+    capability_scores: list[dict[str, float]] = [{} for _ in inputs]
     bank = model.bank
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
@@ -296,9 +291,10 @@ def score_cached(
                 rewards[start : start + len(chunk)] = out.reward
                 for i in range(len(chunk)):
                     routed[start + i] = model.categories[int(out.category_index[i])]
+                    capability_scores[start + i] = out.capability_scores[i]
             else:
                 rewards[start : start + len(chunk)] = bank(states, mask, RewardModel.EXPERT)
-    return rewards, routed
+    return rewards, routed, capability_scores
 
 
 def _flat(items: Sequence[RankedItem]) -> tuple[list[EncodedInput], list[slice]]:
@@ -317,6 +313,17 @@ class PipelineResult:
     """Markdown: per-category agreement of DMoERM and the single reward model on the same held-back data."""
     timings: dict
     router: dict
+    report: str
+    """Path of report.md."""
+
+    def summary(self) -> str:
+        """What ``dmoerm train`` prints: the comparison table, the sizes and where the report is."""
+        per_cat = ", ".join(f"{c}: {s['phase1']}/{s['phase3']}/{s['test']}" for c, s in self.sizes.items())
+        return (
+            f"{self.table}\nRecords per category (phase 1 / phase 3 / test): {per_cat}\n"
+            f"Router test accuracy {self.router.get('test_accuracy', float('nan')):.3f}. "
+            f"Wall time {self.timings.get('total_this_run')} s. Report: {self.report}\n"
+        )
 
 
 def _to_yaml(config: PipelineConfig) -> str:
@@ -325,8 +332,14 @@ def _to_yaml(config: PipelineConfig) -> str:
     return yaml.safe_dump(asdict(config), sort_keys=False, allow_unicode=True)
 
 
-def run_pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResult:
-    """Run (or resume) the whole job; see the module docstring."""
+def run_pipeline(
+    config: PipelineConfig, progress: bool = True, cache: TrunkCache | None = None
+) -> PipelineResult:
+    """Run (or resume) the whole job; see the module docstring.
+
+    ``cache`` lets several runs on the same backbone share frozen trunk states (experiments comparing label
+    sources); None makes one bounded by ``config.trunk_cache_gb``.
+    """
     from dmoerm.evaluation import comparison_table, compute_metrics, write_eval
 
     out = Path(config.output_dir)
@@ -368,7 +381,7 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResul
         )
     else:
         model = new_dmoerm(cfg, taxonomy, categories, config.routing)
-    cache = TrunkCache(int(config.trunk_cache_gb * (1 << 30)))
+    cache = cache if cache is not None else TrunkCache(int(config.trunk_cache_gb * (1 << 30)))
     tok, n = model.tokenizer, model.max_length
     items = {
         name: {c: [encode_record(tok, r, n) for r in getattr(splits, name)[c]] for c in categories}
@@ -385,12 +398,11 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResul
     # ----------------------------------------------------------------------------------- router
     if "router" not in stages:
         t0 = time.perf_counter()
-        from dmoerm.taxonomy import assign_categories as _assign
 
         def prompts(sources, limit):
             recs = []
             for s in sources:
-                recs.extend(_assign(load_source(s, config.data.data_dir), taxonomy))
+                recs.extend(assign_categories(load_data(s, config.data.data_dir), taxonomy))
             recs = [r for r in recs if r.category in categories]
             random.Random(config.data.seed).shuffle(recs)
             return recs[:limit]
@@ -398,30 +410,15 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResul
         train_prompts = _prompt_inputs(
             tok, prompts(config.data.router_sources, config.data.router_prompts), n
         )
-        for name in ("phase1", "phase3"):
-            train_prompts += [
-                (
-                    EncodedInput(
-                        it.inputs[0].input_ids[: it.inputs[0].prompt_length], it.inputs[0].prompt_length
-                    ),
-                    c,
-                )
-                for c in categories
-                for it in items[name][c]
-            ]
+        # The preference records' own prompts are routed by the prompt part of their full inputs (causal
+        # attention: identical trunk states), whose trunk states phases 1 and 3 then reuse from the cache.
+        train_prompts += [
+            (it.inputs[0], c) for name in ("phase1", "phase3") for c in categories for it in items[name][c]
+        ]
         dev_prompts = _prompt_inputs(
             tok, prompts(config.data.router_dev_sources, config.data.router_dev_prompts), n
         )
-        dev_prompts += [
-            (
-                EncodedInput(
-                    it.inputs[0].input_ids[: it.inputs[0].prompt_length], it.inputs[0].prompt_length
-                ),
-                c,
-            )
-            for c in categories
-            for it in items["dev"][c]
-        ]
+        dev_prompts += [(it.inputs[0], c) for c in categories for it in items["dev"][c]]
         logger.info("router: %d training and %d dev prompts", len(train_prompts), len(dev_prompts))
         result = train_router(model, train_prompts, dev_prompts, config.router, cache)
         save_curves(result.history, curves / "router.png", "router (cross-entropy)")
@@ -437,6 +434,13 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResul
         )
 
     # ----------------------------------------------------------------------------------- inner models
+    labeller = _Labeller(config, taxonomy, out / "labels", progress)
+    held_out = {
+        prompt_key(r.conversation)
+        for split in (splits.phase3, splits.dev, splits.test)
+        for recs in split.values()
+        for r in recs
+    }
     for c in categories:
         stage = f"phase1/{c}"
         if stage not in stages:
@@ -460,11 +464,11 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResul
             label_path = out / "labels" / f"{c}.jsonl"
             if stage not in stages:
                 t0 = time.perf_counter()
-                stats = _label(config, taxonomy, splits.labels[c], label_path, progress)
+                stats = labeller(splits.labels[c], label_path)
                 timed(stage, t0)
                 stages.finish(stage, stats)
                 stages.finish("_timings", timings)
-            labels = _read_category_labels(config, label_path, c)
+            labels = _read_category_labels(config, label_path, c, held_out)
             for cap in next(x for x in taxonomy.categories if x.name == c).capabilities:
                 cap_items = labels_to_items([lab for lab in labels if lab.capability == cap.name], tok, n)
                 stage = f"phase2/{c}/{cap.name}"
@@ -532,7 +536,7 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResul
     router_right = 0
     for name, system in systems.items():
         t1 = time.perf_counter()
-        rewards, routed = score_cached(system, flat, cache)
+        rewards, routed, _ = score_cached(system, flat, cache)
         seconds = time.perf_counter() - t1
         per_record = [rewards[w].tolist() for w in where]
         result = compute_metrics(per_record, test_recs, system=name)
@@ -541,92 +545,159 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResul
         logger.info(
             "%s: test agreement %.4f (%d responses scored in %.1fs from cached trunk states)",
             name,
-            result.overall.value,
+            result.overall.agreement.value,
             len(flat),
             seconds,
         )
         if name == "DMoERM":
             router_right = sum(routed[w.start] == r.category for w, r in zip(where, test_recs))
-    table = comparison_table(results)
     timed("eval", t0)
     timings["total_this_run"] = round(time.perf_counter() - t_start, 2)
-    router_info = dict(stages.done.get("router", {}))
-    router_info["test_accuracy"] = router_right / max(1, len(test_recs))
-    report = _report(config, sizes, table, router_info, timings, stages.done)
-    (out / "report.md").write_text(report, encoding="utf-8")
     stages.finish("_timings", timings)
-    return PipelineResult(str(out), sizes, table, timings, router_info)
-
-
-def _label(
-    config: PipelineConfig, taxonomy, records: Sequence[PreferenceRecord], path: Path, progress: bool
-) -> dict:
-    """Judge the records' pairs per capability point (resumable: the label file and judge cache persist)."""
-    if config.labels.source == "file":
-        return {"source": config.labels.file}
-    from dmoerm.labelling.pipeline import LabelConfig, label_pairs, make_judge
-
-    opts = dict(config.labels.judge)
-    backend = "openai" if config.labels.source == "openai" else "local"
-    judge_config = LabelConfig(data=["pipeline"], out=str(path), backend=backend, **opts)
-    if backend == "local" and judge_config.model is None:
-        judge_config.model = config.model.backbone if config.model.backbone != "default" else None
-    judge = make_judge(
-        judge_config
-    )  # with its SQLite cache beside the label file: a rerun asks nothing twice
-    stats = label_pairs(
-        list(records),
-        taxonomy,
-        judge,
-        path,
-        consistency=judge_config.consistency,
-        min_margin=judge_config.min_margin,
-        language=judge_config.language,
-        max_pairs_per_record=1,
-        progress=progress,
+    stages.finish(
+        "eval", {"router_test_accuracy": router_right / max(1, len(test_recs)), "systems": list(results)}
     )
-    return stats.to_dict()
+    report = write_report(out)
+    table = comparison_table(results, systems_as="columns")
+    router_info = dict(
+        stages.done.get("router", {}), test_accuracy=stages.done["eval"]["router_test_accuracy"]
+    )
+    return PipelineResult(str(out), sizes, table, timings, router_info, str(report))
 
 
-def _read_category_labels(config: PipelineConfig, path: Path, category: str):
+_SYSTEM_ORDER = ("DMoERM", "single RM")
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` of a run from what it saved (config, sizes, state, eval/*/eval.json, curves).
+
+    Every evaluation under ``eval/`` is a column of the comparison table, so baselines evaluated later with
+    ``dmoerm eval --out <run>/eval/<name>`` join the report when it is rewritten.
+    """
+    import yaml
+
+    from dmoerm.evaluation import comparison_table, load_eval
+
+    run = Path(run_dir)
+    if not (run / "state.json").exists():
+        raise FileNotFoundError(f"{run}: no state.json; is this the output_dir of a `dmoerm train` run?")
+    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    sizes = json.loads((run / "sizes.json").read_text())
+    done = json.loads((run / "state.json").read_text())
+    timings = done.get("_timings", {})
+    found = {p.parent.name.replace("_", " "): load_eval(p) for p in sorted(run.glob("eval/*/eval.json"))}
+    order = [n for n in _SYSTEM_ORDER if n in found] + [n for n in found if n not in _SYSTEM_ORDER]
+    results = {n: found[n] for n in order}
+    model = config.get("model", {})
+    lines = [
+        "# dmoerm run report",
+        "",
+        f"Backbone `{model.get('backbone')}`, top layers trained {model.get('num_top_layers')}, "
+        f"max length {model.get('max_length')} tokens, capability labels from "
+        f"`{config.get('labels', {}).get('source')}`.",
+        "",
+        "## Agreement with human preferences on held-back test data (%)",
+        "",
+        "Pairwise agreement per category; the overall cell has its bootstrap 95% interval; n = untied pairs.",
+        "",
+        comparison_table(results, systems_as="columns") if results else "(no evaluation yet)\n",
+    ]
+    router, ev = done.get("router", {}), done.get("eval", {})
+    if router:
+        lines.append(
+            f"Router: accuracy {router.get('accuracy', float('nan')):.3f} on {router.get('dev_prompts')} dev "
+            f"prompts; sends {ev.get('router_test_accuracy', float('nan')):.3f} of test records to their "
+            "labelled category."
+        )
+    lines += [
+        "",
+        "## Per category: sizes (records) and dev agreement per phase",
+        "",
+        "| category | phase 1 | labelled | phase 3 | dev | test | phase-1 dev | labels kept | experts | phase-3 dev |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for c, n in sizes.items():
+        p1, p3, lab = done.get(f"phase1/{c}", {}), done.get(f"phase3/{c}", {}), done.get(f"labels/{c}", {})
+        kept = f"{lab['kept']}/{lab['pairs_judged']}" if "kept" in lab and "pairs_judged" in lab else "-"
+        experts = ", ".join(e.split("__", 1)[-1] for e in p3.get("experts", [])) or "-"
+        lines.append(
+            f"| {c} | {n['phase1']} | {n['labels']} | {n['phase3']} | {n['dev']} | {n['test']} | "
+            f"{_fmt(p1.get('best_dev_agreement'))} | {kept} | {experts} | {_fmt(p3.get('best_dev_agreement'))} |"
+        )
+    lines += ["", "## Wall time (seconds)", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in timings.items()]
+    curves = sorted(run.glob("curves/*.png"))
+    if curves:
+        lines += ["", "## Curves", ""]
+        lines += [f"![{p.stem}]({p.relative_to(run).as_posix()})" for p in curves]
+    path = run / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    logger.info("wrote %s", path)
+    return path
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+class _Labeller:
+    """The run's LLM judge, built on first use and shared by every category (one model load, one SQLite
+    cache in ``labels/``: a rerun asks nothing twice)."""
+
+    def __init__(self, config: PipelineConfig, taxonomy, folder: Path, progress: bool):
+        self.config, self.taxonomy, self.folder, self.progress = config, taxonomy, folder, progress
+        self.judge = None
+
+    def __call__(self, records: Sequence[PreferenceRecord], path: Path) -> dict:
+        """Judge the records' pairs per capability point of their category into ``path``; the stats."""
+        if self.config.labels.source == "file":
+            return {"source": self.config.labels.file}
+        from dmoerm.labelling.pipeline import LabelConfig, label_pairs, make_judge
+
+        backend = "openai" if self.config.labels.source == "openai" else "local"
+        opts = {"cache": str(self.folder / "judge.cache.sqlite"), **self.config.labels.judge}
+        self.judge_config = LabelConfig(data=["pipeline"], out=str(path), backend=backend, **opts)
+        if backend == "local" and self.judge_config.model is None:
+            backbone = self.config.model.backbone
+            self.judge_config.model = None if backbone == "default" else backbone
+        if self.judge is None:
+            self.judge = make_judge(self.judge_config)
+        stats = label_pairs(
+            list(records),
+            self.taxonomy,
+            self.judge,
+            path,
+            consistency=self.judge_config.consistency,
+            min_margin=self.judge_config.min_margin,
+            language=self.judge_config.language,
+            max_pairs_per_record=1,
+            progress=self.progress,
+        )
+        return stats.to_dict()
+
+
+def _read_category_labels(config: PipelineConfig, path: Path, category: str, held_out: set[tuple]):
+    """The category's labels, minus any on a prompt that phase 3, dev or test use.
+
+    A label file given by the user may cover prompts this run holds out; training an expert on them would
+    leak into phase 3 and the evaluation (the paper keeps the phases' data disjoint), so they are dropped.
+    """
     from dmoerm.labelling.schema import read_labels
 
     source = Path(config.labels.file) if config.labels.source == "file" else path
     if not source.exists():
         return []
-    return [lab for lab in read_labels(source) if lab.category in (category, None)]
+    labels = [lab for lab in read_labels(source) if lab.category in (category, None)]
+    kept = [lab for lab in labels if prompt_key(lab.conversation) not in held_out]
+    if len(kept) < len(labels):
+        logger.info(
+            "%s: dropped %d of %d labels whose prompt is held out for phase 3, dev or test",
+            category,
+            len(labels) - len(kept),
+            len(labels),
+        )
+    return kept
 
 
-def _report(config, sizes, table, router, timings, done) -> str:
-    lines = [
-        "# dmoerm run report",
-        "",
-        f"Backbone: `{config.model.backbone}`, top layers trained: {config.model.num_top_layers}, "
-        f"max length: {config.model.max_length}, labels: {config.labels.source}.",
-        "",
-        "## Agreement with human preferences on held-back test data",
-        "",
-        table,
-        "",
-        f"Router: dev accuracy {router.get('accuracy', float('nan')):.3f}; "
-        f"routes {router.get('test_accuracy', float('nan')):.3f} of test records to their labelled category.",
-        "",
-        "## Sizes (records per category)",
-        "",
-        "| category | phase 1 | labelled | phase 3 | dev | test |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c, s in sizes.items():
-        lines.append(f"| {c} | {s['phase1']} | {s['labels']} | {s['phase3']} | {s['dev']} | {s['test']} |")
-    lines += ["", "## Stages", "", "| stage | seconds | details |", "|---|---|---|"]
-    for stage, info in done.items():
-        if stage.startswith("_"):
-            continue
-        detail = json.dumps({k: v for k, v in info.items() if k != "per_category"}, default=str)[:160]
-        lines.append(f"| {stage} | {timings.get(stage, '')} | {detail} |")
-    lines += [
-        "",
-        f"Curves: `curves/*.png`. Total wall time of the last run: {timings.get('total_this_run')} s.",
-        "",
-    ]
-    return "\n".join(lines)
+def prompt_key(conversation) -> tuple:
+    return tuple((m.role, m.content) for m in conversation)

@@ -36,7 +36,7 @@ _T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
-PRESETS = ("paper", "default")
+PRESETS = ("paper", "default", "finegrained")
 """Names :func:`load_taxonomy` resolves to packaged files ``dmoerm/presets/<name>.yaml``."""
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -1,0 +1,243 @@
+"""The ``dmoerm`` command. Each subcommand only parses its arguments and calls one library function.
+
+Options of a subcommand are generated from the fields of the config dataclass of that function (every field
+becomes ``--field-name``, with the field's documentation as help), so the command line and the Python API
+can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+logger = logging.getLogger("dmoerm")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each dataclass field (the convention of every config in this package),
+    inherited ones included."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for prev, node in zip(body, body[1:]):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def _scalar(tp: Any) -> tuple[Any, bool, bool]:
+    """(element type, is a list, may be None) of a field annotation."""
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0] if len(args) == 1 else str
+        origin = typing.get_origin(tp)
+    if origin in (list, tuple, Sequence):
+        return (typing.get_args(tp) or (str,))[0], True, optional
+    return tp, False, optional
+
+
+def _parse_none(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """One ``--field-name`` option per field of the dataclass ``cls`` (required fields are required options)."""
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        kind, many, optional = _scalar(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        help_text = docs.get(f.name, "").replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "default": argparse.SUPPRESS}
+        if kind is bool and not many:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if kind not in (str, int, float):
+            continue  # nested settings are reachable from config files only
+        parse = _parse_none(kind) if optional else kind
+        if many:
+            kwargs["nargs"] = "+"
+        parser.add_argument(flag, type=parse, required=required, **kwargs)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
+    """Build ``cls`` from the options the user gave (the rest keep the dataclass defaults)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    given.update(extra)
+    return cls(**given)
+
+
+# ------------------------------------------------------------------------------------------ subcommands
+def _train(args: argparse.Namespace) -> int:
+    from dmoerm.pipeline import PipelineConfig, run_pipeline
+
+    config = PipelineConfig.from_file(args.config)
+    if args.output_dir:
+        config.output_dir = args.output_dir
+    result = run_pipeline(config, progress=not args.no_progress)
+    sys.stdout.write(result.summary())
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dmoerm.evaluation import EvalConfig, run_eval
+
+    result = run_eval(config_from_args(EvalConfig, args))
+    sys.stdout.write(result.to_markdown())
+    return 0
+
+
+def _label(args: argparse.Namespace) -> int:
+    from dmoerm.labelling.pipeline import LabelConfig, run_label
+
+    stats = run_label(config_from_args(LabelConfig, args))
+    sys.stdout.write(json.dumps(stats.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _label_quality(args: argparse.Namespace) -> int:
+    from dmoerm.labelling.quality import QualityConfig, report_markdown, run_quality
+
+    report = run_quality(config_from_args(QualityConfig, args))
+    sys.stdout.write(report_markdown(report))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dmoerm.serving import ServeModelConfig, serve_model
+
+    serve_model(config_from_args(ServeModelConfig, args))
+    return 0
+
+
+def _finegrained(args: argparse.Namespace) -> int:
+    from dmoerm.experiments import FineGrainedConfig, finegrained_markdown, run_finegrained
+
+    results = run_finegrained(config_from_args(FineGrainedConfig, args))
+    sys.stdout.write(finegrained_markdown(results))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from dmoerm.pipeline import write_report
+
+    path = write_report(args.run)
+    sys.stdout.write(path.read_text(encoding="utf-8"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dmoerm", description="Train, evaluate and serve DMoERM reward models (Quan 2024)."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="router, three phases per category, single-RM baseline, evaluation")
+    p.add_argument("--config", required=True, help="YAML/JSON pipeline config (see configs/main.yaml)")
+    p.add_argument("--output-dir", help="override output_dir of the config")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_train)
+
+    from dmoerm.evaluation import EvalConfig
+
+    p = sub.add_parser("eval", help="agreement of a saved model with human labels, per category, with CIs")
+    add_config_arguments(p, EvalConfig)
+    p.set_defaults(run=_eval)
+
+    from dmoerm.labelling.pipeline import LabelConfig
+
+    p = sub.add_parser("label", help="capability labels from an LLM judge (both orders, cached, resumable)")
+    add_config_arguments(p, LabelConfig)
+    p.set_defaults(run=_label)
+
+    try:
+        from dmoerm.labelling.quality import QualityConfig
+
+        p = sub.add_parser(
+            "label-quality", help="a judge's agreement with human labels and its position bias"
+        )
+        add_config_arguments(p, QualityConfig)
+        p.set_defaults(run=_label_quality)
+    except ImportError:  # pragma: no cover - built before the quality command landed
+        pass
+
+    try:
+        from dmoerm.serving import ServeModelConfig
+
+        p = sub.add_parser("serve", help="HTTP reward server (OpenRLHF /get_reward and /score)")
+        add_config_arguments(p, ServeModelConfig)
+        p.set_defaults(run=_serve)
+    except ImportError:  # pragma: no cover
+        pass
+
+    from dmoerm.experiments import FineGrainedConfig
+
+    p = sub.add_parser(
+        "finegrained", help="phase 2 on FineGrainedRLHF human aspect labels vs the local judge's labels"
+    )
+    add_config_arguments(p, FineGrainedConfig)
+    p.set_defaults(run=_finegrained)
+
+    p = sub.add_parser("report", help="(re)write report.md of a training run from its saved results")
+    p.add_argument("--run", required=True, help="output_dir of a `dmoerm train` run")
+    p.set_defaults(run=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input: one clear line naming the file/field, no traceback (use -v for one).
+        if args.verbose:
+            raise
+        logger.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

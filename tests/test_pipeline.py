@@ -1,0 +1,139 @@
+"""The whole job on a tiny backbone: router, labels from a local judge, three phases, baseline, report, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dmoerm.data import save_jsonl
+from dmoerm.model import DMoERM, load_model
+from dmoerm.pipeline import PipelineConfig, run_pipeline
+from dmoerm.taxonomy import Capability, Category, Taxonomy, save_taxonomy
+from dmoerm.training import phases
+from helpers import length_records
+
+TAXONOMY = Taxonomy(
+    name="tiny",
+    categories=(
+        Category(
+            "code",
+            "programming",
+            (Capability("correctness", "is it right"), Capability("brevity", "is it short")),
+        ),
+        Category("chat", "talk", (Capability("empathy", "is it kind"),)),
+    ),
+)
+
+
+def job_config(tmp_path, tiny_backbone, **overrides) -> PipelineConfig:
+    data = tmp_path / "prefs.jsonl"
+    if not data.exists():
+        save_jsonl(
+            length_records(60, seed=1, category="code") + length_records(60, seed=2, category="chat"), data
+        )
+        save_taxonomy(TAXONOMY, tmp_path / "taxonomy.yaml")
+    fast = {"epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "early_stopping_patience": 0}
+    obj = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"backbone": tiny_backbone, "num_top_layers": 2, "trunk_dtype": "float32", "max_length": 64},
+        "data": {
+            "sources": [str(data)],
+            "router_sources": [],
+            "router_dev_sources": [],
+            "taxonomy": str(tmp_path / "taxonomy.yaml"),
+            "phase1_records": 12,
+            "label_records": 6,
+            "phase3_records": 12,
+            "dev_records": 4,
+            "test_records": 6,
+        },
+        # The tiny random judge gives noisy labels; margin consistency keeps some of every point.
+        "labels": {"source": "local", "judge": {"dtype": "float32", "progress": False}, "min_labels": 1},
+        "router": {"epochs": 3},
+        "phase1": fast,
+        "phase2": fast,
+        "phase3": {"epochs": 2, "batch_size": 8},
+    }
+    obj.update(overrides)
+    return PipelineConfig.from_dict(obj)
+
+
+@pytest.mark.slow
+def test_pipeline_runs_end_to_end_and_a_rerun_skips_finished_stages(tmp_path, tiny_backbone, monkeypatch):
+    config = job_config(tmp_path, tiny_backbone)
+    result = run_pipeline(config, progress=False)
+    out = tmp_path / "run"
+    for name in ("report.md", "config.yaml", "state.json", "sizes.json", "curves/router.png"):
+        assert (out / name).exists(), name
+    assert "DMoERM" in result.table and "single RM" in result.table
+    state = json.loads((out / "state.json").read_text())
+    for stage in (
+        "router",
+        "phase1/code",
+        "phase1/chat",
+        "labels/code",
+        "phase3/code",
+        "phase3/chat",
+        "baseline",
+    ):
+        assert stage in state, stage
+    # Phase-2 experts exist for the points that got labels, each with its own head, and the model reloads.
+    model = load_model(out / "model")
+    assert isinstance(model, DMoERM)
+    for c in ("code", "chat"):
+        assert model.aggregator_experts[c], c
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sizes["code"] == {"phase1": 12, "labels": 6, "phase3": 12, "dev": 4, "test": 6}
+    scores = model.score([[{"role": "user", "content": "hello"}]], ["hi there"])
+    assert scores[0].category in ("code", "chat")
+
+    # A rerun trains nothing again: every phase function is now an error.
+    def boom(*a, **k):
+        raise AssertionError("a finished stage ran again")
+
+    for name in ("train_router", "train_phase1", "train_phase2", "train_phase3"):
+        monkeypatch.setattr(f"dmoerm.pipeline.{name}", boom)
+    again = run_pipeline(config, progress=False)
+    assert again.table == result.table
+
+
+@pytest.mark.slow
+def test_pipeline_resumes_after_a_crash_in_a_later_phase(tmp_path, tiny_backbone, monkeypatch):
+    config = job_config(tmp_path, tiny_backbone, labels={"source": "none"}, baseline=False)
+    calls = []
+    real_phase3 = phases.train_phase3
+
+    def crash_on_second(model, category, *a, **k):
+        calls.append(category)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_phase3(model, category, *a, **k)
+
+    monkeypatch.setattr("dmoerm.pipeline.train_phase3", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(config, progress=False)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert "phase3/code" in state and "phase3/chat" not in state
+    # The rerun redoes only the unfinished stage.
+    trained = []
+    monkeypatch.setattr("dmoerm.pipeline.train_phase1", lambda *a, **k: trained.append("phase1"))
+    monkeypatch.setattr(
+        "dmoerm.pipeline.train_phase3", lambda m, c, *a, **k: trained.append(c) or real_phase3(m, c, *a, **k)
+    )
+    run_pipeline(config, progress=False)
+    assert trained == ["chat"]
+    assert "phase3/chat" in json.loads((tmp_path / "run" / "state.json").read_text())
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"config\.data: unknown field\(s\) phase_one"):
+        PipelineConfig.from_dict({"data": {"phase_one": 3}})
+    with pytest.raises(ValueError, match="label_records"):
+        PipelineConfig.from_dict({"data": {"phase1_records": 4, "label_records": 8}})
+    with pytest.raises(ValueError, match="source"):
+        PipelineConfig.from_dict({"labels": {"source": "gpt"}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  test_records: 0\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: test_records"):
+        PipelineConfig.from_file(bad)
