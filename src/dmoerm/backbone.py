@@ -68,7 +68,13 @@ def _convert_bundled(target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(target)  # atomic: a killed conversion leaves no half-written backbone behind
+        try:
+            tmp.rename(target)  # atomic: a killed conversion leaves no half-written backbone behind
+        except OSError:
+            # Another process converted it at the same time: its result is as good as ours.
+            if not (target / "config.json").exists():
+                raise
+            logger.info("%s was converted by another process meanwhile; using it", target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

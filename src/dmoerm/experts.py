@@ -178,16 +178,22 @@ class ExpertBank(nn.Module):
             p.requires_grad_(flag)
 
     # ----------------------------------------------------------------- forward
+    @property
+    def device(self) -> torch.device:
+        """Where the bank's weights are; batches built on the CPU are moved here."""
+        return next(self.parameters()).device
+
     def trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, T] -> trunk states [B, T, H]; frozen, so computed without gradients."""
         with torch.no_grad():
-            return self.backbone.trunk(input_ids, attention_mask)
+            return self.backbone.trunk(input_ids.to(self.device), attention_mask.to(self.device))
 
     def expert_hidden(
         self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, name: str
     ) -> torch.Tensor:
         """Trunk states [B, T, H] -> expert ``name``'s last-token hidden state [B, H]."""
         self._activate(name)
+        trunk_states, attention_mask = trunk_states.to(self.device), attention_mask.to(self.device)
         final = self.backbone.top(trunk_states, attention_mask)  # [B, T, H]
         return last_token_pool(final, attention_mask)
 
@@ -203,6 +209,7 @@ class ExpertBank(nn.Module):
         k, (b, t, h) = len(names), trunk_states.shape
         if self.peft_model is None or k == 1:
             return torch.stack([self.expert_hidden(trunk_states, attention_mask, n) for n in names])
+        trunk_states, attention_mask = trunk_states.to(self.device), attention_mask.to(self.device)
         forked = trunk_states.unsqueeze(0).expand(k, b, t, h).reshape(k * b, t, h)  # [K*B, T, H]
         mask = attention_mask.repeat(k, 1)  # [K*B, T]
         rows = [n for n in names for _ in range(b)]

@@ -150,9 +150,13 @@ class DMoERM(nn.Module):
         self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor
     ) -> DMoERMOutput:
         """Trunk states [B, T, H], masks [B, T] -> rewards with routing and capability scores."""
-        probs = self.router.probabilities(self.router.features(trunk_states, prompt_mask))  # [B, C]
+        device = self.bank.device
+        trunk_states, attention_mask = trunk_states.to(device), attention_mask.to(device)
+        probs = self.router.probabilities(
+            self.router.features(trunk_states, prompt_mask.to(device))
+        )  # [B, C]
         top_p, top_i = probs.max(-1)  # [B]
-        reward = torch.zeros(trunk_states.shape[0])
+        reward = torch.zeros(trunk_states.shape[0], device=device)
         caps: list[dict[str, float]] = [{} for _ in range(trunk_states.shape[0])]
         k = min(self.routing.top_k, len(self.categories)) if self.routing.mode == "topk" else 1
         mixed = (top_p < self.routing.mix_below) if k > 1 else torch.zeros_like(top_p, dtype=torch.bool)
@@ -160,7 +164,9 @@ class DMoERM(nn.Module):
         weights[torch.arange(len(top_i)), top_i] = 1.0
         if mixed.any():
             p_k, i_k = probs[mixed].topk(k, dim=-1)  # [M, k]
-            w = torch.zeros(int(mixed.sum()), probs.shape[1]).scatter(1, i_k, p_k / p_k.sum(-1, keepdim=True))
+            w = torch.zeros(int(mixed.sum()), probs.shape[1], device=device).scatter(
+                1, i_k, p_k / p_k.sum(-1, keepdim=True)
+            )
             weights[mixed] = w
         for c, category in enumerate(self.categories):
             rows = (weights[:, c] > 0).nonzero().squeeze(-1)
