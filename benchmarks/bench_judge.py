@@ -6,8 +6,11 @@ order and only the K questions run on top of a copy of its key/value cache; with
 (prefix + question) row runs in full in left-padded batches. No judge cache is used, so both sides compute
 everything; the two sides' margins are compared to show they agree.
 
-    .venv/bin/python benchmarks/bench_judge.py                      # SmolLM2-135M-Instruct, bf16, 8 pairs
-    .venv/bin/python benchmarks/bench_judge.py --pairs 4 --dtype float32 --model /path/to/model
+It also times the generation baseline (greedy ``generate`` of up to ``--generate-tokens`` tokens per full
+prompt, then parsing the text, as an API judge answers) against reading the answer-token logits.
+
+    .venv/bin/python benchmarks/bench_judge.py                      # SmolLM2-135M-Instruct, bf16, 4 pairs
+    .venv/bin/python benchmarks/bench_judge.py --pairs 8 --dtype float32 --model /path/to/model
 """
 
 from __future__ import annotations
@@ -71,14 +74,50 @@ def _category(k: int) -> Category:
         )
 
 
+def _generate(judge: LocalJudge, reqs: list[JudgeRequest], cat: Category, max_new_tokens: int):
+    """The generation baseline: greedy-generate up to ``max_new_tokens`` for every full prompt (as an API
+    judge would), then parse the answer. Returns (seconds, choices)."""
+    import torch
+
+    tok, model = judge._tokenizer, judge._model
+    rows = []
+    for r in reqs:
+        parts = judge.prompts.pairwise(r.conversation, r.first, r.second, cat, cat.capabilities)
+        head, tail = judge._render(parts.system, parts.prefix)
+        rows += [tok.encode(head + q + tail, add_special_tokens=False) for q in parts.questions]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    choices: list[str | None] = [None] * len(rows)
+    t = time.perf_counter()
+    for s in range(0, len(order), judge.batch_size):
+        idx = order[s : s + judge.batch_size]
+        width = max(len(rows[i]) for i in idx)
+        ids = torch.full((len(idx), width), judge._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for j, i in enumerate(idx):
+            ids[j, width - len(rows[i]) :] = torch.tensor(rows[i])
+            mask[j, width - len(rows[i]) :] = 1
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=judge._pad_id,
+            )  # fmt: skip
+        for j, i in enumerate(idx):
+            choices[i] = judge.prompts.parse_choice(tok.decode(out[j, width:], skip_special_tokens=True))
+    return time.perf_counter() - t, choices
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder; default: bundled SmolLM2-135M-Instruct")
-    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--capabilities", type=int, default=4, help="capability points per question (K)")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument(
+        "--generate-tokens", type=int, default=8,
+        help="the generation baseline's max_new_tokens (0 skips it)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
     cat = _category(args.capabilities)
@@ -105,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                 judge.prompts.pairwise(r.conversation, r.first, r.second, cat, cat.capabilities) for r in reqs
             )
         )
+    gen_s, gen_choices = None, []
+    for _ in range(args.repeats if args.generate_tokens > 0 else 0):
+        s, gen_choices = _generate(judge, reqs, cat, args.generate_tokens)
+        gen_s = s if gen_s is None else min(gen_s, s)
     n_q = len(reqs) * len(cat.capabilities)
     max_diff = max(abs(a - b) for a, b in zip(margins[False], margins[True], strict=True))
     print(f"model={judge.model_path} dtype={args.dtype} torch_threads={_threads()}")
@@ -112,15 +155,28 @@ def main(argv: list[str] | None = None) -> int:
         f"pairs={args.pairs} orders=2 capabilities={len(cat.capabilities)} questions={n_q} "
         f"mean_prefix_tokens={prefix_tokens / len(reqs):.0f}"
     )
-    print(f"{'mode':<14}{'seconds':>10}{'questions/s':>14}{'pairs/s':>10}")
-    for reuse in (False, True):
-        s = results[reuse]
-        print(
-            f"{'prefix reuse' if reuse else 'full prompts':<14}{s:>10.2f}{n_q / s:>14.1f}{args.pairs / s:>10.2f}"
-        )
+    print(f"{'mode':<24}{'seconds':>10}{'questions/s':>14}{'pairs/s':>10}")
+    rows = [("logits, full prompts", results[False]), ("logits, prefix reuse", results[True])]
+    if gen_s is not None:
+        rows.append((f"generate {args.generate_tokens} tokens", gen_s))
+    for name, s in rows:
+        print(f"{name:<24}{s:>10.2f}{n_q / s:>14.1f}{args.pairs / s:>10.2f}")
     print(
-        f"speed-up (full / reuse) = {results[False] / results[True]:.2f}x; max |margin difference| = {max_diff:.4f}"
+        f"time ratio full prompts / prefix reuse = {results[False] / results[True]:.2f}; "
+        f"max |margin difference| = {max_diff:.4f}"
     )
+    if gen_s is not None:
+        print(
+            f"time ratio generate / logits (full prompts) = {gen_s / results[False]:.2f}; "
+            f"generate / logits (prefix reuse) = {gen_s / results[True]:.2f}"
+        )
+        argmax = ["1" if m >= 0 else "2" for m in margins[True]]
+        parsed = [c for c in gen_choices if c is not None]
+        same = sum(g == a for g, a in zip(gen_choices, argmax, strict=True) if g is not None)
+        print(
+            f"generated answers: {len(gen_choices) - len(parsed)} of {len(gen_choices)} unparseable; "
+            f"{same} of {len(parsed)} parsed ones equal the logit argmax"
+        )
     return 0
 
 

@@ -4,9 +4,11 @@ the label cache, resume after a cut line, and the config's validation."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -213,8 +215,11 @@ def test_quality_report_against_human_labels(tmp_path):
     o = rep["overall"]
     assert o["pairs"] == 8 and o["human_ties_excluded"] == 1
     assert o["strict"]["kept_share"] == 0.0 and o["strict"]["agreement_dropped_as_half"] == 0.5
-    assert o["margin"]["agreement"] == 1.0
+    assert o["margin"]["agreement"] == 1.0 and o["margin"]["kept_share"] == 1.0
+    assert sum(b["kept"] for b in o["margin"]["by_confidence"]) == 8  # confidence sigmoid(1) = 0.73
+    assert [b["kept"] for b in o["margin"]["by_confidence"] if b["confidence"] == "0.70-0.85"] == [8]
     assert o["single_order_agreement"] == 0.5  # always "position 1"
+    assert o["human_prefers_a_share"] == 0.5
     assert o["position_bias"]["first_position_share"] == 1.0
     assert set(rep["by_source"]) == {"src", "other"}
     assert rep["per_capability"]["empathy"]["margin"]["agreement"] == 1.0
@@ -351,3 +356,149 @@ def test_importing_has_no_side_effects():
 
 def test_overall_capability_is_generic():
     assert OVERALL.name == "overall" and "helpfulness" in OVERALL.definition and OVERALL.definition_zh
+
+
+# ------------------------------------------------------------------------------- progress, quality command
+
+
+def test_progress_bar_shows_eta(tmp_path, capsys):
+    label_pairs(_pairs(4), TAX, BiasedJudge(), tmp_path / "l.jsonl", progress=True)
+    err = capsys.readouterr().err
+    assert "labelling" in err and "4/4" in err
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", err), err  # [elapsed<remaining]: the ETA
+    assert "kept=" in err
+
+
+def test_margin_rule_drops_low_margins_in_quality_report():
+    rep = quality_report(_pairs(4), BiasedJudge(bias=0.0, strength=0.5), None, min_margin=1.0)
+    assert rep["overall"]["margin"]["kept_share"] == 0.0 and rep["overall"]["margin"]["agreement"] is None
+    assert rep["overall"]["margin"]["agreement_dropped_as_half"] == 0.5
+
+
+def _fake_source(name, data_dir=None, **kw):
+    """Small records shaped like the bundled sets, for run_quality without ../shared/data."""
+    recs = []
+    for i in range(6):
+        conv = (Message("user", f"question {i}"),)
+        long, short = f"a long and careful answer {i}", f"short {i}"
+        ranks = (0, 1) if i % 2 == 0 else (1, 0)
+        resp = (long, short) if i % 2 == 0 else (short, long)
+        if name == "pandalm/test":
+            recs.append(PreferenceRecord(conv, resp, ranks if i != 5 else (0, 0), source=name, uid=str(i)))
+        elif name == "llmbar":
+            src = "llmbar/natural" if i < 3 else "llmbar/adversarial_neighbor"
+            recs.append(PreferenceRecord(conv, resp, ranks, source=src, uid=str(i)))
+        else:
+            fb = {
+                "errors": [{"error type": "Irrelevant"}],
+                "missing-info": [1],
+                "corrected-prediction": f"ok {i}",
+            }
+            recs.append(PreferenceRecord(conv, (long, short, "x" * i + "y"), (0, 1, 2), source=name,
+                                         uid=str(i), meta={"feedback": [fb]}))  # fmt: skip
+    return recs
+
+
+def test_run_quality_writes_report_with_every_set(tmp_path, monkeypatch, tiny_backbone):
+    from dmoerm.labelling.quality import QualityConfig, run_quality
+
+    monkeypatch.setattr("dmoerm.data.load_source", _fake_source)
+    cfg = QualityConfig(
+        out_dir=str(tmp_path / "q"), model=tiny_backbone, dtype="float32", limit=4, progress=False
+    )
+    rep = run_quality(cfg)
+    assert rep["sets"]["pandalm"] == {"available": 5, "sampled": 4}  # the human tie is not sampled
+    assert rep["sets"]["finegrained"] == {"available": 18, "sampled": 4}
+    assert rep["sets"]["finegrained_aspects"]["sampled"] == 4
+    assert rep["sets"]["finegrained_aspects"]["labels"] == 8  # relevance + completeness per pair
+    assert set(rep["by_source"]) == {"pandalm", "llmbar_natural", "llmbar_adversarial", "finegrained_rlhf"}
+    assert rep["overall"]["pairs"] == 12 and set(rep["per_capability"]) == {"relevance", "completeness"}
+    assert rep["overall"]["margin"]["pairs"] == 12  # the local judge has margins
+    assert rep["answer_label_mass"]["questions"] == 2 * (12 + 8)
+    assert 0 < rep["answer_label_mass"]["median"] < 1
+    assert rep["judge"].startswith("local:") and rep["config"]["limit"] == 4
+    sp = rep["speed"]  # fake finegrained pairs repeat pandalm's: those come from the cache
+    assert sp["questions_asked"] + sp["questions_cached"] == 2 * (12 + 8) and sp["questions_asked"] > 0
+    assert (tmp_path / "q" / "judge_cache.sqlite").exists()
+    saved = json.loads((tmp_path / "q" / "label_quality.json").read_text())
+    assert saved["overall"] == rep["overall"]
+    md = (tmp_path / "q" / "label_quality.md").read_text()
+    assert "llmbar_adversarial" in md and "relevance" in md and '"limit": 4' in md
+    again = run_quality(cfg)  # served from the judge cache
+    assert again["speed"]["questions_asked"] == 0 and again["overall"] == rep["overall"]
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"out_dir": ""}, "out_dir"),
+        ({"sets": ["pandalm", "mtbench"]}, "sets"),
+        ({"sets": []}, "sets"),
+        ({"sets": ["llmbar", "llmbar"]}, "sets"),
+        ({"limit": 0}, "limit"),
+        ({"name": "a/b"}, "name"),
+        ({"data_dir": ""}, "data_dir"),
+        ({"backend": "vllm"}, "backend"),
+        ({"mode": "json"}, "mode"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"max_length": 10}, "max_length"),
+        ({"backoff_max_s": 0.5}, "backoff_max_s"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_quality_config_validation_names_the_field(kw, field):
+    from dmoerm.labelling.quality import QualityConfig
+
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        QualityConfig(**{"out_dir": "q", **kw})
+
+
+def test_quality_config_defaults_and_fields_are_simple_types():
+    import dataclasses
+    import typing
+
+    from dmoerm.labelling.quality import QUALITY_SETS, QualityConfig
+
+    cfg = QualityConfig(out_dir="q", sets="pandalm,llmbar")
+    assert cfg.sets == ["pandalm", "llmbar"] and cfg.cache_path() == str(Path("q") / "judge_cache.sqlite")
+    assert QualityConfig(out_dir="q").sets == list(QUALITY_SETS)
+    simple = {str, int, float, bool, list[str], str | None, int | None, float | None, list[str] | None}
+    for cls in (QualityConfig, LabelConfig):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert hints[f.name] in simple, (cls.__name__, f.name, hints[f.name])
+
+
+def test_make_judge_passes_every_option(tmp_path):
+    from dmoerm.labelling.api import OpenAIJudge
+    from dmoerm.labelling.pipeline import make_judge
+
+    cfg = LabelConfig(data=["x"], out=str(tmp_path / "l.jsonl"), backend="openai", model="m",
+                      backoff_base_s=0.5, backoff_max_s=2.0, answer_labels="AB")  # fmt: skip
+    judge = make_judge(cfg)
+    assert (
+        isinstance(judge, OpenAIJudge) and judge.backoff_max_s == 2.0 and judge.prompts.labels == ("A", "B")
+    )
+    assert Path(judge.cache.path) == tmp_path / "l.jsonl.cache.sqlite"
+
+
+def test_load_quality_sets_from_the_bundled_data():
+    from dmoerm.data import default_data_dir
+    from dmoerm.labelling.quality import QUALITY_SETS, load_quality_sets
+
+    try:
+        default_data_dir()
+    except FileNotFoundError:
+        pytest.skip("no ../shared/data here")
+    pairs, human, sizes = load_quality_sets(QUALITY_SETS, limit=5, seed=1)
+    assert {k: v["sampled"] for k, v in sizes.items()} == dict.fromkeys(QUALITY_SETS, 5)
+    assert all(p.human in ("a", "b") for p in pairs) and len(pairs) == 15
+    assert {p.source.split("/")[0] for p in pairs} <= {
+        "pandalm", "llmbar_natural", "llmbar_adversarial", "finegrained_rlhf"
+    }  # fmt: skip
+    assert human and {lab.capability for lab in human} <= {"relevance", "factuality", "completeness"}
+    again, _, _ = load_quality_sets(QUALITY_SETS, limit=5, seed=1)
+    assert again == pairs  # the sample is seeded
+    # the loaders put the preferred response first; the sample swaps about half of the pairs
+    big, _, _ = load_quality_sets(["pandalm", "llmbar"], limit=40, seed=0)
+    assert 0.3 < sum(p.human == "a" for p in big) / len(big) < 0.7

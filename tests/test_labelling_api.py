@@ -66,6 +66,11 @@ class FakeServer:
         self.auth_seen: set[str] = set()
         self.targeted: tuple[str, tuple[str, ...], int] | None = None
         """(behaviour, substrings of the prompt, how many times): misbehave for one question only."""
+        self.inflight = 0
+        self.max_inflight = 0
+        """Most requests the server was handling at once."""
+        self.retry_after = "0.01"
+        """The Retry-After header of 429 answers."""
 
     def next_behaviour(self, prompt: str) -> str:
         with self.lock:
@@ -89,6 +94,10 @@ class FakeServer:
             obj = {name: better for name in _JSON_ITEM.findall(prompt)}
             if behaviour == "prose_json":
                 return "Sure! Here is my verdict:\n" + json.dumps(obj) + "\nHope this helps."
+            if behaviour == "partial_json":
+                return json.dumps(dict(list(obj.items())[:1]))
+            if behaviour == "broken_json":
+                return json.dumps(obj)[:-12]
             return "```json\n" + json.dumps(obj, indent=1) + "\n```"
         return better
 
@@ -99,6 +108,16 @@ def _handler(state: FakeServer):
             pass
 
         def do_POST(self) -> None:  # noqa: N802
+            with state.lock:
+                state.inflight += 1
+                state.max_inflight = max(state.max_inflight, state.inflight)
+            try:
+                self._post()
+            finally:
+                with state.lock:
+                    state.inflight -= 1
+
+        def _post(self) -> None:
             auth = self.headers.get("Authorization", "")
             state.auth_seen.add(auth)
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -106,7 +125,9 @@ def _handler(state: FakeServer):
             if auth != f"Bearer {SECRET}":
                 return self._send(401, {"error": {"message": "invalid api key"}})
             if behaviour == "429":
-                return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.01"})
+                return self._send(
+                    429, {"error": {"message": "slow down"}}, {"Retry-After": state.retry_after}
+                )
             if behaviour == "500":
                 return self._send(500, {"error": {"message": "boom"}})
             if behaviour == "sleep":
@@ -362,6 +383,8 @@ def test_killed_run_resumes_to_same_labels(server, tmp_path):
     assert stats.pairs_done_before == len(partial) // 2
     assert stats.cached >= answered_before - 4 * stats.pairs_done_before - 2
     assert stats.asked + stats.cached == 64 - 2 * len(partial)
+    # over both runs the server answered each of the 64 questions once, plus at most the 2 lost in flight
+    assert 64 <= server.answers <= 64 + 2
 
 
 def test_records_with_unmapped_category_are_skipped_or_defaulted(server, tmp_path):
@@ -388,3 +411,87 @@ def test_run_label_with_config(server, tmp_path, monkeypatch):
     assert stats.kept == 6
     saved = json.loads((tmp_path / "l.jsonl.stats.json").read_text())
     assert saved["stats"]["kept"] == 6 and saved["config"]["api_key_env"] == KEY_ENV
+
+
+# ------------------------------------------------------------------------- JSON mode, backoff, concurrency
+
+_JSON_PAIR0_A_FIRST = ("[Response 1]\nAnswer 0.\n[End of Response 1]", "JSON")
+
+
+def test_json_mode_malformed_json_is_retried_then_counted_and_skipped(server, tmp_path):
+    # pair 0 with a first: truncated JSON three times (1 ask + 2 re-asks) -> both points malformed
+    server.targeted = ("broken_json", _JSON_PAIR0_A_FIRST, 3)
+    judge = _judge(server, tmp_path, mode="json", concurrency=1, malformed_retries=2)
+    stats = label_pairs(_pairs(2), TAX, judge, tmp_path / "l.jsonl", progress=False)
+    assert stats.retries == {"malformed": 2}
+    assert stats.malformed == 2 and stats.kept == 2  # pair 0's two points skipped, pair 1 kept
+    assert stats.asked == 4 and server.answers == 6  # 2 pairs x 2 orders, + 2 re-asks
+    assert {lab.response_a for lab in read_labels(tmp_path / "l.jsonl")} == {_pairs(2)[1].response_a}
+    # the malformed answer was cached: a rerun asks nothing and skips the same points
+    again = label_pairs(_pairs(2), TAX, _judge(server, tmp_path, mode="json"), tmp_path / "l.jsonl",
+                        progress=False)  # fmt: skip
+    assert server.answers == 6 and again.malformed == 2 and again.written == 0
+
+
+def test_json_mode_partial_answer_is_reasked_and_the_missing_point_skipped(server, tmp_path):
+    server.targeted = ("partial_json", _JSON_PAIR0_A_FIRST, 2)  # then a complete answer
+    judge = _judge(server, tmp_path, mode="json", concurrency=1, malformed_retries=2)
+    stats = label_pairs(_pairs(1), TAX, judge, tmp_path / "l.jsonl", progress=False)
+    assert stats.retries == {"malformed": 2} and stats.malformed == 0 and stats.kept == 2
+    server.targeted = ("partial_json", _JSON_PAIR0_A_FIRST, 9)  # never complete
+    judge = _judge(server, tmp_path / "x", mode="json", concurrency=1, malformed_retries=1)
+    stats = label_pairs(_pairs(1), TAX, judge, tmp_path / "m.jsonl", progress=False)
+    assert stats.retries == {"malformed": 1} and stats.malformed == 1 and stats.kept == 1
+    assert [lab.capability for lab in read_labels(tmp_path / "m.jsonl")] == ["helpfulness"]
+
+
+def test_backoff_is_exponential_capped_and_honours_retry_after():
+    judge = OpenAIJudge("m", "http://127.0.0.1:9/v1", api_key_env=None, backoff_base_s=1.0, backoff_max_s=8.0)
+    for attempt, full in enumerate([1.0, 2.0, 4.0, 8.0, 8.0, 8.0]):
+        d = [judge._backoff(attempt, None) for _ in range(50)]
+        assert all(full / 2 <= x <= full for x in d)  # half fixed, half jitter
+        assert max(d) > min(d)
+    assert judge._backoff(0, 3.5) == 3.5  # Retry-After wins...
+    assert judge._backoff(0, 1e6) == judge.retry_after_max_s  # ...up to a cap
+
+
+def test_retry_after_header_is_waited_for(server, tmp_path):
+    server.retry_after = "0.4"
+    server.script = ["429"]
+    judge = _judge(server, tmp_path, concurrency=1)
+    t = time.perf_counter()
+    stats = label_pairs(_pairs(1), TAX, judge, tmp_path / "l.jsonl", progress=False)
+    assert time.perf_counter() - t >= 0.4 and stats.retries == {"rate_limit": 1} and stats.kept == 2
+
+
+def test_connection_errors_are_retried_then_fail_the_question(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    judge = OpenAIJudge(
+        "m", f"http://127.0.0.1:{port}/v1", api_key_env=None, max_retries=2, backoff_base_s=0.001,
+        backoff_max_s=0.01, cache=JudgeCache(tmp_path / "c.sqlite"),
+    )  # fmt: skip
+    stats = label_pairs(_pairs(1), TAX, judge, tmp_path / "l.jsonl", progress=False)
+    assert stats.retries == {"connection": 8} and stats.failed == 2 and stats.kept == 0
+    assert len(JudgeCache(tmp_path / "c.sqlite")) == 0  # failures are not cached: a rerun asks again
+
+
+def test_concurrency_limit_is_respected_and_used(server, tmp_path):
+    server.delay = 0.05
+    judge = _judge(server, tmp_path, concurrency=3)
+    stats = label_pairs(_pairs(6), TAX, judge, tmp_path / "l.jsonl", progress=False)  # 24 requests
+    assert stats.kept == 12
+    assert 2 <= server.max_inflight <= 3
+
+
+def test_usage_fields_give_tokens_and_cost_and_cached_answers_cost_nothing(server, tmp_path):
+    judge = _judge(server, tmp_path, price_prompt_per_m=0.15, price_completion_per_m=0.6)
+    stats = label_pairs(_pairs(2), TAX, judge, tmp_path / "a.jsonl", progress=False)
+    assert stats.completion_tokens == 8 and stats.prompt_tokens > 100
+    assert stats.cost == pytest.approx((stats.prompt_tokens * 0.15 + 8 * 0.6) / 1e6)
+    again = label_pairs(_pairs(2), TAX, _judge(server, tmp_path, price_prompt_per_m=0.15),
+                        tmp_path / "b.jsonl", progress=False)  # fmt: skip
+    assert again.cached == 8 and again.prompt_tokens == 0 and again.cost == 0.0

@@ -91,3 +91,33 @@ def test_bad_arguments(tiny_backbone):
         LocalJudge(tiny_backbone, dtype="int4")
     with pytest.raises(ValueError, match="batch_size"):
         LocalJudge(tiny_backbone, batch_size=0)
+
+
+def test_reads_logits_in_batches_and_runs_each_prefix_once(tiny_backbone):
+    """Prefix reuse: one forward of the prefix per ordered pair, then the questions in batches on its cache;
+    without reuse: every full prompt, in batches of ``batch_size``. Nothing is generated."""
+    reqs = _requests(2)  # 4 ordered pairs x 3 capability points = 12 questions
+    calls: dict[bool, list[tuple[int, int, bool]]] = {}
+    for reuse in (True, False):
+        judge = LocalJudge(tiny_backbone, dtype="float32", reuse_prefix=reuse, batch_size=2)
+        judge.load()
+
+        def no_generate(*a, **k):
+            raise AssertionError("the local judge must read logits, not generate")
+
+        judge._model.generate = no_generate
+        seen: list[tuple[int, int, bool]] = []
+
+        def hook(module, args, kw, out, seen=seen):
+            past = kw.get("past_key_values", kw.get("cache"))
+            seen.append((*kw["input_ids"].shape, past is not None))
+
+        judge._model.register_forward_hook(hook, with_kwargs=True)
+        judge.score_requests(reqs)
+        calls[reuse] = seen
+    prefixes = [s for s in calls[True] if not s[2]]
+    questions = [s for s in calls[True] if s[2]]
+    assert len(prefixes) == 4 and all(s[0] == 1 for s in prefixes)  # one prefix run per ordered pair
+    assert sorted(s[0] for s in questions) == [1, 1, 1, 1, 2, 2, 2, 2]  # 3 questions each, batches of 2
+    assert max(s[1] for s in questions) < min(s[1] for s in prefixes)  # only the question tokens run
+    assert len(calls[False]) == 6 and all(s[0] == 2 and not s[2] for s in calls[False])  # 12 rows by 2

@@ -6,7 +6,8 @@ pooled with log-sum-exp. The probability that position 1 is better is the softma
 
 Every capability question about one ordered pair shares the same prefix (system prompt, conversation, both
 responses); with ``reuse_prefix`` the prefix is run once, its key/value cache is copied to a batch of the
-capability questions, and only the questions are run (see ``benchmarks/bench_judge.py`` for the speed-up).
+capability questions, and only the questions are run (``benchmarks/bench_judge.py`` measures whether it pays:
+it did not on short prompts, see docs/labelling.md).
 Without it, every (prefix + question) row runs in full in left-padded batches. Both paths give the same
 numbers up to float rounding, so they share cache rows.
 

@@ -20,7 +20,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from dmoerm.data import Message, PreferenceRecord
@@ -456,17 +456,14 @@ def label_pairs(
 BACKENDS = ("local", "openai")
 
 
-@dataclass
-class LabelConfig:
-    """Configuration of ``dmoerm label`` (and :func:`run_label`). Every field is validated on creation."""
+@dataclass(kw_only=True)
+class JudgeConfig:
+    """The judge options that ``dmoerm label`` (:class:`LabelConfig`) and ``dmoerm label-quality``
+    (:class:`~dmoerm.labelling.quality.QualityConfig`) share; :func:`make_judge` builds the judge from them.
 
-    data: list[str]
-    """Preference data to label: bundled source names (``pandalm``, ``llmbar``, ...) or files, as
-    :func:`dmoerm.data.load_source` accepts them."""
-    out: str
-    """Output CapabilityLabel JSONL file (appended to; a rerun resumes)."""
-    taxonomy: str = "default"
-    """Taxonomy name or YAML/JSON file (:func:`dmoerm.taxonomy.load_taxonomy`)."""
+    Every field is validated on creation; a bad value raises ``ValueError("<field>: <what is wrong>; <fix>")``.
+    """
+
     backend: str = "local"
     """``local`` (a Hugging Face causal LM, logits) or ``openai`` (any OpenAI-compatible API)."""
     model: str | None = None
@@ -478,21 +475,12 @@ class LabelConfig:
     mode: str = "pairwise"
     """``pairwise``: one question per capability point and order (paper). ``json``: all points of the category
     in one call per order with a JSON answer (API backend only)."""
-    consistency: str = "auto"
-    """``strict`` (keep only when both orders agree), ``margin`` (sign of the margin difference, cancels a
-    constant position bias; needs logits), ``auto`` (margin when available)."""
     min_margin: float = 0.0
-    """Margin mode: drop labels whose calibrated log-odds are below this."""
+    """Margin rule: drop labels whose calibrated log-odds are below this."""
     language: str = "auto"
     """Prompt language: ``auto`` (from the conversation's script), ``en`` or ``zh``."""
     cache: str | None = None
-    """SQLite judge cache; None means ``<out>.cache.sqlite``."""
-    limit: int | None = None
-    """Records per data source at most; None for all."""
-    default_category: str | None = None
-    """Category for records whose category is unknown or unmapped; None skips them."""
-    capabilities: list[str] | None = None
-    """Label only these capability points; None for all."""
+    """SQLite judge cache; None for the command's default path (beside its output)."""
     concurrency: int = 8
     """API: requests in flight at most."""
     requests_per_second: float | None = None
@@ -502,7 +490,10 @@ class LabelConfig:
     max_retries: int = 6
     """API: retries per request for 429, 5xx, timeouts and connection errors."""
     backoff_base_s: float = 1.0
-    """API: first backoff in seconds (doubles per retry, with jitter; Retry-After wins)."""
+    """API: first backoff in seconds (doubles per retry up to ``backoff_max_s``, with jitter; a
+    ``Retry-After`` header wins)."""
+    backoff_max_s: float = 60.0
+    """API: longest backoff in seconds."""
     malformed_retries: int = 2
     """API: re-asks of an unparseable answer before it is counted as malformed and skipped."""
     temperature: float = 0.0
@@ -514,17 +505,17 @@ class LabelConfig:
     price_completion_per_m: float = 0.0
     """API: price per 1M completion tokens."""
     device: str = "cpu"
-    """Local: ``cpu``, ``cuda``, ``auto``."""
+    """Local: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
     dtype: str = "bfloat16"
     """Local: ``float32``, ``bfloat16``, ``float16``."""
     batch_size: int = 8
     """Local: rows per forward pass."""
     reuse_prefix: bool = True
     """Local: reuse the key/value cache of the shared prefix across capability questions."""
+    max_length: int = 4096
+    """Local: token limit of one prompt; longer prompts lose tokens from the middle."""
     answer_labels: str = "12"
     """How positions are named in prompts: ``12`` ("1"/"2") or ``AB`` ("A"/"B")."""
-    stats_out: str | None = None
-    """Where to write the run's statistics as JSON; None means ``<out>.stats.json``."""
     progress: bool = True
     """Show a progress bar with ETA."""
 
@@ -532,12 +523,6 @@ class LabelConfig:
         def bad(name: str, msg: str) -> None:
             raise ValueError(f"{name}: {msg}")
 
-        if isinstance(self.data, str):
-            self.data = [self.data]
-        if not self.data:
-            bad("data", "no data; name at least one source (e.g. pandalm) or file")
-        if not self.out:
-            bad("out", "empty; give the output JSONL path")
         if self.backend not in BACKENDS:
             bad("backend", f"{self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.backend == "openai" and not self.model:
@@ -548,18 +533,12 @@ class LabelConfig:
             bad("mode", f"{self.mode!r} is not one of pairwise, json")
         if self.mode == "json" and self.backend != "openai":
             bad("mode", "json mode needs backend=openai; the local judge reads logits per capability point")
-        if self.consistency not in CONSISTENCY:
-            bad("consistency", f"{self.consistency!r} is not one of {', '.join(CONSISTENCY)}")
-        if self.consistency == "margin" and self.backend == "openai" and not self.logprobs:
-            bad("consistency", "margin needs logit margins: set logprobs=True or use strict/auto")
-        if self.consistency == "margin" and self.mode == "json":
-            bad("consistency", "json mode answers have no margins; use strict or auto")
         if self.min_margin < 0:
             bad("min_margin", f"{self.min_margin} must be >= 0")
         if self.language not in ("auto", *LANGUAGES):
             bad("language", f"{self.language!r} is not one of auto, {', '.join(LANGUAGES)}")
-        if self.limit is not None and self.limit < 1:
-            bad("limit", f"{self.limit} must be >= 1 (or None for all)")
+        if self.cache is not None and not str(self.cache).strip():
+            bad("cache", "empty; give a SQLite file path or leave it unset for the default")
         if self.concurrency < 1:
             bad("concurrency", f"{self.concurrency} must be >= 1")
         if self.requests_per_second is not None and self.requests_per_second <= 0:
@@ -571,15 +550,21 @@ class LabelConfig:
                 bad(name, f"{getattr(self, name)} must be >= 0")
         if self.backoff_base_s < 0:
             bad("backoff_base_s", f"{self.backoff_base_s} must be >= 0")
+        if self.backoff_max_s < self.backoff_base_s:
+            bad("backoff_max_s", f"{self.backoff_max_s} must be >= backoff_base_s ({self.backoff_base_s})")
         if self.temperature < 0:
             bad("temperature", f"{self.temperature} must be >= 0")
         for name in ("price_prompt_per_m", "price_completion_per_m"):
             if getattr(self, name) < 0:
                 bad(name, f"{getattr(self, name)} must be >= 0")
+        if not (self.device in ("cpu", "cuda", "auto", "mps") or self.device.startswith("cuda:")):
+            bad("device", f"{self.device!r} is not one of cpu, cuda, cuda:N, mps, auto")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             bad("dtype", f"{self.dtype!r} is not one of float32, bfloat16, float16")
         if self.batch_size < 1:
             bad("batch_size", f"{self.batch_size} must be >= 1")
+        if self.max_length < 64:
+            bad("max_length", f"{self.max_length} is too small for a judge prompt; use 1024 or more")
         if self.answer_labels not in ("12", "AB"):
             bad("answer_labels", f"{self.answer_labels!r} is not one of 12, AB")
         if self.api_key_env is not None and not self.api_key_env.replace("_", "").isalnum():
@@ -589,18 +574,78 @@ class LabelConfig:
             )
 
     @classmethod
-    def from_namespace(cls, ns: object) -> LabelConfig:
-        """From an ``argparse.Namespace`` (attributes named like the fields; missing ones take defaults)."""
+    def from_namespace(cls, ns: object):
+        """From an ``argparse.Namespace`` (attributes named like the fields; missing or None ones take
+        defaults)."""
         names = {f.name for f in fields(cls)}
-        given = {k: v for k, v in vars(ns).items() if k in names and (v is not None or k in ("data", "out"))}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        given = {k: v for k, v in vars(ns).items() if k in names and (v is not None or k in required)}
         return cls(**given)
 
     def cache_path(self) -> str:
+        """The judge cache file (subclasses give the default)."""
+        if self.cache is None:
+            raise ValueError("cache: no judge cache path configured")
+        return self.cache
+
+
+@dataclass(kw_only=True)
+class LabelConfig(JudgeConfig):
+    """Configuration of ``dmoerm label`` (and :func:`run_label`): the judge options of :class:`JudgeConfig`
+    plus what to label and where. Every field is validated on creation (``ValueError`` naming the field)."""
+
+    data: list[str]
+    """Preference data to label: bundled source names (``pandalm/test``, ``llmbar``, ...) or files, as
+    :func:`dmoerm.data.load_source` accepts them."""
+    out: str
+    """Output CapabilityLabel JSONL file (appended to; a rerun resumes)."""
+    taxonomy: str = "default"
+    """Taxonomy name or YAML/JSON file (:func:`dmoerm.taxonomy.load_taxonomy`)."""
+    consistency: str = "auto"
+    """``strict`` (keep only when both orders agree), ``margin`` (sign of the margin difference, cancels a
+    constant position bias; needs logits), ``auto`` (margin when available)."""
+    limit: int | None = None
+    """Records per data source at most; None for all."""
+    default_category: str | None = None
+    """Category for records whose category is unknown or unmapped; None skips them."""
+    capabilities: list[str] | None = None
+    """Label only these capability points; None for all."""
+    stats_out: str | None = None
+    """Where to write the run's statistics as JSON; None means ``<out>.stats.json``."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, msg: str) -> None:
+            raise ValueError(f"{name}: {msg}")
+
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not self.data:
+            bad("data", "no data; name at least one source (e.g. pandalm/test) or file")
+        if not self.out:
+            bad("out", "empty; give the output JSONL path")
+        super().__post_init__()
+        if self.consistency not in CONSISTENCY:
+            bad("consistency", f"{self.consistency!r} is not one of {', '.join(CONSISTENCY)}")
+        if self.consistency == "margin" and self.backend == "openai" and not self.logprobs:
+            bad("consistency", "margin needs logit margins: set logprobs=True or use strict/auto")
+        if self.consistency == "margin" and self.mode == "json":
+            bad("consistency", "json mode answers have no margins; use strict or auto")
+        if self.limit is not None and self.limit < 1:
+            bad("limit", f"{self.limit} must be >= 1 (or None for all)")
+        if self.capabilities is not None and not self.capabilities:
+            bad("capabilities", "empty list; name at least one capability point or leave it unset for all")
+
+    def cache_path(self) -> str:
+        """``cache``, or ``<out>.cache.sqlite`` beside the label file."""
         return self.cache or str(Path(self.out).with_suffix(Path(self.out).suffix + ".cache.sqlite"))
 
 
-def make_judge(cfg: LabelConfig) -> Judge:
-    """The judge (with its SQLite cache) that a configuration describes."""
+def make_judge(cfg: JudgeConfig) -> Judge:
+    """The judge (with its SQLite cache at ``cfg.cache_path()``) that a configuration describes.
+
+    Nothing is loaded here: a local judge loads its model on first use, an API judge opens its connections on
+    its first request. The API key is read from ``$<api_key_env>`` when requests are sent.
+    """
     from dmoerm.labelling.cache import JudgeCache
     from dmoerm.labelling.prompts import PromptBuilder
 
@@ -620,6 +665,7 @@ def make_judge(cfg: LabelConfig) -> Judge:
             timeout_s=cfg.timeout_s,
             max_retries=cfg.max_retries,
             backoff_base_s=cfg.backoff_base_s,
+            backoff_max_s=cfg.backoff_max_s,
             malformed_retries=cfg.malformed_retries,
             temperature=cfg.temperature,
             logprobs=cfg.logprobs,
@@ -636,6 +682,7 @@ def make_judge(cfg: LabelConfig) -> Judge:
         dtype=cfg.dtype,
         batch_size=cfg.batch_size,
         reuse_prefix=cfg.reuse_prefix,
+        max_length=cfg.max_length,
         prompts=PromptBuilder(labels=labels, max_chars_response=4000, max_chars_conversation=6000),
     )
 

@@ -13,27 +13,37 @@ pairs the consistency filter keeps, agreement with humans on the kept pairs, agr
 as half right, the agreement of a single order (what position bias costs), position bias itself (share of
 "position 1" answers, how often the orders disagree, the mean position-1 margin) and pairs per second.
 Human ties are excluded from agreement. The report is written as JSON and Markdown.
+
+:class:`QualityConfig` and :func:`run_quality` are the ``dmoerm label-quality`` command: they sample the bundled
+human-labelled sets (:data:`QUALITY_SETS`: PandaLM, LLMBar, FineGrainedRLHF overall preferences and its
+per-aspect labels), build the judge with :func:`~dmoerm.labelling.pipeline.make_judge` and write the report.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
+import random
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dmoerm.data import PreferenceRecord
 from dmoerm.labelling.judge import Judge, PositionBias, Verdict, combine_orders
-from dmoerm.labelling.pipeline import LabelPair, iter_pairs, judge_pairs
+from dmoerm.labelling.pipeline import JudgeConfig, LabelPair, iter_pairs, judge_pairs
 from dmoerm.labelling.prompts import OVERALL
 from dmoerm.labelling.schema import CapabilityLabel
 from dmoerm.taxonomy import Capability, Taxonomy
 
 logger = logging.getLogger(__name__)
+
+
+CONFIDENCE_BINS = (0.5, 0.55, 0.6, 0.7, 0.85, 1.0)
+"""Edges of the margin rule's confidence bins in the report (agreement per bin: is confidence calibrated?)."""
 
 
 @dataclass
@@ -44,9 +54,13 @@ class _Tally:
     strict_kept: int = 0
     strict_correct: int = 0
     margin_total: int = 0
+    margin_kept: int = 0
     margin_correct: int = 0
     single_total: int = 0
     single_correct: int = 0
+    human_a: int = 0
+    bins: list = field(default_factory=lambda: [[0, 0] for _ in CONFIDENCE_BINS[1:]])
+    """Per confidence bin of the margin rule: [kept, correct]."""
     bias: PositionBias = field(default_factory=PositionBias)
 
     def add(self, human: str | None, v_ab: Verdict, v_ba: Verdict, min_margin: float) -> None:
@@ -55,6 +69,7 @@ class _Tally:
             self.human_ties += human == "tie"
             return
         self.pairs += 1
+        self.human_a += human == "a"
         d = combine_orders(v_ab, v_ba, "strict")
         if d.winner is not None:
             self.strict_kept += 1
@@ -62,7 +77,12 @@ class _Tally:
         if v_ab.margin is not None and v_ba.margin is not None:
             m = combine_orders(v_ab, v_ba, "margin", min_margin)
             self.margin_total += 1
-            self.margin_correct += m.winner == human
+            if m.winner is not None:
+                self.margin_kept += 1
+                self.margin_correct += m.winner == human
+                i = min(bisect.bisect_right(CONFIDENCE_BINS, m.confidence) - 1, len(self.bins) - 1)
+                self.bins[max(i, 0)][0] += 1
+                self.bins[max(i, 0)][1] += m.winner == human
         if v_ab.choice in ("1", "2"):
             self.single_total += 1
             self.single_correct += (v_ab.choice == "1") == (human == "a")
@@ -74,6 +94,7 @@ class _Tally:
         return {
             "pairs": self.pairs,
             "human_ties_excluded": self.human_ties,
+            "human_prefers_a_share": ratio(self.human_a, self.pairs),
             "strict": {
                 "kept_share": ratio(self.strict_kept, self.pairs),
                 "agreement_on_kept": ratio(self.strict_correct, self.strict_kept),
@@ -83,8 +104,19 @@ class _Tally:
                 "kept": self.strict_kept,
             },
             "margin": {
-                "agreement": ratio(self.margin_correct, self.margin_total),
                 "pairs": self.margin_total,
+                "kept": self.margin_kept,
+                "kept_share": ratio(self.margin_kept, self.margin_total),
+                "agreement": ratio(self.margin_correct, self.margin_kept),
+                "agreement_dropped_as_half": ratio(
+                    self.margin_correct + 0.5 * (self.margin_total - self.margin_kept), self.margin_total
+                ),
+                "by_confidence": [
+                    {"confidence": f"{lo:.2f}-{hi:.2f}", "kept": n, "agreement": ratio(c, n)}
+                    for (lo, hi), (n, c) in zip(
+                        zip(CONFIDENCE_BINS[:-1], CONFIDENCE_BINS[1:]), self.bins, strict=True
+                    )
+                ],
             },
             "single_order_agreement": ratio(self.single_correct, self.single_total),
             "position_bias": {
@@ -125,6 +157,8 @@ def quality_report(
     min_margin: float = 0.0,
     name: str = "label_quality",
     command: str | None = None,
+    progress: bool = False,
+    extra: dict | None = None,
 ) -> dict:
     """Agreement of ``judge`` with human labels, consistency-filter kept share, position bias, speed.
 
@@ -139,6 +173,8 @@ def quality_report(
         language: prompt language (``auto``, ``en``, ``zh``).
         min_margin: the margin rule's drop threshold.
         command: the command that produced the report, recorded in it.
+        progress: show a progress bar (pairs, with ETA).
+        extra: more fields for the report (e.g. the configuration and the sample sizes), stored as they are.
 
     Returns:
         The report as a dict (what the JSON file holds).
@@ -164,26 +200,50 @@ def quality_report(
         caps = tuple(dict.fromkeys(c for c, _ in wanted[pair.key]))
         return None, caps
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=len(pairs) + len(cap_pairs), unit="pair", desc="label-quality", disable=not progress,
+        dynamic_ncols=True,
+    )  # fmt: skip
+
+    masses: list[float] = []
+
+    def mass(*verdicts: Verdict) -> None:
+        for v in verdicts:
+            if v.raw.startswith('{"logp"'):
+                try:
+                    masses.append(float(json.loads(v.raw)["mass"]))
+                except (ValueError, KeyError, TypeError):
+                    pass
+
     async def run() -> None:
         nonlocal judged
         try:
             async for res in judge_pairs(pairs, plan_overall, judge, language):
                 judged += 1
+                bar.update(1)
                 v_ab, v_ba = res.ab[0], res.ba[0]
+                mass(v_ab, v_ba)
                 total.add(res.pair.human, v_ab, v_ba, min_margin)
                 overall_by_source[res.pair.source.split("/")[0] or "unknown"].add(
                     res.pair.human, v_ab, v_ba, min_margin
                 )
             async for res in judge_pairs(cap_pairs, plan_caps, judge, language):
                 judged += 1
+                bar.update(1)
                 human = dict((c.name, w) for c, w in wanted[res.pair.key])
                 for cap, v_ab, v_ba in zip(res.capabilities, res.ab, res.ba, strict=True):
+                    mass(v_ab, v_ba)
                     per_cap[cap.name].add(human[cap.name], v_ab, v_ba, min_margin)
         finally:
             await judge.aclose()
 
     t0 = time.perf_counter()
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        bar.close()
     elapsed = time.perf_counter() - t0
     js = judge.stats.minus(before)
     report = {
@@ -202,8 +262,12 @@ def quality_report(
             "note": "cached questions cost nothing; rerun with an empty cache for speed",
         },
         "tokens": {"prompt": js.prompt_tokens, "completion": js.completion_tokens, "cost": round(js.cost, 6)},
+        "answer_label_mass": _mass_summary(masses),
         "retries": dict(js.retries),
+        "malformed": js.malformed,
+        "failed": js.failed,
         "command": command,
+        **(extra or {}),
     }
     if out_dir is not None:
         out = Path(out_dir)
@@ -216,6 +280,15 @@ def quality_report(
     return report
 
 
+def _mass_summary(masses: list[float]) -> dict | None:
+    """How much next-token probability a local judge puts on the two answer labels (low: the model wants to
+    say something else, and its margins mean little)."""
+    if not masses:
+        return None
+    xs = sorted(masses)
+    return {"questions": len(xs), "median": round(xs[len(xs) // 2], 4), "mean": round(sum(xs) / len(xs), 4)}
+
+
 def _fmt(v: object) -> str:
     if v is None:
         return "–"
@@ -226,42 +299,67 @@ def _fmt(v: object) -> str:
 
 def report_markdown(report: dict) -> str:
     """The report as Markdown tables."""
+    header = [
+        "| set | pairs | strict kept share | strict agreement (kept) | strict agreement (dropped = ½) "
+        "| margin kept share | margin agreement (kept) | single-order agreement | position-1 share "
+        "| order disagreement | mean position-1 margin |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     lines = [
         f"# Label quality: {report['judge']}",
         "",
         f"Overall preference asked as capability `{report['overall_capability']['name']}`: "
         f"{report['overall_capability']['definition']}.",
         "",
-        "| set | pairs | strict kept share | strict agreement (kept) | strict agreement (dropped = ½) "
-        "| margin agreement | single-order agreement | position-1 share | order disagreement |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *header,
     ]
 
     def row(name: str, t: dict) -> str:
         pb = t["position_bias"]
         return (
             f"| {name} | {t['pairs']} | {_fmt(t['strict']['kept_share'])} | {_fmt(t['strict']['agreement_on_kept'])} "
-            f"| {_fmt(t['strict']['agreement_dropped_as_half'])} | {_fmt(t['margin']['agreement'])} "
-            f"| {_fmt(t['single_order_agreement'])} | {_fmt(pb['first_position_share'])} "
-            f"| {_fmt(pb['order_disagreement'])} |"
+            f"| {_fmt(t['strict']['agreement_dropped_as_half'])} | {_fmt(t['margin']['kept_share'])} "
+            f"| {_fmt(t['margin']['agreement'])} | {_fmt(t['single_order_agreement'])} "
+            f"| {_fmt(pb['first_position_share'])} | {_fmt(pb['order_disagreement'])} "
+            f"| {_fmt(pb['mean_position1_margin'])} |"
         )
 
     for src, t in report["by_source"].items():
         lines.append(row(src, t))
     lines.append(row("**all**", report["overall"]))
     if report["per_capability"]:
-        lines += ["", "Per capability point (human per-aspect labels):", ""]
-        lines += [lines[4], lines[5]]
+        lines += ["", "Per capability point (human per-aspect labels):", "", *header]
         for cap, t in report["per_capability"].items():
             lines.append(row(cap, t))
+    bins = report["overall"]["margin"].get("by_confidence") or []
+    if any(b["kept"] for b in bins):
+        lines += [
+            "",
+            "Margin rule, overall preference: agreement by confidence (is the confidence calibrated?):",
+            "",
+            "| confidence | pairs | agreement |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {b['confidence']} | {b['kept']} | {_fmt(b['agreement'])} |" for b in bins if b["kept"]]
     sp = report["speed"]
     lines += [
         "",
         f"Speed: {sp['pairs_judged']} pairs in {sp['elapsed_s']} s = {_fmt(sp['pairs_per_s'])} pairs/s "
         f"({sp['questions_asked']} questions asked, {sp['questions_cached']} from the cache).",
     ]
+    lm = report.get("answer_label_mass")
+    if lm:
+        lines.append(
+            f"Probability mass on the two answer labels (local judge): median {lm['median']:.3f}, "
+            f"mean {lm['mean']:.3f} over {lm['questions']} questions."
+        )
+    tok = report.get("tokens") or {}
+    if tok.get("prompt") or tok.get("completion"):
+        lines.append(f"Tokens: {tok['prompt']} prompt + {tok['completion']} completion; cost {tok['cost']}.")
     if report.get("command"):
         lines += ["", f"Command: `{report['command']}`"]
+    if report.get("config"):
+        lines += ["", "Configuration:", "", "```json", json.dumps(report["config"], indent=1), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -335,3 +433,169 @@ def finegrained_aspect_labels(records: Iterable[PreferenceRecord]) -> list[Capab
                     )
                 )
     return out
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+QUALITY_SETS = ("pandalm", "llmbar", "finegrained", "finegrained_aspects")
+"""Sets with human labels that :func:`run_quality` knows:
+
+* ``pandalm``: PandaLM test set (``pandalm/test``), majority of 3 annotators, overall preference;
+* ``llmbar``: LLMBar natural + adversarial (``llmbar``), gold instruction-following label; reported as
+  ``llmbar_natural`` and ``llmbar_adversarial``;
+* ``finegrained``: FineGrainedRLHF qa-feedback dev (``finegrained_rlhf/qa_dev``), overall preference from the
+  annotators' pairwise rankings;
+* ``finegrained_aspects``: the same file's span annotations as per-capability labels (relevance, factuality,
+  completeness; :func:`finegrained_aspect_labels`), reported per capability point.
+"""
+
+_SET_SOURCE = {
+    "pandalm": "pandalm/test",
+    "llmbar": "llmbar",
+    "finegrained": "finegrained_rlhf/qa_dev",
+    "finegrained_aspects": "finegrained_rlhf/qa_dev",
+}
+
+
+@dataclass(kw_only=True)
+class QualityConfig(JudgeConfig):
+    """Configuration of ``dmoerm label-quality`` (and :func:`run_quality`): the judge options of
+    :class:`~dmoerm.labelling.pipeline.JudgeConfig` plus which human-labelled sets to sample and where the
+    report goes. Every field is validated on creation (``ValueError`` naming the field and the fix)."""
+
+    out_dir: str
+    """Folder for ``<name>.json`` and ``<name>.md`` (and the judge cache, unless ``cache`` is set)."""
+    sets: list[str] = field(default_factory=lambda: list(QUALITY_SETS))
+    """Which sets to judge: any of ``pandalm``, ``llmbar``, ``finegrained``, ``finegrained_aspects``."""
+    limit: int | None = 50
+    """Pairs sampled per set at most (seeded, without human ties); None for every pair."""
+    seed: int = 0
+    """Seed of the sample."""
+    data_dir: str | None = None
+    """Folder of the bundled data; None for the default (``$DMOERM_DATA_DIR`` or ``../shared/data``)."""
+    name: str = "label_quality"
+    """File stem of the report."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, msg: str) -> None:
+            raise ValueError(f"{name}: {msg}")
+
+        if not self.out_dir or not str(self.out_dir).strip():
+            bad("out_dir", "empty; give the folder for the report")
+        if isinstance(self.sets, str):
+            self.sets = [x.strip() for x in self.sets.split(",") if x.strip()]
+        if not self.sets:
+            bad("sets", f"no set; name at least one of {', '.join(QUALITY_SETS)}")
+        for s in self.sets:
+            if s not in QUALITY_SETS:
+                bad("sets", f"{s!r} is not one of {', '.join(QUALITY_SETS)}")
+        if len(set(self.sets)) != len(self.sets):
+            bad("sets", f"{self.sets} names a set twice; name each once")
+        if self.limit is not None and self.limit < 1:
+            bad("limit", f"{self.limit} must be >= 1 (or None for every pair)")
+        if self.data_dir is not None and not str(self.data_dir).strip():
+            bad("data_dir", "empty; give the data folder or leave it unset for the default")
+        if not self.name or any(c in self.name for c in "/\\\0") or self.name in (".", ".."):
+            bad("name", f"{self.name!r} must be a plain file stem such as label_quality")
+        super().__post_init__()
+
+    def cache_path(self) -> str:
+        """``cache``, or ``<out_dir>/judge_cache.sqlite``."""
+        return self.cache or str(Path(self.out_dir) / "judge_cache.sqlite")
+
+
+def _sample(items: list, limit: int | None, rng: random.Random) -> list:
+    if limit is None or len(items) <= limit:
+        return list(items)
+    return [items[i] for i in sorted(rng.sample(range(len(items)), limit))]
+
+
+def _maybe_swap(pair: LabelPair, rng: random.Random) -> LabelPair:
+    if rng.random() < 0.5:
+        return pair
+    human = {"a": "b", "b": "a"}.get(pair.human or "", pair.human)
+    return replace(pair, response_a=pair.response_b, response_b=pair.response_a, human=human)
+
+
+def _llmbar_source(source: str) -> str:
+    return "llmbar_natural" if source.endswith("natural") else "llmbar_adversarial"
+
+
+def load_quality_sets(
+    sets: Sequence[str],
+    limit: int | None = None,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+) -> tuple[list[LabelPair], list[CapabilityLabel], dict]:
+    """The pairs (overall preference) and per-capability human labels of ``sets`` (see :data:`QUALITY_SETS`),
+    ``limit`` pairs per set sampled with ``seed`` among pairs without a human tie.
+
+    The bundled loaders put the preferred response first; which response of a sampled pair becomes
+    ``response_a`` is drawn at random (seeded), so that the single-order agreement is not inflated by a judge
+    that always prefers position 1.
+
+    Returns (pairs, human capability labels, {set: {"available": n, "sampled": n}}).
+    """
+    from dmoerm.data import load_source
+
+    rng = random.Random(seed)
+    swap_rng = random.Random(seed + 7919)  # separate stream: the sample does not depend on the swaps
+    loaded: dict[str, list[PreferenceRecord]] = {}
+    pairs: list[LabelPair] = []
+    labels: list[CapabilityLabel] = []
+    sizes: dict = {}
+    for name in sets:
+        if name not in QUALITY_SETS:
+            raise ValueError(f"sets: {name!r} is not one of {', '.join(QUALITY_SETS)}")
+        src = _SET_SOURCE[name]
+        if src not in loaded:
+            loaded[src] = list(load_source(src, data_dir))
+        records = loaded[src]
+        if name == "finegrained_aspects":
+            groups: dict[tuple, list[CapabilityLabel]] = defaultdict(list)
+            for lab in finegrained_aspect_labels(records):
+                groups[(lab.conversation, lab.response_a, lab.response_b)].append(lab)
+            chosen = _sample(list(groups), limit, rng)
+            labels += [lab for key in chosen for lab in groups[key]]
+            sizes[name] = {"available": len(groups), "sampled": len(chosen), "labels": len(labels)}
+            continue
+        candidates = [p for p in iter_pairs(records) if p.human in ("a", "b")]
+        if name == "llmbar":
+            candidates = [replace(p, source=_llmbar_source(p.source)) for p in candidates]
+        chosen = [_maybe_swap(p, swap_rng) for p in _sample(candidates, limit, rng)]
+        pairs += chosen
+        sizes[name] = {"available": len(candidates), "sampled": len(chosen)}
+    return pairs, labels, sizes
+
+
+def run_quality(config: QualityConfig) -> dict:
+    """The ``dmoerm label-quality`` command: sample the human-labelled sets, judge them with the judge that
+    :func:`~dmoerm.labelling.pipeline.make_judge` builds from ``config``, write ``<out_dir>/<name>.json`` and
+    ``.md`` (:func:`quality_report`) and return the report.
+
+    The judge cache (``<out_dir>/judge_cache.sqlite`` by default) makes a rerun free; the speed figures are
+    then those of the cache, so delete it (or set ``cache``) to measure the judge.
+    """
+    if not isinstance(config, QualityConfig):
+        raise TypeError(f"config: expected a QualityConfig, got {type(config).__name__}")
+    from dmoerm.labelling.pipeline import make_judge
+
+    pairs, human, sizes = load_quality_sets(config.sets, config.limit, config.seed, config.data_dir)
+    logger.info(
+        "label quality on %s",
+        ", ".join(f"{k}: {v['sampled']} of {v['available']} pairs" for k, v in sizes.items()),
+    )
+    judge = make_judge(config)
+    public = asdict(config)
+    return quality_report(
+        pairs,
+        judge,
+        config.out_dir,
+        human_labels=human,
+        capabilities=FINEGRAINED_ASPECTS,
+        language=config.language,
+        min_margin=config.min_margin,
+        name=config.name,
+        progress=config.progress,
+        extra={"sets": sizes, "config": public},
+    )
