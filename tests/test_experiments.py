@@ -42,6 +42,7 @@ def test_finegrained_experiment_runs_on_real_data(tmp_path, tiny_backbone):
         test_records=8,
         epochs=1,
         judge="local",
+        judge_max_length=256,
     )
     results = run_finegrained(config, progress=False)
     systems = results["systems"]

@@ -174,19 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML/JSON pipeline config (see configs/main.yaml)")
     p.add_argument("--output-dir", help="override output_dir of the config")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(run=_train)
+    p.set_defaults(handler=_train)
 
     from dmoerm.evaluation import EvalConfig
 
     p = sub.add_parser("eval", help="agreement of a saved model with human labels, per category, with CIs")
     add_config_arguments(p, EvalConfig)
-    p.set_defaults(run=_eval)
+    p.set_defaults(handler=_eval)
 
     from dmoerm.labelling.pipeline import LabelConfig
 
     p = sub.add_parser("label", help="capability labels from an LLM judge (both orders, cached, resumable)")
     add_config_arguments(p, LabelConfig)
-    p.set_defaults(run=_label)
+    p.set_defaults(handler=_label)
 
     try:
         from dmoerm.labelling.quality import QualityConfig
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
             "label-quality", help="a judge's agreement with human labels and its position bias"
         )
         add_config_arguments(p, QualityConfig)
-        p.set_defaults(run=_label_quality)
+        p.set_defaults(handler=_label_quality)
     except ImportError:  # pragma: no cover - built before the quality command landed
         pass
 
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
         p = sub.add_parser("serve", help="HTTP reward server (OpenRLHF /get_reward and /score)")
         add_config_arguments(p, ServeModelConfig)
-        p.set_defaults(run=_serve)
+        p.set_defaults(handler=_serve)
     except ImportError:  # pragma: no cover
         pass
 
@@ -214,11 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
         "finegrained", help="phase 2 on FineGrainedRLHF human aspect labels vs the local judge's labels"
     )
     add_config_arguments(p, FineGrainedConfig)
-    p.set_defaults(run=_finegrained)
+    p.set_defaults(handler=_finegrained)
 
     p = sub.add_parser("report", help="(re)write report.md of a training run from its saved results")
     p.add_argument("--run", required=True, help="output_dir of a `dmoerm train` run")
-    p.set_defaults(run=_report)
+    p.set_defaults(handler=_report)
     return parser
 
 
@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        return args.run(args)
+        return args.handler(args)
     except (ValueError, FileNotFoundError) as e:
         # Bad input: one clear line naming the file/field, no traceback (use -v for one).
         if args.verbose:

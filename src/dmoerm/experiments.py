@@ -60,6 +60,8 @@ class FineGrainedConfig:
     """``local``: also train on the local judge's labels of the same pairs; ``none``: human labels only."""
     judge_batch_size: int = 8
     """Local judge: rows per forward pass."""
+    judge_max_length: int = 1024
+    """Local judge: prompt tokens at most (the passages are cut in the middle beyond it)."""
     data_dir: str | None = None
     """Folder of the bundled data; None uses ``$DMOERM_DATA_DIR`` or ``../shared/data``."""
     seed: int = 0
@@ -170,6 +172,7 @@ def _judge_labels(config: FineGrainedConfig, taxonomy, human: list[CapabilityLab
         backend="local",
         model=None if config.backbone == "default" else config.backbone,
         batch_size=config.judge_batch_size,
+        max_length=config.judge_max_length,
     )
     label_pairs(pairs, taxonomy, make_judge(cfg), raw, consistency=cfg.consistency, progress=True)
     asked = {(prompt_key(h.conversation), h.response_a, h.response_b, h.capability) for h in human}

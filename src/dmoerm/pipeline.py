@@ -613,12 +613,12 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         "## Per category: sizes (records) and dev agreement per phase",
         "",
-        "| category | phase 1 | labelled | phase 3 | dev | test | phase-1 dev | labels kept | experts | phase-3 dev |",
+        "| category | phase 1 | labelled | phase 3 | dev | test | phase-1 dev | labels kept/asked | experts | phase-3 dev |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for c, n in sizes.items():
         p1, p3, lab = done.get(f"phase1/{c}", {}), done.get(f"phase3/{c}", {}), done.get(f"labels/{c}", {})
-        kept = f"{lab['kept']}/{lab['pairs_judged']}" if "kept" in lab and "pairs_judged" in lab else "-"
+        kept = f"{lab['kept']}/{lab['questions']}" if "kept" in lab and "questions" in lab else "-"
         experts = ", ".join(e.split("__", 1)[-1] for e in p3.get("experts", [])) or "-"
         lines.append(
             f"| {c} | {n['phase1']} | {n['labels']} | {n['phase3']} | {n['dev']} | {n['test']} | "
