@@ -201,6 +201,29 @@ def test_topk_routing_mixes_inner_models(trained):
     assert mixed.reward != pytest.approx(top1.reward)
 
 
+def test_ablation_aggregations_score_with_the_mean_or_the_phase1_model(trained):
+    model, _, _, _ = trained
+    conv = [Message("user", "def add(a, b): return a + b #1")]
+    full = model.score([conv], ["short"])[0]
+    e = model.encode(conv, "short")
+    states = model.bank.trunk(torch.tensor([e.input_ids]), torch.ones(1, len(e.input_ids), dtype=torch.long))
+    mask = torch.ones(1, len(e.input_ids), dtype=torch.long)
+    try:
+        model.routing = RoutingConfig(aggregation="mean")
+        mean = model.score([conv], ["short"])[0]
+        model.routing = RoutingConfig(aggregation="phase1")
+        phase1 = model.score([conv], ["short"])[0]
+    finally:
+        model.routing = RoutingConfig()
+    assert mean.reward == pytest.approx(
+        sum(full.capability_scores.values()) / len(full.capability_scores), abs=1e-5
+    )
+    with torch.no_grad():
+        expected = model.bank(states, mask, f"{full.category}__rm")
+    assert phase1.reward == pytest.approx(float(expected), abs=1e-5)
+    assert list(phase1.capability_scores) == ["rm"]
+
+
 def test_save_then_load_gives_identical_scores(trained, tmp_path):
     model, _, recs, _ = trained
     convs = [list(r.conversation) for r in recs[:4]]

@@ -37,7 +37,8 @@ class RoutingConfig:
     mix_below: float = 0.6
     """In ``topk`` mode, rows whose top router probability is at least this use top-1."""
     aggregation: str = "mlp"
-    """``mlp``: the phase-3 aggregator (the paper). ``mean``: the experts' scalar scores averaged (an ablation)."""
+    """``mlp``: the phase-3 aggregator (the paper). Ablations: ``mean``, the experts' scalar scores averaged;
+    ``phase1``, the category's phase-1 reward model alone (the outer layer without the inner mixture)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("top1", "topk"):
@@ -46,8 +47,8 @@ class RoutingConfig:
             raise ValueError(f"top_k: must be >= 1, got {self.top_k}")
         if not 0.0 <= self.mix_below <= 1.0:
             raise ValueError(f"mix_below: must be in [0, 1], got {self.mix_below}")
-        if self.aggregation not in ("mlp", "mean"):
-            raise ValueError(f"aggregation: {self.aggregation!r} is not 'mlp' or 'mean'")
+        if self.aggregation not in ("mlp", "mean", "phase1"):
+            raise ValueError(f"aggregation: {self.aggregation!r} is not one of mlp, mean, phase1")
 
 
 @dataclass
@@ -130,7 +131,9 @@ class DMoERM(nn.Module):
         falls back to its phase-1 reward model.
         """
         names = (
-            self.aggregator_experts.get(category)
+            [rm_expert(category)]
+            if self.routing.aggregation == "phase1"
+            else self.aggregator_experts.get(category)
             or self.capability_experts(category)
             or [rm_expert(category)]
         )

@@ -8,6 +8,7 @@ from its last epoch checkpoint. Nothing finished is lost.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -529,18 +530,23 @@ def run_pipeline(
     test_items = [it for c in categories for it in items["test"][c]]
     flat, where = _flat(test_items)
     cache.get(model.bank, flat, desc="test trunk" if progress else None)
-    systems = {"DMoERM": model}
+    # DMoERM, its two scoring-time ablations (issue 5: experts averaged instead of the MLP; the router with
+    # each category's phase-1 model alone, i.e. one reward model per category) and the single reward model.
+    systems = {"DMoERM": "mlp", "DMoERM, experts averaged": "mean", "per-category RMs (routed)": "phase1"}
     if baseline is not None:
         systems["single RM"] = baseline
     results = {}
     router_right = 0
     for name, system in systems.items():
+        if isinstance(system, str):
+            model.routing = dataclasses.replace(config.routing, aggregation=system)
+            system = model
         t1 = time.perf_counter()
         rewards, routed, _ = score_cached(system, flat, cache)
         seconds = time.perf_counter() - t1
         per_record = [rewards[w].tolist() for w in where]
         result = compute_metrics(per_record, test_recs, system=name)
-        write_eval(result, out / "eval" / name.replace(" ", "_"))
+        write_eval(result, out / "eval" / _folder(name))
         results[name] = result
         logger.info(
             "%s: test agreement %.4f (%d responses scored in %.1fs from cached trunk states)",
@@ -551,6 +557,7 @@ def run_pipeline(
         )
         if name == "DMoERM":
             router_right = sum(routed[w.start] == r.category for w, r in zip(where, test_recs))
+    model.routing = config.routing
     timed("eval", t0)
     timings["total_this_run"] = round(time.perf_counter() - t_start, 2)
     stages.finish("_timings", timings)
@@ -565,7 +572,12 @@ def run_pipeline(
     return PipelineResult(str(out), sizes, table, timings, router_info, str(report))
 
 
-_SYSTEM_ORDER = ("DMoERM", "single RM")
+_SYSTEM_ORDER = ("DMoERM", "DMoERM, experts averaged", "per-category RMs (routed)", "single RM")
+
+
+def _folder(system: str) -> str:
+    """eval/<folder> of a system name: ``DMoERM, experts averaged`` -> ``DMoERM_experts_averaged``."""
+    return "_".join("".join(ch if ch.isalnum() else " " for ch in system).split())
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -585,7 +597,10 @@ def write_report(run_dir: str | Path) -> Path:
     sizes = json.loads((run / "sizes.json").read_text())
     done = json.loads((run / "state.json").read_text())
     timings = done.get("_timings", {})
-    found = {p.parent.name.replace("_", " "): load_eval(p) for p in sorted(run.glob("eval/*/eval.json"))}
+    found = {}
+    for p in sorted(run.glob("eval/*/eval.json")):
+        result = load_eval(p)
+        found[result.system or p.parent.name] = result
     order = [n for n in _SYSTEM_ORDER if n in found] + [n for n in found if n not in _SYSTEM_ORDER]
     results = {n: found[n] for n in order}
     model = config.get("model", {})
