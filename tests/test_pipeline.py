@@ -61,12 +61,16 @@ def job_config(tmp_path, tiny_backbone, **overrides) -> PipelineConfig:
 
 @pytest.mark.slow
 def test_pipeline_runs_end_to_end_and_a_rerun_skips_finished_stages(tmp_path, tiny_backbone, monkeypatch):
-    config = job_config(tmp_path, tiny_backbone)
+    config = job_config(tmp_path, tiny_backbone, ensemble_size=2)
     result = run_pipeline(config, progress=False)
     out = tmp_path / "run"
     for name in ("report.md", "config.yaml", "state.json", "sizes.json", "curves/router.png"):
         assert (out / name).exists(), name
-    assert "DMoERM" in result.table and "single RM" in result.table
+    for system in ("DMoERM", "DMoERM, experts averaged", "per-category RMs (routed)", "single RM"):
+        assert system in result.table, system
+    for rule in ("mean", "min", "uwo"):
+        assert (out / "eval" / f"RM_ensemble_{rule}_N_2" / "eval.json").exists(), rule
+    assert "RM ensemble (uwo, N=2)" in (out / "report.md").read_text()
     state = json.loads((out / "state.json").read_text())
     for stage in (
         "router",
@@ -94,6 +98,7 @@ def test_pipeline_runs_end_to_end_and_a_rerun_skips_finished_stages(tmp_path, ti
 
     for name in ("train_router", "train_phase1", "train_phase2", "train_phase3"):
         monkeypatch.setattr(f"dmoerm.pipeline.{name}", boom)
+    monkeypatch.setattr("dmoerm.training.single.train_expert", boom)  # the baseline and ensemble load
     again = run_pipeline(config, progress=False)
     assert again.table == result.table
 
@@ -131,6 +136,8 @@ def test_config_errors_name_the_field(tmp_path):
         PipelineConfig.from_dict({"data": {"phase_one": 3}})
     with pytest.raises(ValueError, match="label_records"):
         PipelineConfig.from_dict({"data": {"phase1_records": 4, "label_records": 8}})
+    with pytest.raises(ValueError, match="ensemble_size: must be >= 0"):
+        PipelineConfig.from_dict({"ensemble_size": -1})
     with pytest.raises(ValueError, match="source"):
         PipelineConfig.from_dict({"labels": {"source": "gpt"}})
     bad = tmp_path / "bad.yaml"

@@ -134,8 +134,20 @@ class PipelineConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     baseline: bool = True
     """Also train the single reward model on phase 1 + phase 3 data of every category and compare."""
+    ensemble_size: int = 0
+    """Also train this many single reward models on the same data, seeds ``phase1.seed + i`` (the first is the
+    baseline), and evaluate their mean, worst-case and uncertainty-weighted combinations (Coste et al. 2023,
+    members normalised on the dev set); 0 or 1 for none."""
     trunk_cache_gb: float = 6.0
     """Memory bound of the trunk-state cache."""
+
+    def __post_init__(self) -> None:
+        if self.ensemble_size < 0:
+            raise ValueError(f"ensemble_size: must be >= 0, got {self.ensemble_size}")
+        if self.ensemble_size > 1 and not self.baseline:
+            raise ValueError("ensemble_size: the ensemble's first member is the baseline; set baseline: true")
+        if self.trunk_cache_gb <= 0:
+            raise ValueError(f"trunk_cache_gb: must be > 0, got {self.trunk_cache_gb}")
 
     @classmethod
     def from_dict(cls, obj: dict) -> PipelineConfig:
@@ -523,6 +535,24 @@ def run_pipeline(
             timed("baseline", t0)
             stages.finish("baseline", {"train_records": len(train_recs)})
             stages.finish("_timings", timings)
+        members = [baseline]
+        for i in range(1, config.ensemble_size):
+            t0 = time.perf_counter()
+            torch.manual_seed(config.phase1.seed + i)  # each member's value head starts differently
+            member, _ = train_reward_model(
+                train_recs,
+                dev_recs,
+                cfg,
+                dataclasses.replace(config.phase1, seed=config.phase1.seed + i),
+                out / f"baseline_seed{i}",
+                cache=cache,
+                progress=progress,
+            )
+            members.append(member)
+            if f"baseline_seed{i}" not in stages:
+                timed(f"baseline_seed{i}", t0)
+                stages.finish(f"baseline_seed{i}", {"train_records": len(train_recs)})
+                stages.finish("_timings", timings)
 
     # ----------------------------------------------------------------------------------- evaluation
     t0 = time.perf_counter()
@@ -558,6 +588,8 @@ def run_pipeline(
         if name == "DMoERM":
             router_right = sum(routed[w.start] == r.category for w, r in zip(where, test_recs))
     model.routing = config.routing
+    if config.baseline and config.ensemble_size > 1:
+        results.update(_evaluate_ensemble(members, flat, where, test_recs, items["dev"], cache, out))
     timed("eval", t0)
     timings["total_this_run"] = round(time.perf_counter() - t_start, 2)
     stages.finish("_timings", timings)
@@ -570,6 +602,31 @@ def run_pipeline(
         stages.done.get("router", {}), test_accuracy=stages.done["eval"]["router_test_accuracy"]
     )
     return PipelineResult(str(out), sizes, table, timings, router_info, str(report))
+
+
+def _evaluate_ensemble(members, flat, where, test_recs, dev_items, cache, out: Path) -> dict:
+    """Mean, worst-case and uncertainty-weighted ensembles of single reward models on the test inputs.
+
+    Each member's rewards are standardised with its mean and std on the dev inputs first, so the worst case
+    and the variance compare like with like (Coste et al. 2023 normalise their members the same way).
+    """
+    from dmoerm.evaluation import ENSEMBLE_RULES, combine_rewards, compute_metrics, write_eval
+
+    dev_flat, _ = _flat([it for items in dev_items.values() for it in items])
+    scores = []
+    for member in members:
+        dev, _, _ = score_cached(member, dev_flat, cache)
+        test, _, _ = score_cached(member, flat, cache)
+        scores.append((test - dev.mean()) / dev.std().clamp(min=1e-6))
+    stacked = torch.stack(scores)  # [N, responses]
+    results = {}
+    for rule in ENSEMBLE_RULES:
+        name = f"RM ensemble ({rule}, N={len(members)})"
+        combined = combine_rewards(stacked, rule)
+        result = compute_metrics([combined[w].tolist() for w in where], test_recs, system=name)
+        write_eval(result, out / "eval" / _folder(name))
+        results[name] = result
+    return results
 
 
 _SYSTEM_ORDER = ("DMoERM", "DMoERM, experts averaged", "per-category RMs (routed)", "single RM")
