@@ -155,6 +155,14 @@ def _finegrained(args: argparse.Namespace) -> int:
     return 0
 
 
+def _normalize(args: argparse.Namespace) -> int:
+    from dmoerm.rl import NormalizeModelConfig, normalize_model
+
+    norm = normalize_model(config_from_args(NormalizeModelConfig, args))
+    sys.stdout.write(json.dumps(dataclasses.asdict(norm), indent=2) + "\n")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from dmoerm.pipeline import write_report
 
@@ -188,25 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, LabelConfig)
     p.set_defaults(handler=_label)
 
-    try:
-        from dmoerm.labelling.quality import QualityConfig
+    from dmoerm.labelling.quality import QualityConfig
 
-        p = sub.add_parser(
-            "label-quality", help="a judge's agreement with human labels and its position bias"
-        )
-        add_config_arguments(p, QualityConfig)
-        p.set_defaults(handler=_label_quality)
-    except ImportError:  # pragma: no cover - built before the quality command landed
-        pass
+    p = sub.add_parser("label-quality", help="a judge's agreement with human labels and its position bias")
+    add_config_arguments(p, QualityConfig)
+    p.set_defaults(handler=_label_quality)
 
-    try:
-        from dmoerm.serving import ServeModelConfig
+    from dmoerm.serving import ServeModelConfig
 
-        p = sub.add_parser("serve", help="HTTP reward server (OpenRLHF /get_reward and /score)")
-        add_config_arguments(p, ServeModelConfig)
-        p.set_defaults(handler=_serve)
-    except ImportError:  # pragma: no cover
-        pass
+    p = sub.add_parser("serve", help="HTTP reward server (OpenRLHF /get_reward and /score)")
+    add_config_arguments(p, ServeModelConfig)
+    p.set_defaults(handler=_serve)
+
+    from dmoerm.rl import NormalizeModelConfig
+
+    p = sub.add_parser(
+        "normalize", help="measure reward mean/std on reference data and store them with the model"
+    )
+    add_config_arguments(p, NormalizeModelConfig)
+    p.set_defaults(handler=_normalize)
 
     from dmoerm.experiments import FineGrainedConfig
 

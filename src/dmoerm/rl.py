@@ -31,11 +31,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "NORMALIZATION_FILE",
+    "NormalizeModelConfig",
     "RewardNormalization",
     "completion_text",
     "compute_normalization",
     "load_normalization",
     "make_reward_fn",
+    "normalize_model",
     "save_normalization",
     "to_conversation",
 ]
@@ -160,6 +162,115 @@ def compute_normalization(
     if model_dir is not None:
         save_normalization(model_dir, RewardNormalization(mean, std, len(rewards)))
     return mean, std
+
+
+@dataclass
+class NormalizeModelConfig:
+    """What :func:`normalize_model` (``dmoerm normalize``) measures the reward normalization on.
+
+    Every field is checked when the config is built.
+    """
+
+    model_dir: str = ""
+    """The reward model directory (single or DMoERM); the normalization is written into it. Required."""
+    source: str = "rmb/pairwise_helpfulness"
+    """Reference data: a bundled preference source name (see ``dmoerm.data.SOURCES``) or the path of a
+    preference JSONL file (``docs/data.md``). Every response of every sampled record is scored. Use responses
+    like the ones the policy will produce."""
+    limit: int = 256
+    """Records sampled at random (with ``seed``) from ``source``; 0 uses every record."""
+    seed: int = 0
+    """Seed of the record sample."""
+    batch_size: int = 16
+    """The scorer's forward batch size."""
+    torch_threads: int | None = None
+    """If set, ``torch.set_num_threads`` before scoring; None keeps torch's default."""
+    dry_run: bool = False
+    """Measure and log the mean and std without writing the file."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_dir, str) or not self.model_dir.strip():
+            raise ValueError("model_dir: required; pass the reward model directory, e.g. runs/main/model")
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ValueError("source: required; a bundled source name or a preference JSONL path")
+        for name, minimum in (("limit", 0), ("batch_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed: expected an integer, got {self.seed!r}")
+        if self.torch_threads is not None and (
+            isinstance(self.torch_threads, bool)
+            or not isinstance(self.torch_threads, int)
+            or self.torch_threads < 1
+        ):
+            raise ValueError(f"torch_threads: expected an integer >= 1 or None, got {self.torch_threads!r}")
+        if not isinstance(self.dry_run, bool):
+            raise ValueError(f"dry_run: expected True or False, got {self.dry_run!r}")
+
+
+def _reference_records(config: NormalizeModelConfig) -> list:
+    import random
+
+    from dmoerm.data import SOURCES, PreferenceRecord, load_jsonl, load_source
+
+    if config.source in SOURCES:
+        records = list(load_source(config.source))
+    elif Path(config.source).is_file():
+        records = list(load_jsonl(config.source))
+    else:
+        raise ValueError(
+            f"source: {config.source!r} is neither a bundled source (e.g. rmb/pairwise_helpfulness) nor a file"
+        )
+    records = [r for r in records if isinstance(r, PreferenceRecord)]
+    if not records:
+        raise ValueError(f"source: {config.source!r} holds no preference records (responses to score)")
+    if config.limit and len(records) > config.limit:
+        records = random.Random(config.seed).sample(records, config.limit)
+    return records
+
+
+def normalize_model(config: NormalizeModelConfig) -> RewardNormalization:
+    """Measure a reward model's reward mean and std on reference data and store them with the model.
+
+    Loads ``config.model_dir`` with :func:`dmoerm.model.load_model`, scores every response of the sampled
+    reference records and writes ``reward_normalization.json`` into the model directory (unless
+    ``dry_run``), where :func:`dmoerm.serving.serve_model` and :func:`make_reward_fn` pick it up.
+    """
+    from dmoerm.model import load_model
+
+    folder = Path(config.model_dir)
+    if not folder.is_dir():
+        raise ValueError(f"model_dir: {folder} is not a directory")
+    if config.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+    records = _reference_records(config)
+    conversations = [list(r.conversation) for r in records for _ in r.responses]
+    responses = [resp for r in records for resp in r.responses]
+    logger.info(
+        "measuring reward normalization of %s on %d responses of %d records from %s",
+        folder,
+        len(responses),
+        len(records),
+        config.source,
+    )
+    scorer = load_model(folder)
+    mean, std = compute_normalization(scorer, conversations, responses, batch_size=config.batch_size)
+    norm = RewardNormalization(mean, std, len(responses))
+    if config.dry_run:
+        logger.info("dry run: mean=%.6g std=%.6g (not saved)", mean, std)
+    else:
+        save_normalization(
+            folder,
+            norm,
+            source=config.source,
+            records=len(records),
+            limit=config.limit,
+            seed=config.seed,
+        )
+    return norm
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ or ``max_wait_ms`` passed, runs the scorer in a dedicated thread (the event loop
 each request's future. A request whose client disconnects is dropped from the queue, or its result
 discarded if it was already being scored.
 
+:func:`serve_model` (``dmoerm serve``) loads a model directory with :func:`dmoerm.model.load_model` and serves
+it with the settings of a :class:`ServeModelConfig`; :func:`serve` serves any scorer object.
+
 Bad input gets a 4xx JSON answer ``{"error": {"code": ..., "message": ...}}``; anything unexpected gets a
 generic 500 (the trace is logged server-side, never sent). Nothing here runs at import time.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -34,6 +38,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -48,8 +53,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "InputTooLongError",
     "ServeConfig",
+    "ServeModelConfig",
+    "build_model_app",
     "create_app",
     "serve",
+    "serve_model",
 ]
 
 
@@ -783,6 +791,29 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _check_bind(host: str, port: int, config: ServeConfig) -> None:
+    if not isinstance(host, str) or not host.strip():
+        raise ValueError("host: expected an interface address such as 127.0.0.1")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port: expected an integer in 0..65535, got {port!r}")
+    if not _is_loopback(host) and config.token is None:
+        logger.warning(
+            "serving on %s without a token: anyone who can reach %s:%d can query the model", host, host, port
+        )
+
+
+def _run_uvicorn(app: FastAPI, host: str, port: int, config: ServeConfig) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=config.log_level,
+        access_log=config.log_level in ("debug", "trace"),
+    )
+
+
 def serve(
     scorer: Scorer, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None
 ) -> None:
@@ -791,24 +822,103 @@ def serve(
     Binds the loopback interface by default; binding another interface without ``config.token`` logs a
     warning, since anyone who reaches the port can then use the model.
     """
-    import uvicorn
-
     config = config or ServeConfig()
-    if not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"port: expected an integer in 0..65535, got {port!r}")
-    if not _is_loopback(host) and config.token is None:
-        logger.warning(
-            "serving on %s without a token: anyone who can reach %s:%d can query the model", host, host, port
-        )
+    _check_bind(host, port, config)
     if config.torch_threads is not None:
         import torch
 
         torch.set_num_threads(config.torch_threads)
-    app = create_app(scorer, config)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=config.log_level,
-        access_log=config.log_level in ("debug", "trace"),
+    _run_uvicorn(create_app(scorer, config), host, port, config)
+
+
+@dataclass
+class ServeModelConfig(ServeConfig):
+    """``dmoerm serve``: a model directory, where to listen, and every :class:`ServeConfig` setting.
+
+    ``model_dir`` is required here: the model is loaded from it (:func:`dmoerm.model.load_model`, a single
+    reward model or a DMoERM) and its ``reward_normalization.json`` applied (``normalize``). Every field is
+    checked when the config is built.
+    """
+
+    host: str = "127.0.0.1"
+    """Interface to bind. The default answers this machine only; another address without ``token`` (or
+    ``token_file``) logs a warning."""
+    port: int = 8000
+    """TCP port (0 lets the system pick a free one)."""
+    token_file: str | None = None
+    """A file whose first line is the bearer token (keeps it out of the process list and shell history);
+    cannot be combined with ``token``."""
+    warmup: bool = True
+    """Score one short item before accepting requests, so the first client does not pay the lazy set-up."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model_dir or not str(self.model_dir).strip():
+            raise ValueError(
+                "model_dir: required; pass a trained dmoerm model directory, e.g. runs/main/model"
+            )
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise ValueError(f"host: expected an interface address such as 127.0.0.1, got {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port: expected an integer in 0..65535, got {self.port!r}")
+        if self.token_file is not None:
+            if self.token is not None:
+                raise ValueError("token_file: give either token or token_file, not both")
+            if not isinstance(self.token_file, str) or not self.token_file.strip():
+                raise ValueError("token_file: expected a file path, or None")
+        if not isinstance(self.warmup, bool):
+            raise ValueError(f"warmup: expected True or False, got {self.warmup!r}")
+
+    def resolved(self) -> ServeModelConfig:
+        """A copy whose ``token`` is read from ``token_file`` (checked like ``token``); self without one."""
+        if self.token_file is None:
+            return self
+        path = Path(self.token_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"token_file: cannot read {path} ({type(exc).__name__})") from None
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise ValueError(f"token_file: {path} is empty; write the token on its first line")
+        try:
+            return dataclasses.replace(self, token=token, token_file=None)
+        except ValueError as exc:
+            raise ValueError(f"token_file: the token in {path} is not usable: {exc}") from None
+
+
+def build_model_app(config: ServeModelConfig) -> FastAPI:
+    """Load ``config.model_dir`` and build its app (what :func:`serve_model` runs); does not listen."""
+    from dmoerm.model import load_model
+
+    if not isinstance(config, ServeModelConfig):
+        raise TypeError(f"config: expected a ServeModelConfig, got {type(config).__name__}")
+    config = config.resolved()
+    folder = Path(config.model_dir)  # type: ignore[arg-type]
+    if not folder.is_dir():
+        raise ValueError(f"model_dir: {folder} is not a directory")
+    if config.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+    t0 = time.perf_counter()
+    scorer = load_model(folder)
+    logger.info(
+        "loaded %s from %s in %.1f s (max_length %d)",
+        type(scorer).__name__,
+        folder,
+        time.perf_counter() - t0,
+        scorer.max_length,
     )
+    if config.warmup:
+        scorer.score([[Message("user", "Hello")]], ["Hello! How can I help?"], batch_size=1)
+    return create_app(scorer, config)
+
+
+def serve_model(config: ServeModelConfig) -> None:
+    """``dmoerm serve``: load the model in ``config.model_dir`` and serve it until interrupted (blocking)."""
+    config = config.resolved()
+    _check_bind(config.host, config.port, config)
+    app = build_model_app(config)
+    logger.info("serving %s on http://%s:%d", config.model_dir, config.host, config.port)
+    _run_uvicorn(app, config.host, config.port, config)
