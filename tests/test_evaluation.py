@@ -23,6 +23,7 @@ from dmoerm.evaluation import (
     comparison_table,
     compute_metrics,
     evaluate,
+    length_table,
     load_eval,
     pairwise_agreement,
     pearson,
@@ -354,6 +355,45 @@ def test_comparison_table():
     mixed = comparison_table({"hand": good, "routed": routed})
     assert "| routed |" in mixed and "75.0 (n=2)" in mixed and "62.5 (n=8)" in mixed
     assert mixed.splitlines()[3].endswith("| -" + " |")
+
+
+def test_length_table():
+    records, rewards = hand_set()
+    tokens = [[2 * len(s) for s in r.responses] for r in records]
+    good = compute_metrics(rewards, records, token_lengths=tokens, n_resamples=100)
+    const = compute_metrics([[0.0] * len(r.responses) for r in records], records, n_resamples=100)
+    lines = length_table({"hand": good, "constant": const}).splitlines()
+    assert lines[0].startswith("| system | agreement | longer-wins baseline | agreement when shorter wins |")
+    hand = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert hand[0] == "hand"
+    assert hand[1].startswith("62.5 [") and hand[1].endswith("(n=8)")
+    assert hand[2].startswith("43.8 [") and hand[2].endswith("(n=8)")  # longer wins on 3.5 of 8 pairs
+    assert hand[3].startswith("75.0 [") and hand[3].endswith("(n=4)")
+    assert hand[4].startswith("33.3 [") and hand[4].endswith("(n=3)")
+    ln = good.overall.length
+    assert hand[5:] == [
+        f"{ln.pearson_chars:+.3f}",
+        f"{ln.pearson_chars_within_prompt:+.3f}",
+        f"{ln.pearson_tokens:+.3f}",
+    ]
+    constant = [c.strip() for c in lines[3].strip("|").split("|")]
+    # a constant reward: every length-controlled agreement is one half, correlations undefined, no tokens given
+    assert [c.split(" ")[0] for c in (constant[1], constant[3], constant[4])] == ["50.0", "50.0", "50.0"]
+    assert constant[5:] == ["-", "-", "-"]
+    assert "| constant |" in length_table({"constant": const}, category="chat")
+    assert length_table({"hand": good}, category="nope").splitlines()[2] == "| hand |" + " - |" * 7
+    with pytest.raises(ValueError, match="no results"):
+        length_table({})
+
+
+def test_within_prompt_correlation_by_hand():
+    # two prompts: within each, the longer response has the higher reward; across prompts, the opposite
+    records = [rec(("a", "aaa"), (1, 0), None), rec(("bbbbbb", "bbbbbbbb"), (1, 0), None)]
+    rewards = [[10.0, 11.0], [0.0, 1.0]]
+    ln = compute_metrics(rewards, records, n_resamples=0).overall.length
+    assert ln.pearson_chars_within_prompt == pytest.approx(1.0)
+    assert ln.pearson_chars < 0
+    assert ln.when_longer_better.value == 1.0 and ln.when_shorter_better.n == 0
 
 
 def test_eval_result_json_is_strict():

@@ -63,6 +63,7 @@ __all__ = [
     "write_eval",
     "load_eval",
     "comparison_table",
+    "length_table",
     "ENSEMBLE_RULES",
     "combine_rewards",
     "EnsembleRewardOutput",
@@ -854,6 +855,37 @@ def comparison_table(
         ]
     else:
         raise ValueError(f"systems_as: use 'rows' or 'columns', got {systems_as!r}")
+    return "\n".join(lines) + "\n"
+
+
+def length_table(results: Mapping[str, EvalResult], category: str = ALL) -> str:
+    """One Markdown table comparing systems on length: agreement beside the length-controlled agreements.
+
+    One row per system (keys of ``results``) for ``category`` (default: all records): raw agreement, the
+    longer-wins baseline on the same pairs, agreement when the shorter response is the better one and when the
+    longer is (each with its interval and pair count), and the reward's Pearson correlation with length in
+    characters, within prompt, and in tokens where token lengths were given. A system without the category
+    shows ``-``.
+    """
+    if not results:
+        raise ValueError("length_table: no results")
+    lines = [
+        "| system | agreement | longer-wins baseline | agreement when shorter wins "
+        "| agreement when longer wins | r(reward, chars) | r within prompt (chars) | r(reward, tokens) |",
+        "|---|---|---|---|---|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        try:
+            m = r.category(category)
+        except KeyError:
+            lines.append(f"| {name} |" + " - |" * 7)
+            continue
+        ln = m.length
+        lines.append(
+            f"| {name} | {_est_cell(m.agreement)} | {_est_cell(ln.longer_wins_baseline)} "
+            f"| {_est_cell(ln.when_shorter_better)} | {_est_cell(ln.when_longer_better)} "
+            f"| {_corr(ln.pearson_chars)} | {_corr(ln.pearson_chars_within_prompt)} | {_corr(ln.pearson_tokens)} |"
+        )
     return "\n".join(lines) + "\n"
 
 

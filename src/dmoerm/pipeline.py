@@ -645,7 +645,7 @@ def write_report(run_dir: str | Path) -> Path:
     """
     import yaml
 
-    from dmoerm.evaluation import comparison_table, load_eval
+    from dmoerm.evaluation import comparison_table, length_table, load_eval
 
     run = Path(run_dir)
     if not (run / "state.json").exists():
@@ -674,6 +674,13 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         comparison_table(results, systems_as="columns") if results else "(no evaluation yet)\n",
     ]
+    if results:
+        lines += [
+            "Length controls (issue 8): the longer-wins rule on the same pairs, agreement on the pairs where the"
+            " shorter / the longer response is the better one, and the reward's correlation with length.",
+            "",
+            length_table(results),
+        ]
     router, ev = done.get("router", {}), done.get("eval", {})
     if router:
         lines.append(

@@ -51,8 +51,13 @@ class TrainConfig:
     """``no`` or ``bf16`` (autocast of the top layers where the hardware supports it)."""
     seed: int = 0
     """Seed of initialisation order and batch shuffling."""
+    length_penalty: float = 0.0
+    """Weight of the length decorrelation penalty: ``length_penalty * corr(reward, response tokens)^2`` over
+    the responses of each batch is added to the ranking loss (:func:`length_correlation_penalty`), so the
+    reward cannot rank by length alone. 0 (the default) trains with the ranking loss exactly as before."""
 
     def __post_init__(self) -> None:
+        check_length_penalty(self.length_penalty)
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if self.epochs < 1:
@@ -76,11 +81,68 @@ def ranking_loss(
 
     rewards: [N]; pairs: [P, 2] (better index, worse index) into rewards; weights: [P] or None -> scalar.
     """
+    pairs = pairs.to(rewards.device)
     margin = rewards[pairs[:, 0]] - rewards[pairs[:, 1]]  # [P]
     loss = -F.logsigmoid(margin)
     if weights is None:
         return loss.mean()
+    weights = weights.to(rewards.device)
     return (loss * weights).sum() / weights.sum().clamp(min=1e-8)
+
+
+# Keeping length out of the reward. Of the two methods the length-bias issue names, we use ODIN's
+# correlation term (Chen et al. 2024, "ODIN: Disentangled Reward Mitigates Hacking in RLHF", arXiv 2402.07319,
+# whose quality head is trained with a Pearson-correlation-with-length penalty on each batch) without ODIN's
+# second, length head. That head is dropped at inference anyway, and leaving it out means the models
+# (ExpertBank, Aggregator), their forward passes and their saved files stay as they are: the option lives in
+# the loss alone, works the same for every expert and the phase-3 aggregator, and costs one Pearson per batch.
+# We square the correlation instead of ODIN's absolute value: within a batch of a few dozen responses the
+# sample correlation is noisy (about 1/sqrt(N) even when the true one is 0), and |r| would push on that noise
+# with full force around 0, while r^2 is smooth there and its expectation is minimised at a true 0.
+def check_length_penalty(value: float, field_name: str = "length_penalty") -> None:
+    """Raise ValueError naming ``field_name`` unless ``value`` is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field_name}: must be a number >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{field_name}: must be a finite number >= 0, got {value}")
+
+
+def response_lengths(inputs: Sequence[EncodedInput]) -> torch.Tensor:
+    """Response length in tokens of each encoded input (tokens after the prompt, end marker included): [N]."""
+    return torch.tensor([len(e.input_ids) - e.prompt_length for e in inputs], dtype=torch.float32)
+
+
+def length_correlation(
+    rewards: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Pearson correlation of rewards [N] with lengths [N], differentiable in rewards.
+
+    With ``groups`` [N] (the item, i.e. prompt, of each response), rewards and lengths are first centred within
+    their group, so the correlation is the within-prompt one (responses to different prompts are not compared).
+    The reward variance has a floor of ``1e-4`` (a standard deviation of 0.01), so a nearly constant reward
+    (e.g. a fresh value head) has a near-zero correlation instead of an exploding gradient. 0 when there are
+    fewer than 3 responses or the lengths do not vary.
+    """
+    r = rewards.float()
+    if r.numel() < 3:
+        return r.sum() * 0.0  # keeps the graph (and the device) without moving anything
+    n = lengths.to(r.device, torch.float32)
+    if groups is None:
+        r, n = r - r.mean(), n - n.mean()
+    else:
+        g = groups.to(r.device)
+        size = torch.zeros(int(g.max()) + 1, device=r.device).index_add_(0, g, torch.ones_like(r))
+        r = r - (torch.zeros_like(size).index_add(0, g, r) / size)[g]
+        n = n - (torch.zeros_like(size).index_add_(0, g, n) / size)[g]
+    den = torch.sqrt((r * r).mean() + 1e-4) * torch.sqrt((n * n).mean()).clamp(min=1e-6)
+    return (r * n).mean() / den
+
+
+def length_correlation_penalty(
+    rewards: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The length penalty: the squared :func:`length_correlation` of a batch's rewards with response lengths."""
+    return length_correlation(rewards, lengths, groups) ** 2
 
 
 class TrunkCache:
@@ -111,6 +173,7 @@ class TrunkCache:
     ) -> list[torch.Tensor]:
         """Trunk states [T_i, H] of each input; missing ones are computed in length-bucketed batches."""
         missing = list(dict.fromkeys(e.input_ids for e in inputs if e.input_ids not in self._states))
+        fresh: dict[tuple[int, ...], torch.Tensor] = {}
         self.hits += len(inputs) - len(missing)
         self.misses += len(missing)
         if missing:
@@ -123,15 +186,19 @@ class TrunkCache:
                 states = bank.trunk(batch["input_ids"], batch["attention_mask"])  # [B, T, H]
                 for row, i in enumerate(idx):
                     n = len(todo[i].input_ids)
-                    self._put(todo[i].input_ids, states[row, :n].clone())
+                    fresh[todo[i].input_ids] = state = states[row, :n].clone()
+                    self._put(todo[i].input_ids, state)
         out = []
         for e in inputs:
             state = self._states.get(e.input_ids)
-            if state is None:  # evicted (cache smaller than the data): recompute this one
+            if state is not None:
+                self._states.move_to_end(e.input_ids)
+            elif e.input_ids in fresh:
+                # Computed by this call but already evicted (cache smaller than the data): no second pass.
+                state = fresh[e.input_ids]
+            else:  # evicted before this call: recompute this one
                 batch = collate([e], bank.tokenizer.pad_token_id)
                 state = bank.trunk(batch["input_ids"], batch["attention_mask"])[0]
-            else:
-                self._states.move_to_end(e.input_ids)
             out.append(state)
         return out
 
@@ -149,12 +216,14 @@ def pad_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 
 
 def batch_items(bank, items: Sequence[RankedItem], cache: TrunkCache) -> dict[str, torch.Tensor]:
-    """Flatten a batch of ranked items: trunk states [N, T, H], mask [N, T], pairs [P, 2], weights [P]."""
+    """Flatten a batch of ranked items: trunk states [N, T, H], mask [N, T], pairs [P, 2], weights [P],
+    response lengths in tokens [N] and the item each response belongs to [N]."""
     flat: list[EncodedInput] = []
-    pairs, weights = [], []
-    for item in items:
+    pairs, weights, groups = [], [], []
+    for k, item in enumerate(items):
         offset = len(flat)
         flat.extend(item.inputs)
+        groups.extend([k] * len(item.inputs))
         for better, worse in item.pairs:
             pairs.append((offset + better, offset + worse))
             weights.append(item.weight / len(item.pairs))  # each item weighs the same, however many pairs
@@ -164,6 +233,8 @@ def batch_items(bank, items: Sequence[RankedItem], cache: TrunkCache) -> dict[st
         "attention_mask": mask,
         "pairs": torch.tensor(pairs, dtype=torch.long).view(-1, 2),
         "weights": torch.tensor(weights, dtype=torch.float32),
+        "lengths": response_lengths(flat),
+        "groups": torch.tensor(groups, dtype=torch.long),
     }
 
 
@@ -224,6 +295,9 @@ def train_expert(
     desc: str | None = None,
 ) -> TrainResult:
     """Train expert ``expert`` (its adapter or the top layers, and its value head) with the ranking loss.
+
+    With ``config.length_penalty`` > 0 the loss adds that weight times the squared correlation of the batch's
+    rewards with response length (the logged loss is the sum).
 
     Exactly ``bank.expert_parameters(expert)`` change; everything else stays frozen. With ``checkpoint_dir``,
     the trainable weights, optimizer, scheduler and position are saved after each epoch, and a rerun resumes
@@ -298,6 +372,7 @@ def train_expert(
     order_rng = random.Random(config.seed)
     lengths = [sum(len(e.input_ids) for e in item.inputs) for item in train]
     stop = result.stopped_early
+    corr_sum = corr_n = 0.0
     for epoch in range(start_epoch, config.epochs):
         if stop:
             break
@@ -321,6 +396,10 @@ def train_expert(
                 with accelerator.autocast():
                     rewards = model(batch["states"], batch["attention_mask"], expert)  # [N]
                 loss = ranking_loss(rewards.float(), batch["pairs"], batch["weights"])
+                if config.length_penalty > 0:
+                    corr = length_correlation(rewards, batch["lengths"], batch["groups"])
+                    loss = loss + config.length_penalty * corr**2  # = length_correlation_penalty
+                    corr_sum, corr_n = corr_sum + corr.item(), corr_n + 1
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -334,6 +413,15 @@ def train_expert(
             if config.eval_every and result.steps % config.eval_every == 0:
                 evaluate()
                 model.train()
+        if corr_n:
+            logger.info(
+                "%s: epoch %d mean batch reward-length correlation %.3f (length_penalty %g)",
+                expert,
+                epoch + 1,
+                corr_sum / corr_n,
+                config.length_penalty,
+            )
+            corr_sum = corr_n = 0.0
         if not config.eval_every:
             evaluate()
         if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:

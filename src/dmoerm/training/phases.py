@@ -22,9 +22,12 @@ from dmoerm.training.loop import (
     TrainConfig,
     TrainResult,
     TrunkCache,
+    check_length_penalty,
+    length_correlation,
     pad_states,
     pair_agreement,
     ranking_loss,
+    response_lengths,
     train_expert,
 )
 
@@ -222,8 +225,13 @@ class AggregatorTrainConfig:
     early_stopping_patience: int = 5
     """Epochs without dev improvement before stopping (0 disables); the best weights are kept."""
     seed: int = 0
+    length_penalty: float = 0.0
+    """Weight of the length decorrelation penalty on the aggregator's reward, as ``TrainConfig.length_penalty``
+    (squared correlation of reward with response tokens over each batch's responses, added to the ranking
+    loss; see :func:`dmoerm.training.loop.length_correlation`). 0 (the default) leaves the loss unchanged."""
 
     def __post_init__(self) -> None:
+        check_length_penalty(self.length_penalty)
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if self.epochs < 1:
@@ -263,13 +271,18 @@ def train_phase3(
     experts: list[str] | None = None,
 ) -> TrainResult:
     """Phase 3: backbone and experts frozen; the category's aggregator MLP over the concatenated last-token
-    states of its experts (default: its capability experts), trained on human rankings not used before."""
+    states of its experts (default: its capability experts), trained on human rankings not used before.
+
+    With ``config.length_penalty`` > 0 the squared correlation of each batch's rewards with response length,
+    times that weight, is added to the ranking loss (experts keep whatever length signal they learned; the
+    aggregator is pushed not to pass it on)."""
     names = experts or model.capability_experts(category)
     if not names:
         raise ValueError(f"{category}: no experts to aggregate; run phase 2 first (or pass experts=)")
     model.requires_grad_(False)
     flat, where = _item_index(train)
     feats = expert_states(model, names, flat, cache)  # [K, N, H], computed once: experts are frozen
+    lengths = response_lengths(flat)  # [N] response tokens, for the length penalty
     dflat, dwhere = _item_index(dev)
     dfeats = expert_states(model, names, dflat, cache) if dev else None
     torch.manual_seed(config.seed)
@@ -292,6 +305,8 @@ def train_phase3(
                 continue
             rewards = agg(feats[:, rows])  # [n]
             loss = ranking_loss(rewards, torch.tensor(pairs), torch.tensor(wts))
+            if config.length_penalty > 0:
+                loss = loss + config.length_penalty * length_correlation(rewards, lengths[rows]) ** 2
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -36,7 +36,7 @@ def train_reward_model(
         logger.info("%s: finished already, loading it", output_dir)
         return RewardModel.from_pretrained(output_dir), None
     model = model or RewardModel.create(model_config)
-    cache = cache or TrunkCache()
+    cache = cache if cache is not None else TrunkCache()
     tok, n = model.tokenizer, model.max_length
     train_items = [item for item in (encode_record(tok, r, n) for r in train) if item.pairs]
     dev_items = [item for item in (encode_record(tok, r, n) for r in dev) if item.pairs]

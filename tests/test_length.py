@@ -1,0 +1,180 @@
+"""The length option (``length_penalty``): it keeps length out of every trained reward, is exactly the old loss
+at 0, and is validated. Tiny random backbone; data where the longer response always wins (tests/helpers.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dmoerm.encoding import encode_record
+from dmoerm.evaluation import pearson
+from dmoerm.experts import BackboneConfig
+from dmoerm.model import new_dmoerm, rm_expert
+from dmoerm.taxonomy import Capability, Category, Taxonomy
+from dmoerm.training import loop, phases
+from dmoerm.training.loop import (
+    TrainConfig,
+    TrunkCache,
+    length_correlation,
+    length_correlation_penalty,
+    ranking_loss,
+    response_lengths,
+    score_items,
+)
+from dmoerm.training.phases import AggregatorTrainConfig, expert_states, train_phase1, train_phase3
+from helpers import length_records
+
+TAXONOMY = Taxonomy(
+    name="tiny",
+    categories=(
+        Category("code", "programming", (Capability("correctness", "is it right"),)),
+        Category("chat", "talk", (Capability("empathy", "is it kind"),)),
+    ),
+)
+PENALTY = 3.0
+"""The weight the tests train with (length alone decides every label here, so the penalty must outweigh a
+ranking loss that length alone can drive to 0)."""
+THRESHOLD = 0.4
+"""With the option on, |Pearson(reward, response tokens)| on held-out pairs must stay below this; without it the
+same training reaches above 0.8 (about 0.93 with these seeds)."""
+
+
+def _expert_config(length_penalty: float) -> TrainConfig:
+    return TrainConfig(
+        epochs=8, batch_size=8, learning_rate=5e-3, early_stopping_patience=0, length_penalty=length_penalty
+    )
+
+
+def _corr(rewards: list[list[float]], items) -> float:
+    flat = [e for item in items for e in item.inputs]
+    return pearson([x for r in rewards for x in r], response_lengths(flat).tolist())
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_backbone):
+    """Phase 1 twice on the same length-decided pairs (``code`` without, ``chat`` with the option).
+
+    One thread while this module runs: on a busy 2-core machine, two threads on these tiny matrices spend
+    most of their time waiting for each other (about 8x the CPU time of one thread here).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield _train(tiny_backbone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(tiny_backbone):
+    torch.manual_seed(0)
+    config = BackboneConfig(backbone=tiny_backbone, num_top_layers=2, trunk_dtype="float32", max_length=64)
+    model = new_dmoerm(config, TAXONOMY, ["code", "chat"], init_lora_weights=False)
+    tok, n = model.tokenizer, model.max_length
+    train = [encode_record(tok, r, n) for r in length_records(32, seed=0)]
+    test = [encode_record(tok, r, n) for r in length_records(32, seed=100)]
+    cache = TrunkCache()
+    for category, penalty in (("code", 0.0), ("chat", PENALTY)):
+        torch.manual_seed(0)
+        train_phase1(model, category, train, [], _expert_config(penalty), cache, progress=False)
+    return model, train, test, cache
+
+
+def test_expert_trained_with_the_option_correlates_with_length_far_less(trained):
+    """train_expert (the single reward model and every phase-1/phase-2 expert) with and without the option."""
+    model, _, test, cache = trained
+    without = _corr(score_items(model.bank, rm_expert("code"), test, cache), test)
+    with_option = _corr(score_items(model.bank, rm_expert("chat"), test, cache), test)
+    assert without > 0.8, without
+    assert abs(with_option) < THRESHOLD, with_option
+
+
+def test_aggregator_trained_with_the_option_correlates_with_length_far_less(trained):
+    """Phase 3 over a length-loving expert (trained without the option): the aggregator is kept off length."""
+    model, train, test, cache = trained
+    experts = [rm_expert("code")]
+    flat = [e for item in test for e in item.inputs]
+    feats = expert_states(model, experts, flat, cache)
+    corr = {}
+    for penalty in (0.0, PENALTY):
+        config = AggregatorTrainConfig(epochs=40, early_stopping_patience=0, length_penalty=penalty)
+        train_phase3(model, "code", train, [], config, cache, experts=experts)
+        with torch.no_grad():
+            rewards = model.aggregators["code"](feats).tolist()
+        corr[penalty] = pearson(rewards, response_lengths(flat).tolist())
+    assert corr[0.0] > 0.8, corr
+    assert abs(corr[PENALTY]) < THRESHOLD, corr
+
+
+def test_zero_penalty_is_exactly_the_old_loss(trained, monkeypatch):
+    """At 0 the penalty is never computed, so the loss is the ranking loss bit for bit (expert and aggregator)."""
+    model, train, _, cache = trained
+
+    def boom(*args, **kwargs):
+        raise AssertionError("length_correlation called with length_penalty=0")
+
+    monkeypatch.setattr(loop, "length_correlation", boom)
+    monkeypatch.setattr(phases, "length_correlation", boom)
+    items = train[:8]
+    model.bank.add_expert("code__zero", init_from=rm_expert("code"))
+    start = score_items(model.bank, "code__zero", items, cache)
+    expected = ranking_loss(
+        torch.tensor([x for r in start for x in r]),
+        torch.tensor([(2 * k + b, 2 * k + w) for k, item in enumerate(items) for b, w in item.pairs]),
+    )
+    config = TrainConfig(epochs=1, batch_size=8, learning_rate=1e-3, early_stopping_patience=0)
+    assert config.length_penalty == 0.0
+    result = loop.train_expert(model.bank, "code__zero", items, [], config, cache)
+    assert result.steps == 1  # one batch: its logged loss is the ranking loss of the starting weights
+    assert result.history["loss"][0] == pytest.approx(expected.item(), abs=1e-6)
+    train_phase3(
+        model, "code", items, [], AggregatorTrainConfig(epochs=1), cache, experts=[rm_expert("code")]
+    )
+
+
+def test_loss_with_the_option_is_ranking_loss_plus_weighted_squared_correlation():
+    rewards = torch.tensor([2.0, 0.5, 1.0, 1.5, -0.5, 0.0])
+    lengths = torch.tensor([30.0, 10.0, 12.0, 40.0, 5.0, 25.0])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    pairs = torch.tensor([[0, 1], [3, 2], [5, 4]])
+    # ungrouped: Pearson over the batch (up to the 1e-4 floor on the reward variance)
+    r, n = rewards.numpy(), lengths.numpy()
+    assert length_correlation(rewards, lengths).item() == pytest.approx(np.corrcoef(r, n)[0, 1], abs=1e-3)
+    # grouped: each prompt's responses centred first (the within-prompt correlation)
+    rc = r - np.repeat([r[0:2].mean(), r[2:4].mean(), r[4:6].mean()], 2)
+    nc = n - np.repeat([n[0:2].mean(), n[2:4].mean(), n[4:6].mean()], 2)
+    within = float(rc @ nc / math.sqrt((rc @ rc) * (nc @ nc)))
+    assert length_correlation(rewards, lengths, groups).item() == pytest.approx(within, abs=1e-3)
+    assert length_correlation_penalty(rewards, lengths).item() == pytest.approx(
+        length_correlation(rewards, lengths).item() ** 2
+    )
+    # degenerate batches: no length variation, or fewer than 3 responses -> 0, with finite gradients
+    flat = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    zero = length_correlation(flat, torch.full((3,), 7.0))
+    zero.backward()
+    assert zero.item() == 0.0 and torch.isfinite(flat.grad).all()
+    assert length_correlation(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 5.0])).item() == 0.0
+    const = torch.zeros(4, requires_grad=True)
+    length_correlation_penalty(const, torch.tensor([1.0, 2.0, 3.0, 4.0])).backward()
+    assert torch.isfinite(const.grad).all()
+    # the training loss is the old ranking loss plus the weighted squared correlation
+    base = ranking_loss(rewards, pairs)
+    assert torch.isclose(
+        base + 2.0 * length_correlation(rewards, lengths, groups) ** 2,
+        base + 2.0 * length_correlation_penalty(rewards, lengths, groups),
+    )
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf, "1", True])
+@pytest.mark.parametrize("config", [TrainConfig, AggregatorTrainConfig])
+def test_bad_length_penalty_names_the_field(config, bad):
+    with pytest.raises(ValueError, match="length_penalty"):
+        config(length_penalty=bad)
+
+
+def test_length_penalty_defaults_off_and_accepts_numbers():
+    assert TrainConfig().length_penalty == 0.0 and AggregatorTrainConfig().length_penalty == 0.0
+    assert TrainConfig(length_penalty=1).length_penalty == 1
+    assert AggregatorTrainConfig(length_penalty=0.5).length_penalty == 0.5
