@@ -256,6 +256,27 @@ def test_finegrained_aspect_labels():
     assert labels[0].response_b == "fixed answer" and labels[2].response_a == "fixed answer"
 
 
+def test_finegrained_aspect_labels_edge_cases():
+    def rec(fb, uid="u1"):
+        meta = {} if fb is None else {"feedback": [fb]}
+        return PreferenceRecord(
+            (Message("user", "q"),), ("orig", "other"), (0, 1), source="fg", uid=uid, meta=meta
+        )
+
+    # No error of any kind and nothing missing: the aspects are tied, so no label at all.
+    clean = {"errors": [], "missing-info": [], "corrected-prediction": "orig edited"}
+    assert finegrained_aspect_labels([rec(clean)]) == []
+    # Missing information alone: one completeness label, the correction better.
+    missing = {"errors": [], "missing-info": ["date"], "corrected-prediction": "orig plus the date"}
+    labels = finegrained_aspect_labels([rec(missing)])
+    assert [(lab.capability, lab.judge) for lab in labels] == [("completeness", "human:finegrained_rlhf")]
+    # No annotations at all, or an error kind we do not know: a clear error naming the record and field.
+    with pytest.raises(ValueError, match=r"fg:u7: field 'feedback': missing"):
+        finegrained_aspect_labels([rec(None, uid="u7")])
+    with pytest.raises(ValueError, match=r"feedback\[0\]\.errors': unknown error type\(s\) \['Typo'\]"):
+        finegrained_aspect_labels([rec({"errors": [{"error type": "Typo"}], "corrected-prediction": "x"})])
+
+
 # ------------------------------------------------------------------------------------------------ pipeline
 
 

@@ -404,9 +404,23 @@ def finegrained_aspect_labels(records: Iterable[PreferenceRecord]) -> list[Capab
     out: list[CapabilityLabel] = []
     seen: set[tuple[str, str]] = set()
     for rec in records:
+        where = f"{rec.source or 'record'}:{rec.uid or rec.prompt_key}"
+        if "feedback" not in rec.meta:
+            raise ValueError(
+                f"{where}: field 'feedback': missing; aspect labels need FineGrainedRLHF's span annotations "
+                f"(load_source('finegrained_rlhf/qa_dev'))"
+            )
         for idx, fb in enumerate(rec.meta.get("feedback") or []):
             if not isinstance(fb, dict) or idx >= len(rec.responses):
                 continue
+            unknown = (
+                {e.get("error type") for e in fb.get("errors") or []} - set(_FG_ERROR_ASPECT) - {"Missing"}
+            )
+            if unknown:
+                raise ValueError(
+                    f"{where}: field 'feedback[{idx}].errors': unknown error type(s) {sorted(map(str, unknown))}; "
+                    f"known: {', '.join(_FG_ERROR_ASPECT)}"
+                )
             original, corrected = rec.responses[idx], (fb.get("corrected-prediction") or "").strip()
             if not corrected or corrected == original.strip() or (rec.prompt_key, original) in seen:
                 continue
