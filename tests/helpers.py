@@ -23,3 +23,20 @@ def length_records(n: int, seed: int = 0, category: str | None = None) -> list[P
             )
         )
     return out
+
+
+def tiny_taxonomy():
+    """Two categories, three capability points: enough for routing, several experts and one lone expert."""
+    from dmoerm.taxonomy import Capability, Category, Taxonomy
+
+    return Taxonomy(
+        name="tiny",
+        categories=(
+            Category(
+                "code",
+                "programming",
+                (Capability("correctness", "is it right"), Capability("brevity", "is it short")),
+            ),
+            Category("chat", "talk", (Capability("empathy", "is it kind"),)),
+        ),
+    )

@@ -11,16 +11,9 @@ from dmoerm.data import save_jsonl
 from dmoerm.experts import BackboneConfig
 from dmoerm.model import new_dmoerm, rm_expert
 from dmoerm.reward_model import RewardModel
-from dmoerm.taxonomy import Capability, Category, Taxonomy
-from helpers import length_records
+from helpers import length_records, tiny_taxonomy
 
-TAXONOMY = Taxonomy(
-    name="tiny",
-    categories=(
-        Category("code", "programming", (Capability("correctness", "is it right"),)),
-        Category("chat", "talk", (Capability("empathy", "is it kind"),)),
-    ),
-)
+TAXONOMY = tiny_taxonomy()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from dmoerm.encoding import EncodedInput, encode, encode_record
 from dmoerm.experts import BackboneConfig
 from dmoerm.labelling.schema import CapabilityLabel
 from dmoerm.model import DMoERM, RoutingConfig, load_model, new_dmoerm
-from dmoerm.taxonomy import Capability, Category, Taxonomy
 from dmoerm.training import loop
 from dmoerm.training.loop import TrainConfig, TrunkCache
 from dmoerm.training.phases import (
@@ -22,19 +21,9 @@ from dmoerm.training.phases import (
     train_phase3,
     train_router,
 )
-from helpers import length_records
+from helpers import length_records, tiny_taxonomy
 
-TAXONOMY = Taxonomy(
-    name="tiny",
-    categories=(
-        Category(
-            "code",
-            "programming",
-            (Capability("correctness", "is it right"), Capability("brevity", "is it short")),
-        ),
-        Category("chat", "talk", (Capability("empathy", "is it kind"),)),
-    ),
-)
+TAXONOMY = tiny_taxonomy()
 FAST = TrainConfig(epochs=2, learning_rate=5e-3, batch_size=4, early_stopping_patience=0)
 
 

@@ -9,21 +9,11 @@ import pytest
 from dmoerm.data import save_jsonl
 from dmoerm.model import DMoERM, load_model
 from dmoerm.pipeline import PipelineConfig, run_pipeline
-from dmoerm.taxonomy import Capability, Category, Taxonomy, save_taxonomy
+from dmoerm.taxonomy import save_taxonomy
 from dmoerm.training import phases
-from helpers import length_records
+from helpers import length_records, tiny_taxonomy
 
-TAXONOMY = Taxonomy(
-    name="tiny",
-    categories=(
-        Category(
-            "code",
-            "programming",
-            (Capability("correctness", "is it right"), Capability("brevity", "is it short")),
-        ),
-        Category("chat", "talk", (Capability("empathy", "is it kind"),)),
-    ),
-)
+TAXONOMY = tiny_taxonomy()
 
 
 def job_config(tmp_path, tiny_backbone, **overrides) -> PipelineConfig:
