@@ -267,8 +267,8 @@ def finegrained_markdown(results: dict) -> str:
     if judge:
         lines += [
             "",
-            "Local judge vs human aspect labels on the phase-1 pairs (both orders; a label is kept when the orders"
-            " agree):",
+            "Local judge vs human aspect labels on the phase-1 pairs (both orders asked; a label is kept by the"
+            " judge's consistency rule, `auto`: the logit-margin difference across the two orders):",
             "",
             "| aspect | human labels | judge kept | agreement of kept |",
             "|---|---:|---:|---:|",
