@@ -17,7 +17,7 @@ from dmoerm.labelling.cache import JudgeCache, request_key
 from dmoerm.labelling.judge import Judge, JudgeRequest, JudgeStats, Verdict, combine_orders
 from dmoerm.labelling.pipeline import LabelConfig, LabelPair, iter_pairs, label_pairs
 from dmoerm.labelling.prompts import OVERALL, PromptBuilder, detect_language, extract_json_object
-from dmoerm.labelling.quality import finegrained_aspect_labels, quality_report
+from dmoerm.labelling.quality import aspect_score_labels, finegrained_aspect_labels, quality_report
 from dmoerm.labelling.schema import read_labels
 from dmoerm.taxonomy import Capability, Category, Taxonomy
 
@@ -275,6 +275,26 @@ def test_finegrained_aspect_labels_edge_cases():
         finegrained_aspect_labels([rec(None, uid="u7")])
     with pytest.raises(ValueError, match=r"feedback\[0\]\.errors': unknown error type\(s\) \['Typo'\]"):
         finegrained_aspect_labels([rec({"errors": [{"error type": "Typo"}], "corrected-prediction": "x"})])
+
+
+def test_aspect_score_labels_from_helpsteer_style_ratings():
+    scores = [{"helpfulness": 4, "verbosity": 2}, {"helpfulness": 2, "verbosity": 2}, {"helpfulness": 3}]
+    rec = PreferenceRecord(
+        (Message("user", "q"),),
+        ("r0", "r1", "r2"),
+        (0, 1, 2),
+        source="hs",
+        uid="u",
+        meta={"aspect_scores": scores},
+    )
+    labels = aspect_score_labels([rec])
+    assert [(lab.response_a, lab.response_b, lab.capability, lab.winner) for lab in labels] == [
+        ("r0", "r1", "helpfulness", "a"), ("r0", "r1", "verbosity", "tie"),
+        ("r0", "r2", "helpfulness", "a"), ("r1", "r2", "helpfulness", "b"),
+    ]  # fmt: skip
+    bad = PreferenceRecord((Message("user", "q"),), ("r0", "r1"), (0, 1), source="hs", uid="v", meta={})
+    with pytest.raises(ValueError, match=r"hs:v: field 'aspect_scores': expected one mapping"):
+        aspect_score_labels([bad])
 
 
 # ------------------------------------------------------------------------------------------------ pipeline

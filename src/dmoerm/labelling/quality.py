@@ -449,6 +449,47 @@ def finegrained_aspect_labels(records: Iterable[PreferenceRecord]) -> list[Capab
     return out
 
 
+def aspect_score_labels(
+    records: Iterable[PreferenceRecord], field: str = "aspect_scores", judge: str = "human"
+) -> list[CapabilityLabel]:
+    """Pairwise capability labels from per-response aspect scores (HelpSteer-style ratings).
+
+    Each record carries ``meta[field]``: one ``{capability: score}`` mapping per response, in response order
+    (higher is better). Every pair of responses gives one label per capability scored for both: the higher
+    score wins, equal scores give a ``tie`` (phase 2 skips ties as its ranking loss does). Written in the same
+    schema as the LLM judges' labels, so phase 2 (``labels.source: file``) takes either unchanged.
+    """
+    out: list[CapabilityLabel] = []
+    for rec in records:
+        where = f"{rec.source or 'record'}:{rec.uid or rec.prompt_key}"
+        scores = rec.meta.get(field)
+        if not isinstance(scores, list) or len(scores) != len(rec.responses):
+            raise ValueError(
+                f"{where}: field '{field}': expected one mapping of capability scores per response "
+                f"({len(rec.responses)}), got {type(scores).__name__ if not isinstance(scores, list) else len(scores)}"
+            )
+        for i in range(len(rec.responses)):
+            for j in range(i + 1, len(rec.responses)):
+                for cap in sorted(set(scores[i]) & set(scores[j])):
+                    a, b = scores[i][cap], scores[j][cap]
+                    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
+                        raise ValueError(
+                            f"{where}: field '{field}[{i} or {j}].{cap}': scores must be numbers"
+                        )
+                    out.append(
+                        CapabilityLabel(
+                            conversation=rec.conversation,
+                            response_a=rec.responses[i],
+                            response_b=rec.responses[j],
+                            capability=cap,
+                            winner="a" if a > b else "b" if b > a else "tie",
+                            category=rec.category,
+                            judge=judge,
+                        )
+                    )
+    return out
+
+
 # ------------------------------------------------------------------------------------------ the command
 
 QUALITY_SETS = ("pandalm", "llmbar", "finegrained", "finegrained_aspects")
