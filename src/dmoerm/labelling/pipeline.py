@@ -688,15 +688,12 @@ def make_judge(cfg: JudgeConfig) -> Judge:
 
 
 def load_records(names: Sequence[str], limit: int | None = None) -> list[PreferenceRecord]:
-    """Records from bundled sources or files through :func:`dmoerm.data.load_source`."""
-    from dmoerm import data
+    """Records from bundled sources or JSONL files (:func:`dmoerm.data.load_data`)."""
+    from dmoerm.data import load_data
 
-    loader = getattr(data, "load_source", None)
-    if loader is None:
-        raise RuntimeError("dmoerm.data.load_source is not available in this version of dmoerm")
     records: list[PreferenceRecord] = []
     for name in names:
-        records += list(loader(name, limit=limit))
+        records += list(load_data(name, limit=limit))
     return records
 
 
