@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from peak_memory import reset_peak_rss, rss_mib
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -173,28 +174,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _rss_mib(field: str = "VmHWM") -> float:
-    """Peak (VmHWM) or current (VmRSS) resident memory of this process, from /proc (Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the peak-RSS mark to the current RSS (Linux >= 4.0), so loading's transient peak is not counted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _worker(args) -> None:
     """One variant in a fresh process: peak memory after loading and after scoring, as a JSON line."""
     import torch
@@ -204,9 +183,9 @@ def _worker(args) -> None:
     import gc
 
     gc.collect()
-    load_peak = _rss_mib("VmHWM")
-    loaded = _rss_mib("VmRSS")
-    reset = _reset_peak_rss()
+    load_peak = rss_mib("VmHWM")
+    loaded = rss_mib("VmRSS")
+    reset = reset_peak_rss()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _run(args.worker, model, inputs, args.batch_size, args.bf16_top)
@@ -215,7 +194,7 @@ def _worker(args) -> None:
         "variant": args.worker,
         "rss_load_peak_mib": load_peak,
         "rss_loaded_mib": loaded,
-        "rss_peak_mib": _rss_mib("VmHWM") if reset else float("nan"),
+        "rss_peak_mib": rss_mib("VmHWM") if reset else float("nan"),
     }
     if args.device == "cuda":
         info["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20

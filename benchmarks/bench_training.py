@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 
+from peak_memory import reset_peak_rss, rss_mib
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VARIANTS = ("single", "single_nocache", "pipeline", "pipeline_nocache", "trl", "trl_nogc")
@@ -82,27 +84,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------- memory
-def _rss_mib(field: str = "VmHWM") -> float:
-    """Peak (VmHWM) or current (VmRSS) resident memory of this process, from /proc (Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux >= 4.0: peak RSS := current RSS
-        return True
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -304,8 +285,8 @@ def _loaded() -> dict:
     import torch
 
     gc.collect()
-    info = {"rss_load_peak_mib": _rss_mib("VmHWM"), "rss_loaded_mib": _rss_mib("VmRSS")}
-    _LOADED["reset"] = _reset_peak_rss()
+    info = {"rss_load_peak_mib": rss_mib("VmHWM"), "rss_loaded_mib": rss_mib("VmRSS")}
+    _LOADED["reset"] = reset_peak_rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     return info
@@ -323,7 +304,7 @@ def _worker(args) -> None:
     else:
         info = _trl(args, gradient_checkpointing=v == "trl")
     info["variant"] = v
-    info["rss_peak_mib"] = _rss_mib("VmHWM") if _LOADED.get("reset") else float("nan")
+    info["rss_peak_mib"] = rss_mib("VmHWM") if _LOADED.get("reset") else float("nan")
     if torch.cuda.is_available() and args.device == "cuda":
         info["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(info), flush=True)

@@ -81,3 +81,15 @@ def build_tiny_backbone(folder, *, hidden_size: int = 32, num_layers: int = 4, s
 def tiny_backbone(tmp_path_factory) -> str:
     """Path of a tiny random Llama backbone folder (hidden 32, 4 layers), built once per test session."""
     return build_tiny_backbone(tmp_path_factory.mktemp("tiny_backbone"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread while a module runs, restored afterwards. On a busy 2-core machine two OpenMP threads
+    spin-wait on each other and make the tiny models' small matmuls many times slower; results do not change."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -54,18 +54,9 @@ def _corr(rewards: list[list[float]], items) -> float:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_backbone):
-    """Phase 1 twice on the same length-decided pairs (``code`` without, ``chat`` with the option).
-
-    One thread while this module runs: on a busy 2-core machine, two threads on these tiny matrices spend
-    most of their time waiting for each other (about 8x the CPU time of one thread here).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield _train(tiny_backbone)
-    finally:
-        torch.set_num_threads(threads)
+def trained(tiny_backbone, one_torch_thread):
+    """Phase 1 twice on the same length-decided pairs (``code`` without, ``chat`` with the option)."""
+    return _train(tiny_backbone)
 
 
 def _train(tiny_backbone):

@@ -22,6 +22,9 @@ from dmoerm.taxonomy import Capability, Category, Taxonomy
 from dmoerm.training.loop import TrainConfig, TrunkCache, pad_states, train_expert
 from helpers import length_records
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 NAMES = ["e0", "e1", "e2", "e3"]
 TAXONOMY = Taxonomy(
     name="tiny",
@@ -34,16 +37,6 @@ TAXONOMY = Taxonomy(
         ),
     ),
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads spin-wait on each other and make the
-    tiny model's small matmuls up to 1000x slower. Results do not depend on it; the setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(backbone: str, trunk_dtype: str = "float32") -> BackboneConfig:

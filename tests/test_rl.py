@@ -22,13 +22,7 @@ from dmoerm.rl import (
 from dmoerm.serving import ServeConfig, create_app
 from test_serving import CONVERSATIONS, RESPONSES, ServerThread, TinyScorer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,9 @@ from dmoerm.data import Message
 from dmoerm.outputs import RewardOutput, Scorer
 from dmoerm.serving import InputTooLongError, ServeConfig, create_app
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,15 +168,6 @@ def items_payload(conversations, responses) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------
 # Fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two OpenMP threads on a busy 2-core machine can be 100x slower than one; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

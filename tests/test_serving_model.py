@@ -25,6 +25,9 @@ from dmoerm.serving import ServeModelConfig, build_model_app
 from dmoerm.taxonomy import Capability, Category, Taxonomy
 from test_serving import CONVERSATIONS, RESPONSES, ServerThread, items_payload
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 TAXONOMY = Taxonomy(
     name="tiny",
     categories=(
@@ -32,14 +35,6 @@ TAXONOMY = Taxonomy(
         Category("chat", "talk", (Capability("empathy", "kind"),)),
     ),
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _backbone_config(tiny_backbone: str) -> BackboneConfig:

@@ -567,12 +567,21 @@ def run_pipeline(
         systems["single RM"] = baseline
     results = {}
     router_right = 0
+    capability_scores: list[dict[str, float]] = []
     for name, system in systems.items():
-        if isinstance(system, str):
-            model.routing = dataclasses.replace(config.routing, aggregation=system)
-            system = model
         t1 = time.perf_counter()
-        rewards, routed, _ = score_cached(system, flat, cache)
+        if system == "mean" and config.routing.mode == "top1":
+            # The experts' mean is the mean of the capability scores the DMoERM pass already returned (same
+            # routing, same experts): no second pass through the experts.
+            rewards = torch.tensor([sum(c.values()) / len(c) for c in capability_scores])
+        else:
+            if isinstance(system, str):
+                model.routing = dataclasses.replace(config.routing, aggregation=system)
+                system = model
+            rewards, routed, scores = score_cached(system, flat, cache)
+            if name == "DMoERM":
+                capability_scores = scores
+                router_right = sum(routed[w.start] == r.category for w, r in zip(where, test_recs))
         seconds = time.perf_counter() - t1
         per_record = [rewards[w].tolist() for w in where]
         result = compute_metrics(per_record, test_recs, system=name)
@@ -585,8 +594,6 @@ def run_pipeline(
             len(flat),
             seconds,
         )
-        if name == "DMoERM":
-            router_right = sum(routed[w.start] == r.category for w, r in zip(where, test_recs))
     model.routing = config.routing
     if config.baseline and config.ensemble_size > 1:
         results.update(_evaluate_ensemble(members, flat, where, test_recs, items["dev"], cache, out))
