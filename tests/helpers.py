@@ -40,3 +40,48 @@ def tiny_taxonomy():
             Category("chat", "talk", (Capability("empathy", "is it kind"),)),
         ),
     )
+
+
+def job_config_dict(tmp_path, tiny_backbone, **overrides) -> dict:
+    """A pipeline config (as a dict) for a tiny job on two categories of length-rule pairs written under
+    ``tmp_path``: a few seconds a phase on a tiny backbone."""
+    from dmoerm.data import save_jsonl
+    from dmoerm.taxonomy import save_taxonomy
+
+    data = tmp_path / "prefs.jsonl"
+    if not data.exists():
+        save_jsonl(
+            length_records(60, seed=1, category="code") + length_records(60, seed=2, category="chat"), data
+        )
+        save_taxonomy(tiny_taxonomy(), tmp_path / "taxonomy.yaml")
+    fast = {"epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "early_stopping_patience": 0}
+    obj = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"backbone": tiny_backbone, "num_top_layers": 2, "trunk_dtype": "float32", "max_length": 64},
+        "data": {
+            "sources": [str(data)],
+            "router_sources": [],
+            "router_dev_sources": [],
+            "taxonomy": str(tmp_path / "taxonomy.yaml"),
+            "phase1_records": 12,
+            "label_records": 6,
+            "phase3_records": 12,
+            "dev_records": 4,
+            "test_records": 6,
+        },
+        # The tiny random judge gives noisy labels; margin consistency keeps some of every point.
+        "labels": {"source": "local", "judge": {"dtype": "float32", "progress": False}, "min_labels": 1},
+        "router": {"epochs": 3},
+        "phase1": fast,
+        "phase2": fast,
+        "phase3": {"epochs": 2, "batch_size": 8},
+    }
+    obj.update(overrides)
+    return obj
+
+
+def job_config(tmp_path, tiny_backbone, **overrides):
+    """:func:`job_config_dict` as a :class:`dmoerm.pipeline.PipelineConfig`."""
+    from dmoerm.pipeline import PipelineConfig
+
+    return PipelineConfig.from_dict(job_config_dict(tmp_path, tiny_backbone, **overrides))

@@ -38,6 +38,10 @@ def test_eval_of_a_saved_single_reward_model(tmp_path, tiny_backbone, data_file,
     assert result["overall"]["agreement"]["n"] == 10
     assert result["system"] == "rm"
     assert "agreement" in capsys.readouterr().out.lower()
+    # Issue 8: the reward's correlation with response length in the scorer's own tokens, beside characters.
+    length = result["overall"]["length"]
+    assert -1.0 <= length["pearson_tokens"] <= 1.0 and -1.0 <= length["spearman_tokens"] <= 1.0
+    assert "Pearson (tokens)" in (tmp_path / "ev" / "eval.md").read_text()
 
 
 def test_eval_of_a_saved_dmoerm_uses_the_router_for_records_without_category(

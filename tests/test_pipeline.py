@@ -6,48 +6,10 @@ import json
 
 import pytest
 
-from dmoerm.data import save_jsonl
 from dmoerm.model import DMoERM, load_model
 from dmoerm.pipeline import PipelineConfig, run_pipeline
-from dmoerm.taxonomy import save_taxonomy
 from dmoerm.training import phases
-from helpers import length_records, tiny_taxonomy
-
-TAXONOMY = tiny_taxonomy()
-
-
-def job_config(tmp_path, tiny_backbone, **overrides) -> PipelineConfig:
-    data = tmp_path / "prefs.jsonl"
-    if not data.exists():
-        save_jsonl(
-            length_records(60, seed=1, category="code") + length_records(60, seed=2, category="chat"), data
-        )
-        save_taxonomy(TAXONOMY, tmp_path / "taxonomy.yaml")
-    fast = {"epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "early_stopping_patience": 0}
-    obj = {
-        "output_dir": str(tmp_path / "run"),
-        "model": {"backbone": tiny_backbone, "num_top_layers": 2, "trunk_dtype": "float32", "max_length": 64},
-        "data": {
-            "sources": [str(data)],
-            "router_sources": [],
-            "router_dev_sources": [],
-            "taxonomy": str(tmp_path / "taxonomy.yaml"),
-            "phase1_records": 12,
-            "label_records": 6,
-            "phase3_records": 12,
-            "dev_records": 4,
-            "test_records": 6,
-        },
-        # The tiny random judge gives noisy labels; margin consistency keeps some of every point.
-        "labels": {"source": "local", "judge": {"dtype": "float32", "progress": False}, "min_labels": 1},
-        "router": {"epochs": 3},
-        "phase1": fast,
-        "phase2": fast,
-        "phase3": {"epochs": 2, "batch_size": 8},
-    }
-    obj.update(overrides)
-    return PipelineConfig.from_dict(obj)
-
+from helpers import job_config
 
 @pytest.mark.slow
 def test_pipeline_runs_end_to_end_and_a_rerun_skips_finished_stages(tmp_path, tiny_backbone, monkeypatch):
@@ -134,3 +96,20 @@ def test_config_errors_name_the_field(tmp_path):
     bad.write_text("data:\n  test_records: 0\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: test_records"):
         PipelineConfig.from_file(bad)
+
+
+def test_overrides_set_nested_fields_and_bad_ones_are_named(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("data:\n  test_records: 5\nphase1: {epochs: 2}\n")
+    config = PipelineConfig.from_file(
+        path, ["phase1.length_penalty=1.0", "phase3.length_penalty=0.5", "data.sources=[a.jsonl, b.jsonl]"]
+    )
+    assert config.phase1.length_penalty == 1.0 and config.phase1.epochs == 2
+    assert config.phase3.length_penalty == 0.5
+    assert config.data.sources == ["a.jsonl", "b.jsonl"] and config.data.test_records == 5
+    with pytest.raises(ValueError, match="use section.field=value"):
+        PipelineConfig.from_file(path, ["phase1.epochs"])
+    with pytest.raises(ValueError, match="'test_records' is a value, not a section"):
+        PipelineConfig.from_file(path, ["data.test_records.x=1"])
+    with pytest.raises(ValueError, match=r"with overrides \['phase2.epoch=3'\]: .*unknown field\(s\) epoch"):
+        PipelineConfig.from_file(path, ["phase2.epoch=3"])

@@ -108,7 +108,7 @@ def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
 def _train(args: argparse.Namespace) -> int:
     from dmoerm.pipeline import PipelineConfig, run_pipeline
 
-    config = PipelineConfig.from_file(args.config)
+    config = PipelineConfig.from_file(args.config, args.set or ())
     if args.output_dir:
         config.output_dir = args.output_dir
     result = run_pipeline(config, progress=not args.no_progress)
@@ -155,6 +155,14 @@ def _finegrained(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overopt(args: argparse.Namespace) -> int:
+    from dmoerm.experiments import OverOptConfig, overopt_markdown, run_overopt
+
+    results = run_overopt(config_from_args(OverOptConfig, args))
+    sys.stdout.write(overopt_markdown(results))
+    return 0
+
+
 def _normalize(args: argparse.Namespace) -> int:
     from dmoerm.rl import NormalizeModelConfig, normalize_model
 
@@ -181,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="router, three phases per category, single-RM baseline, evaluation")
     p.add_argument("--config", required=True, help="YAML/JSON pipeline config (see configs/main.yaml)")
     p.add_argument("--output-dir", help="override output_dir of the config")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field (YAML value), e.g. --set phase1.length_penalty=1.0; repeatable",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_train)
 
@@ -223,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(p, FineGrainedConfig)
     p.set_defaults(handler=_finegrained)
+
+    from dmoerm.experiments import OverOptConfig
+
+    p = sub.add_parser(
+        "overopt", help="best-of-n over-optimisation: noisy proxies (DMoERM, single, ensembles) vs a gold RM"
+    )
+    add_config_arguments(p, OverOptConfig)
+    p.set_defaults(handler=_overopt)
 
     p = sub.add_parser("report", help="(re)write report.md of a training run from its saved results")
     p.add_argument("--run", required=True, help="output_dir of a `dmoerm train` run")

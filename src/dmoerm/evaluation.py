@@ -555,6 +555,14 @@ def _category_metrics(
     )
 
 
+def response_token_lengths(tokenizer, records: Sequence[PreferenceRecord]) -> list[list[int]]:
+    """Tokens of every response of every record (untruncated, no special tokens), for the token-length
+    correlations of :func:`compute_metrics` (issue 8: length measured in the scorer's own units)."""
+    return [
+        [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in rec.responses] for rec in records
+    ]
+
+
 def compute_metrics(
     rewards: Sequence[Sequence[float]],
     records: Sequence[PreferenceRecord],
@@ -1246,6 +1254,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
         records,
         batch_size=config.batch_size,
         categories=config.categories,
+        token_lengths=response_token_lengths(model.tokenizer, records),
         n_resamples=config.n_resamples,
         seed=config.seed,
         system=config.system or Path(config.model).name,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dmoerm.data import PreferenceRecord, load_data, split_by_prompt
+from dmoerm.data import PreferenceRecord, load_data, split_by_prompt, with_label_noise
 from dmoerm.encoding import EncodedInput, RankedItem, encode, encode_record
 from dmoerm.experts import BackboneConfig
 from dmoerm.model import DMoERM, RoutingConfig, new_dmoerm, rm_expert
@@ -75,8 +75,15 @@ class DataConfig:
     """Folder of the bundled data; None uses ``$DMOERM_DATA_DIR`` or ``../shared/data``."""
     seed: int = 0
     """Seed of the prompt-disjoint splits and the sampling."""
+    label_noise: float = 0.0
+    """Share of phase-1 and phase-3 human rankings reversed before training (dev and test stay clean): the
+    proxies of the over-optimisation experiment (``dmoerm overopt``; Coste et al. 2023 flip 25%)."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.label_noise < 0.5:
+            raise ValueError(
+                f"label_noise: {self.label_noise} must be in [0, 0.5); 0.25 flips a quarter of the rankings"
+            )
         for name in ("phase1_records", "phase3_records", "test_records"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -155,15 +162,30 @@ class PipelineConfig:
         return _from_dict(cls, obj, "config")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> PipelineConfig:
+    def from_file(cls, path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+        """Read a YAML/JSON config; ``overrides`` are ``section.field=value`` strings (value in YAML syntax)
+        applied on top, e.g. ``phase1.length_penalty=1.0`` or ``data.sources=[rmb/pairwise]``."""
         import yaml
 
         text = Path(path).read_text(encoding="utf-8")
-        obj = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        obj = (json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)) or {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"override {item!r}: use section.field=value, e.g. phase1.epochs=2")
+            node = obj
+            *parents, last = key.strip().split(".")
+            for part in parents:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise ValueError(f"override {item!r}: {part!r} is a value, not a section")
+                node = child
+            node[last] = yaml.safe_load(value)
         try:
-            return cls.from_dict(obj or {})
+            return cls.from_dict(obj)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: {e}") from None
+            where = f"{path} with overrides {list(overrides)}" if overrides else str(path)
+            raise ValueError(f"{where}: {e}") from None
 
 
 def _from_dict(cls, obj: dict, where: str):
@@ -255,10 +277,14 @@ def build_splits(
         return out
 
     phase1 = take(halves["phase1"], config.phase1_records)
+    phase3 = take(halves["phase3"], config.phase3_records)
+    if config.label_noise:
+        phase1 = {c: with_label_noise(v, config.label_noise, config.seed) for c, v in phase1.items()}
+        phase3 = {c: with_label_noise(v, config.label_noise, config.seed) for c, v in phase3.items()}
     return Splits(
         phase1=phase1,
         labels={c: v[: config.label_records] for c, v in phase1.items()},
-        phase3=take(halves["phase3"], config.phase3_records),
+        phase3=phase3,
         dev=take(top["dev"], config.dev_records),
         test=take(top["test"], config.test_records),
     )
@@ -353,7 +379,7 @@ def run_pipeline(
     ``cache`` lets several runs on the same backbone share frozen trunk states (experiments comparing label
     sources); None makes one bounded by ``config.trunk_cache_gb``.
     """
-    from dmoerm.evaluation import comparison_table, compute_metrics, write_eval
+    from dmoerm.evaluation import comparison_table, compute_metrics, response_token_lengths, write_eval
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -559,6 +585,7 @@ def run_pipeline(
     test_recs = [r for c in categories for r in splits.test[c]]
     test_items = [it for c in categories for it in items["test"][c]]
     flat, where = _flat(test_items)
+    test_tokens = response_token_lengths(tok, test_recs)
     cache.get(model.bank, flat, desc="test trunk" if progress else None)
     # DMoERM, its two scoring-time ablations (issue 5: experts averaged instead of the MLP; the router with
     # each category's phase-1 model alone, i.e. one reward model per category) and the single reward model.
@@ -584,8 +611,8 @@ def run_pipeline(
                 router_right = sum(routed[w.start] == r.category for w, r in zip(where, test_recs))
         seconds = time.perf_counter() - t1
         per_record = [rewards[w].tolist() for w in where]
-        result = compute_metrics(per_record, test_recs, system=name)
-        write_eval(result, out / "eval" / _folder(name))
+        result = compute_metrics(per_record, test_recs, token_lengths=test_tokens, system=name)
+        write_eval(result, out / "eval" / eval_folder(name))
         results[name] = result
         logger.info(
             "%s: test agreement %.4f (%d responses scored in %.1fs from cached trunk states)",
@@ -596,7 +623,9 @@ def run_pipeline(
         )
     model.routing = config.routing
     if config.baseline and config.ensemble_size > 1:
-        results.update(_evaluate_ensemble(members, flat, where, test_recs, items["dev"], cache, out))
+        results.update(
+            _evaluate_ensemble(members, flat, where, test_recs, test_tokens, items["dev"], cache, out)
+        )
     timed("eval", t0)
     timings["total_this_run"] = round(time.perf_counter() - t_start, 2)
     stages.finish("_timings", timings)
@@ -611,7 +640,26 @@ def run_pipeline(
     return PipelineResult(str(out), sizes, table, timings, router_info, str(report))
 
 
-def _evaluate_ensemble(members, flat, where, test_recs, dev_items, cache, out: Path) -> dict:
+def standardized_scores(
+    members: Sequence[RewardModel],
+    inputs: Sequence[EncodedInput],
+    dev: Sequence[EncodedInput],
+    cache: TrunkCache,
+) -> torch.Tensor:
+    """Each member's rewards of ``inputs``, standardised by its mean and std on ``dev``: [N members, inputs].
+
+    Ensemble rules need members on one scale: the worst case and the variance would otherwise compare offsets
+    (Coste et al. 2023 normalise their members the same way).
+    """
+    scores = []
+    for member in members:
+        on_dev, _, _ = score_cached(member, dev, cache)
+        on_inputs, _, _ = score_cached(member, inputs, cache)
+        scores.append((on_inputs - on_dev.mean()) / on_dev.std().clamp(min=1e-6))
+    return torch.stack(scores)
+
+
+def _evaluate_ensemble(members, flat, where, test_recs, test_tokens, dev_items, cache, out: Path) -> dict:
     """Mean, worst-case and uncertainty-weighted ensembles of single reward models on the test inputs.
 
     Each member's rewards are standardised with its mean and std on the dev inputs first, so the worst case
@@ -620,18 +668,15 @@ def _evaluate_ensemble(members, flat, where, test_recs, dev_items, cache, out: P
     from dmoerm.evaluation import ENSEMBLE_RULES, combine_rewards, compute_metrics, write_eval
 
     dev_flat, _ = _flat([it for items in dev_items.values() for it in items])
-    scores = []
-    for member in members:
-        dev, _, _ = score_cached(member, dev_flat, cache)
-        test, _, _ = score_cached(member, flat, cache)
-        scores.append((test - dev.mean()) / dev.std().clamp(min=1e-6))
-    stacked = torch.stack(scores)  # [N, responses]
+    stacked = standardized_scores(members, flat, dev_flat, cache)  # [N, responses]
     results = {}
     for rule in ENSEMBLE_RULES:
         name = f"RM ensemble ({rule}, N={len(members)})"
         combined = combine_rewards(stacked, rule)
-        result = compute_metrics([combined[w].tolist() for w in where], test_recs, system=name)
-        write_eval(result, out / "eval" / _folder(name))
+        result = compute_metrics(
+            [combined[w].tolist() for w in where], test_recs, token_lengths=test_tokens, system=name
+        )
+        write_eval(result, out / "eval" / eval_folder(name))
         results[name] = result
     return results
 
@@ -639,7 +684,7 @@ def _evaluate_ensemble(members, flat, where, test_recs, dev_items, cache, out: P
 _SYSTEM_ORDER = ("DMoERM", "DMoERM, experts averaged", "per-category RMs (routed)", "single RM")
 
 
-def _folder(system: str) -> str:
+def eval_folder(system: str) -> str:
     """eval/<folder> of a system name: ``DMoERM, experts averaged`` -> ``DMoERM_experts_averaged``."""
     return "_".join("".join(ch if ch.isalnum() else " " for ch in system).split())
 
