@@ -70,15 +70,9 @@ def rule_reward_fn(target_words: int):
 
 def load_scorer(path: str):
     """A trained dmoerm reward model (single or DMoERM) from its directory."""
-    try:
-        from dmoerm import load_model  # type: ignore[attr-defined]
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        return load_model(path)
-    from dmoerm.reward_model import RewardModel
+    from dmoerm.model import load_model
 
-    return RewardModel.from_pretrained(path)
+    return load_model(path)
 
 
 def resolve_generator(name: str | None) -> str:

@@ -271,3 +271,27 @@ def test_grpo_trainer_runs_one_step_with_reward_fn(tiny_backbone, scorer, tmp_pa
     logged = [h for h in trainer.state.log_history if "reward" in h]
     assert logged and math.isfinite(logged[0]["reward"])
     assert any(k.startswith("rewards/dmoerm_reward") for k in logged[0])
+
+
+def test_grpo_example_loads_either_kind_of_reward_model(tiny_backbone, tmp_path):
+    """examples/grpo_example.py --reward-model takes a single RM or a DMoERM directory."""
+    import importlib.util
+    from pathlib import Path
+
+    from dmoerm.experts import BackboneConfig
+    from dmoerm.model import DMoERM, new_dmoerm, rm_expert
+    from dmoerm.reward_model import RewardModel
+    from helpers import tiny_taxonomy
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "grpo_example.py"
+    spec = importlib.util.spec_from_file_location("grpo_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    cfg = BackboneConfig(backbone=tiny_backbone, num_top_layers=2, trunk_dtype="float32", max_length=64)
+    RewardModel.create(cfg).save_pretrained(tmp_path / "rm")
+    dm = new_dmoerm(cfg, tiny_taxonomy(), ["code", "chat"])
+    for c in dm.categories:
+        dm.bank.add_expert(rm_expert(c))
+    dm.save_pretrained(tmp_path / "dm")
+    assert isinstance(example.load_scorer(str(tmp_path / "rm")), RewardModel)
+    assert isinstance(example.load_scorer(str(tmp_path / "dm")), DMoERM)
