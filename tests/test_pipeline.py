@@ -7,9 +7,12 @@ import json
 import pytest
 
 from dmoerm.model import DMoERM, load_model
-from dmoerm.pipeline import PipelineConfig, run_pipeline
+from dmoerm.pipeline import PipelineConfig, build_splits, load_preferences, run_pipeline
 from dmoerm.training import phases
-from helpers import job_config
+from helpers import job_config, tiny_taxonomy
+
+TAXONOMY = tiny_taxonomy()
+
 
 @pytest.mark.slow
 def test_pipeline_runs_end_to_end_and_a_rerun_skips_finished_stages(tmp_path, tiny_backbone, monkeypatch):
@@ -113,3 +116,32 @@ def test_overrides_set_nested_fields_and_bad_ones_are_named(tmp_path):
         PipelineConfig.from_file(path, ["data.test_records.x=1"])
     with pytest.raises(ValueError, match=r"with overrides \['phase2.epoch=3'\]: .*unknown field\(s\) epoch"):
         PipelineConfig.from_file(path, ["phase2.epoch=3"])
+
+
+@pytest.mark.slow
+def test_without_router_ablation_pools_categories_into_one_inner_model(tmp_path, tiny_backbone, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the router trained although there is one category")
+
+    monkeypatch.setattr("dmoerm.pipeline.train_router", boom)
+    config = job_config(tmp_path, tiny_backbone, without_router=True, baseline=False)
+    result = run_pipeline(config, progress=False)
+    out = tmp_path / "run"
+    model = load_model(out / "model")
+    assert model.categories == ["all"]
+    # One expert per capability point of either category, trained on the pooled labels of that point.
+    cats = {c.name: c for c in model.taxonomy.categories}
+    assert set(cats["all"].capability_names) == {"correctness", "brevity", "empathy"}
+    experts = {e.removeprefix("all__") for e in model.capability_experts("all")}
+    assert experts == {"correctness", "brevity", "empathy"}  # labels from both categories' records
+    # The same test records as the routed run, reported per their own category.
+    routed = build_splits(load_preferences(config.data, TAXONOMY), ["code", "chat"], config.data)
+    assert json.loads((out / "sizes.json").read_text()) == {
+        "all": {
+            k: sum(v[k] for v in routed.sizes().values())
+            for k in ("phase1", "labels", "phase3", "dev", "test")
+        }
+    }
+    assert "DMoERM without router" in result.table
+    for c in ("code", "chat"):
+        assert f"| {c} (n={len(routed.test[c])}) |" in result.table

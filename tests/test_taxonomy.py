@@ -236,3 +236,16 @@ def test_assign_categories(caplog) -> None:
     assert "1 of 4 record(s) have a label with no mapping" in caplog.text and "src:mystery (1)" in caplog.text
     assert "mapped to null: src:Helpfulness/Code/Docs (1)" in caplog.text
     assert [r.category for r in assign_categories(recs, t, source="other")] == [None, None, None, None]
+
+
+def test_pooled_taxonomy_has_one_category_with_every_capability_point_once():
+    from dmoerm.taxonomy import load_taxonomy
+
+    default = load_taxonomy("default")
+    pooled = default.pooled()
+    assert pooled.category_names == ("all",)
+    names = [c.name for c in default.categories for c in c.capabilities]
+    assert pooled.category("all").capability_names == tuple(dict.fromkeys(names))
+    # A point shared by two categories keeps its first definition.
+    first = next(c for c in default.categories if "relevance" in c.capability_names).capability("relevance")
+    assert pooled.category("all").capability("relevance") == first

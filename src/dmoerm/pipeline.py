@@ -147,6 +147,11 @@ class PipelineConfig:
     members normalised on the dev set); 0 or 1 for none."""
     trunk_cache_gb: float = 6.0
     """Memory bound of the trunk-state cache."""
+    without_router: bool = False
+    """The "without router" ablation (issue 5): one inner model for every category, no router. The splits
+    are drawn per category as usual (same test records, per-category rows by the records' own categories);
+    then every category's records go to one category ``all`` whose capability points are all the categories'
+    points, each record judged on its own category's points and the labels pooled by point."""
 
     def __post_init__(self) -> None:
         if self.ensemble_size < 0:
@@ -235,6 +240,10 @@ def _save_atomically(model, directory: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+POOLED = "all"
+"""The one category of the "without router" ablation."""
+
+
 @dataclass
 class Splits:
     """Per-category record lists of every phase."""
@@ -244,6 +253,16 @@ class Splits:
     phase3: dict[str, list[PreferenceRecord]]
     dev: dict[str, list[PreferenceRecord]]
     test: dict[str, list[PreferenceRecord]]
+
+    def pooled(self, name: str) -> Splits:
+        """Every category's records of each phase under one category ``name`` (records keep their own
+        ``category``)."""
+        return Splits(
+            **{
+                f.name: {name: [r for recs in getattr(self, f.name).values() for r in recs]}
+                for f in fields(self)
+            }
+        )
 
     def sizes(self) -> dict[str, dict[str, int]]:
         return {
@@ -404,6 +423,9 @@ def run_pipeline(
         raise ValueError(
             f"data: categories {empty} have no phase-1 or test records; drop them from data.categories"
         )
+    label_taxonomy = taxonomy  # the judge asks about each record's own category's points
+    if config.without_router:
+        taxonomy, splits, categories = taxonomy.pooled(POOLED), splits.pooled(POOLED), [POOLED]
     sizes = splits.sizes()
     logger.info("sizes per category (records): %s", json.dumps(sizes))
     (out / "sizes.json").write_text(json.dumps(sizes, indent=2))
@@ -435,6 +457,18 @@ def run_pipeline(
         stages.finish("_timings", timings)
 
     # ----------------------------------------------------------------------------------- router
+    if "router" not in stages and len(categories) == 1:
+        finish(
+            "router",
+            time.perf_counter(),
+            {
+                "accuracy": 1.0,
+                "per_category": {},
+                "train_prompts": 0,
+                "dev_prompts": 0,
+                "note": "one category: nothing to route",
+            },
+        )
     if "router" not in stages:
         t0 = time.perf_counter()
 
@@ -473,7 +507,7 @@ def run_pipeline(
         )
 
     # ----------------------------------------------------------------------------------- inner models
-    labeller = _Labeller(config, taxonomy, out / "labels", progress)
+    labeller = _Labeller(config, label_taxonomy, out / "labels", progress)
     held_out = {
         prompt_key(r.conversation)
         for split in (splits.phase3, splits.dev, splits.test)
@@ -507,7 +541,7 @@ def run_pipeline(
                 timed(stage, t0)
                 stages.finish(stage, stats)
                 stages.finish("_timings", timings)
-            labels = _read_category_labels(config, label_path, c, held_out)
+            labels = _read_category_labels(config, label_path, None if config.without_router else c, held_out)
             for cap in next(x for x in taxonomy.categories if x.name == c).capabilities:
                 cap_items = labels_to_items([lab for lab in labels if lab.capability == cap.name], tok, n)
                 stage = f"phase2/{c}/{cap.name}"
@@ -590,6 +624,9 @@ def run_pipeline(
     # DMoERM, its two scoring-time ablations (issue 5: experts averaged instead of the MLP; the router with
     # each category's phase-1 model alone, i.e. one reward model per category) and the single reward model.
     systems = {"DMoERM": "mlp", "DMoERM, experts averaged": "mean", "per-category RMs (routed)": "phase1"}
+    if config.without_router:  # one inner model: its phase-1 model is one RM on phase 1 of every category
+        systems = {"DMoERM without router": "mlp", "DMoERM without router, experts averaged": "mean"}
+    first = next(iter(systems))
     if baseline is not None:
         systems["single RM"] = baseline
     results = {}
@@ -606,7 +643,7 @@ def run_pipeline(
                 model.routing = dataclasses.replace(config.routing, aggregation=system)
                 system = model
             rewards, routed, scores = score_cached(system, flat, cache)
-            if name == "DMoERM":
+            if name == first:
                 capability_scores = scores
                 router_right = sum(routed[w.start] == r.category for w, r in zip(where, test_recs))
         seconds = time.perf_counter() - t1
@@ -807,8 +844,9 @@ class _Labeller:
         return stats.to_dict()
 
 
-def _read_category_labels(config: PipelineConfig, path: Path, category: str, held_out: set[tuple]):
-    """The category's labels, minus any on a prompt that phase 3, dev or test use.
+def _read_category_labels(config: PipelineConfig, path: Path, category: str | None, held_out: set[tuple]):
+    """The category's labels (every label when ``category`` is None), minus any on a prompt that phase 3, dev
+    or test use.
 
     A label file given by the user may cover prompts this run holds out; training an expert on them would
     leak into phase 3 and the evaluation (the paper keeps the phases' data disjoint), so they are dropped.
@@ -818,7 +856,7 @@ def _read_category_labels(config: PipelineConfig, path: Path, category: str, hel
     source = Path(config.labels.file) if config.labels.source == "file" else path
     if not source.exists():
         return []
-    labels = [lab for lab in read_labels(source) if lab.category in (category, None)]
+    labels = [lab for lab in read_labels(source) if category is None or lab.category in (category, None)]
     kept = [lab for lab in labels if prompt_key(lab.conversation) not in held_out]
     if len(kept) < len(labels):
         logger.info(

@@ -208,6 +208,19 @@ class Taxonomy:
             f"taxonomy {self.name!r} has no category {name!r}; it has {', '.join(self.category_names)}"
         )
 
+    def pooled(self, name: str = "all") -> Taxonomy:
+        """One category ``name`` holding every category's capability points (the first definition of a name
+        wins): the inner model of the "without router" ablation (issue 5), one inner model for every task."""
+        caps: dict[str, Capability] = {}
+        for c in self.categories:
+            for cap in c.capabilities:
+                caps.setdefault(cap.name, cap)
+        described = ", ".join(self.category_names)
+        return Taxonomy(
+            name=f"{self.name}_pooled",
+            categories=(Category(name, f"every task ({described})", tuple(caps.values())),),
+        )
+
     def _table(self, source: str) -> Mapping[str, str | None] | None:
         if source in self.mappings:
             return self.mappings[source]
