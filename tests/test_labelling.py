@@ -543,3 +543,37 @@ def test_load_quality_sets_from_the_bundled_data():
     # the loaders put the preferred response first; the sample swaps about half of the pairs
     big, _, _ = load_quality_sets(["pandalm", "llmbar"], limit=40, seed=0)
     assert 0.3 < sum(p.human == "a" for p in big) / len(big) < 0.7
+
+
+def test_judge_as_evaluator_rewards_and_metrics(tmp_path, monkeypatch):
+    """Issue 5 (d): the judge's both-orders verdicts become rewards that dmoerm eval's metrics read."""
+    from dmoerm.data import PreferenceRecord, save_jsonl
+    from dmoerm.labelling.quality import JudgeEvalConfig, judge_rewards, run_judge_eval
+
+    long, short = "a long and careful answer", "short"
+    records = [
+        PreferenceRecord.from_pair([Message("user", "q1")], long, short, category="chat"),  # judge right
+        PreferenceRecord.from_pair([Message("user", "q2")], short, long, category="chat"),  # judge wrong
+        PreferenceRecord((Message("user", "q3"),), ("xx", "x", "xxx"), (1, 2, 0), category="code"),
+    ]
+    # Margins: the bias of 3 cancels across the orders; each pair adds +-strength (1.0) to its responses.
+    rewards = judge_rewards(BiasedJudge(bias=3.0, strength=1.0), records, progress=False)
+    assert rewards[0] == [1.0, -1.0] and rewards[1] == [-1.0, 1.0]
+    assert rewards[2] == [0.0, -2.0, 2.0]  # "xxx" beats both, "xx" beats "x"
+    # The strict rule: a position-1 bias stronger than the signal makes both orders disagree: all ties.
+    strict = judge_rewards(BiasedJudge(bias=3.0), records, consistency="strict", progress=False)
+    assert strict == [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert judge_rewards(BiasedJudge(bias=0.0), records[:1], consistency="strict", progress=False) == [[1.0, -1.0]]
+
+    data = tmp_path / "pairs.jsonl"
+    save_jsonl(records, data)
+    monkeypatch.setattr("dmoerm.labelling.pipeline.make_judge", lambda cfg: BiasedJudge())
+    result = run_judge_eval(JudgeEvalConfig(data=[str(data)], out=str(tmp_path / "ev"), progress=False))
+    # 1 right + 0 wrong of record 1-2, and 3 of 3 pairs of the ranked list.
+    assert result.overall.agreement.n == 5 and result.overall.agreement.value == pytest.approx(4 / 5)
+    assert result.system == "LLM judge (fake:biased)"
+    assert (tmp_path / "ev" / "eval.json").exists() and (tmp_path / "ev" / "eval.md").exists()
+    with pytest.raises(ValueError, match="consistency: 'vote' is not one of"):
+        JudgeEvalConfig(data=[str(data)], consistency="vote")
+    with pytest.raises(ValueError, match="data: name at least one source"):
+        JudgeEvalConfig()

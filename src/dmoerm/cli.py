@@ -155,6 +155,14 @@ def _finegrained(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_judge(args: argparse.Namespace) -> int:
+    from dmoerm.labelling.quality import JudgeEvalConfig, run_judge_eval
+
+    result = run_judge_eval(config_from_args(JudgeEvalConfig, args))
+    sys.stdout.write(result.to_markdown())
+    return 0
+
+
 def _overopt(args: argparse.Namespace) -> int:
     from dmoerm.experiments import OverOptConfig, overopt_markdown, run_overopt
 
@@ -203,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="agreement of a saved model with human labels, per category, with CIs")
     add_config_arguments(p, EvalConfig)
     p.set_defaults(handler=_eval)
+
+    from dmoerm.labelling.quality import JudgeEvalConfig
+
+    p = sub.add_parser(
+        "eval-judge", help="an LLM judge as a zero-shot evaluator (both orders), same metrics as eval"
+    )
+    add_config_arguments(p, JudgeEvalConfig)
+    p.set_defaults(handler=_eval_judge)
 
     from dmoerm.labelling.pipeline import LabelConfig
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dmoerm.data import PreferenceRecord, load_data, split_by_prompt, with_label_noise
+from dmoerm.data import PreferenceRecord, load_data, save_jsonl, split_by_prompt, with_label_noise
 from dmoerm.encoding import EncodedInput, RankedItem, encode, encode_record
 from dmoerm.experts import BackboneConfig
 from dmoerm.model import DMoERM, RoutingConfig, new_dmoerm, rm_expert
@@ -429,6 +429,10 @@ def run_pipeline(
     sizes = splits.sizes()
     logger.info("sizes per category (records): %s", json.dumps(sizes))
     (out / "sizes.json").write_text(json.dumps(sizes, indent=2))
+    # The exact records of every split, so any other system (an LLM judge: ``dmoerm eval-judge --data
+    # runs/main/splits/test.jsonl``) is evaluated on the same held-back pairs.
+    for name in ("phase1", "phase3", "dev", "test"):
+        save_jsonl([r for recs in getattr(splits, name).values() for r in recs], out / "splits" / f"{name}.jsonl")
 
     model_dir = out / "model"
     cfg = config.model
