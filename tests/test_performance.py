@@ -219,3 +219,54 @@ def test_trunk_cache_hits_across_epochs_and_stays_bounded(tiny_backbone):
     bounded = TrunkCache(max_bytes=2 * first[0].numel() * first[0].element_size())
     bounded.get(bank, inputs)
     assert bounded._bytes <= bounded.max_bytes and len(bounded) < len(inputs)
+
+
+@pytest.mark.parametrize("top_layers", [1, 2])
+def test_last_token_path_equals_the_full_top_under_both_paddings_with_gradients(tiny_backbone, top_layers):
+    """Issue 6: the last layer computed for the last position only equals the full top (values and LoRA
+    gradients), right- and left-padded, for one expert and for a mixed-adapter batch."""
+    torch.manual_seed(0)
+    cfg = BackboneConfig(backbone=tiny_backbone, num_top_layers=top_layers, trunk_dtype="float32", max_length=64)
+    bank = ExpertBank(cfg, init_lora_weights=False)
+    for name in NAMES:
+        bank.add_expert(name)
+    bank.eval()  # PEFT's mixed-adapter batches are inference only
+    assert bank.backbone.last_token_path
+    batch = _batch(bank.tokenizer, n=6)
+    right = batch["attention_mask"]
+    shift = [int((m == 0).sum()) for m in right]
+    left_ids = torch.stack([torch.roll(r, s) for r, s in zip(batch["input_ids"], shift)])
+    left = torch.stack([torch.roll(m, s) for m, s in zip(right, shift)])
+    for ids, mask in ((batch["input_ids"], right), (left_ids, left)):
+        with torch.no_grad():
+            states = bank.trunk(ids, mask)
+            for name in NAMES:  # float32 values first: the path scoring and training use
+                bank._activate(name)
+                fast = bank.backbone.top_last_token(states, mask)
+                assert torch.allclose(fast, last_token_pool(bank.backbone.top(states, mask), mask), atol=1e-5)
+        # Gradients in float64: this tiny random net's float32 gradients differ between any two summation
+        # orders by ~1e-3 relative, in float64 the two paths agree to ~1e-15.
+        bank.double()
+        states = states.double()
+        bank._activate("e1")
+        params = [p for n, p in bank.named_parameters() if ".e1." in n and "lora_" in n]
+        assert params
+        for p in params:
+            p.requires_grad_(True)
+        fast = bank.backbone.top_last_token(states, mask)  # [B, H]
+        full = last_token_pool(bank.backbone.top(states, mask), mask)
+        assert torch.allclose(fast, full, atol=1e-12)
+        g_fast = torch.autograd.grad(fast.square().sum(), params, allow_unused=True)
+        g_full = torch.autograd.grad(full.square().sum(), params, allow_unused=True)
+        for a, b in zip(g_fast, g_full):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.allclose(a, b, atol=1e-12)
+        bank.float()
+        states = states.float()
+        with torch.no_grad():
+            mixed = bank.all_experts_hidden(states, mask, NAMES)  # [K, B, H], mixed-adapter batch
+            for i, name in enumerate(NAMES):
+                bank._activate(name)
+                ref = last_token_pool(bank.backbone.top(states, mask), mask)
+                assert torch.allclose(mixed[i], ref, atol=1e-5)

@@ -148,6 +148,11 @@ def _decoder(model: nn.Module) -> nn.Module:
     return inner
 
 
+LAST_TOKEN_MODEL_TYPES = ("llama", "mistral", "qwen2")
+"""Decoders whose last layer :meth:`SplitBackbone.top_last_token` computes for the last position only: the
+Llama layer (pre-norm attention with rotary embeddings and grouped-query heads, then a pre-norm MLP)."""
+
+
 class SplitBackbone(nn.Module):
     """A decoder LM cut after layer ``split``: ``trunk`` (frozen, cacheable) then ``top`` (trainable).
 
@@ -212,12 +217,70 @@ class SplitBackbone(nn.Module):
         """Trunk states [B, T, H] -> final normed hidden states [B, T, H] (float32)."""
         with self._run_layers(self.split, self.num_layers, final_norm=True) as decoder:
             out = decoder(
-                inputs_embeds=hidden.float(),
+                inputs_embeds=hidden if hidden.dtype == torch.float64 else hidden.float(),
                 attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask),
                 use_cache=False,
             )
         return out.last_hidden_state
+
+    def top_last_token(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Trunk states [B, T, H] -> the final normed hidden state of each row's last real token [B, H].
+
+        Equal to ``last_token_pool(self.top(hidden, mask), mask)``, but a reward reads one position, and in the
+        last layer only that position's query, attention output and MLP are needed (keys and values still
+        cover every position): with one top layer the experts' share of the cost drops by roughly the MLP's
+        and the query's work on T - 1 positions (issue 6: DMoERM close to one forward pass). Llama-family
+        layers only (``LAST_TOKEN_MODEL_TYPES``); any other backbone takes the full path.
+        """
+        if not self.last_token_path:
+            return last_token_pool(self.top(hidden, attention_mask), attention_mask)
+        decoder = self.decoder
+        h = hidden if hidden.dtype == torch.float64 else hidden.float()  # [B, T, H]
+        positions = position_ids_from_mask(attention_mask)  # [B, T]
+        if self.split < self.num_layers - 1:  # the top layers below the last run in full
+            with self._run_layers(self.split, self.num_layers - 1, final_norm=False) as lower:
+                h = lower(
+                    inputs_embeds=h, attention_mask=attention_mask, position_ids=positions, use_cache=False
+                ).last_hidden_state
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        layer = decoder.layers[self.num_layers - 1]
+        attn = layer.self_attn
+        b, t, _ = h.shape
+        d = attn.head_dim
+        rows = torch.arange(b, device=h.device)
+        steps = torch.arange(t, device=h.device)
+        last = (attention_mask.long() * steps).argmax(dim=1)  # [B], right under left and right padding
+        x = layer.input_layernorm(h)  # [B, T, H]
+        q = attn.q_proj(x[rows, last].unsqueeze(1)).view(b, 1, -1, d).transpose(1, 2)  # [B, heads, 1, d]
+        k = attn.k_proj(x).view(b, t, -1, d).transpose(1, 2)  # [B, kv heads, T, d]
+        v = attn.v_proj(x).view(b, t, -1, d).transpose(1, 2)  # [B, kv heads, T, d]
+        cos, sin = decoder.rotary_emb(h, positions)  # [B, T, d] each
+        q, _ = apply_rotary_pos_emb(q, q, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        groups = q.shape[1] // k.shape[1]  # grouped-query attention: each kv head serves `groups` heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        visible = attention_mask.bool() & (steps.unsqueeze(0) <= last.unsqueeze(1))  # [B, T] causal, no pads
+        out = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=visible[:, None, None, :], scale=attn.scaling
+        )  # [B, heads, 1, d]
+        h_last = h[rows, last].unsqueeze(1) + attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))  # [B, 1, H]
+        h_last = h_last + layer.mlp(layer.post_attention_layernorm(h_last))
+        return decoder.norm(h_last).squeeze(1)  # [B, H]
+
+    @property
+    def last_token_path(self) -> bool:
+        """Whether :meth:`top_last_token` computes only the last position of the last layer."""
+        decoder = self.decoder
+        if getattr(decoder.config, "model_type", None) not in LAST_TOKEN_MODEL_TYPES:
+            return False
+        if getattr(decoder.config, "sliding_window", None) and getattr(
+            decoder.config, "use_sliding_window", True
+        ):
+            return False  # a window would hide early keys from the last query
+        attn = getattr(decoder.layers[self.num_layers - 1], "self_attn", None)
+        return attn is not None and hasattr(decoder, "rotary_emb") and hasattr(attn, "scaling")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.top(self.trunk(input_ids, attention_mask), attention_mask)

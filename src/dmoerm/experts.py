@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dmoerm.backbone import SplitBackbone, _decoder, last_token_pool, load_tokenizer, resolve_backbone
+from dmoerm.backbone import SplitBackbone, _decoder, load_tokenizer, resolve_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +194,7 @@ class ExpertBank(nn.Module):
         """Trunk states [B, T, H] -> expert ``name``'s last-token hidden state [B, H]."""
         self._activate(name)
         trunk_states, attention_mask = trunk_states.to(self.device), attention_mask.to(self.device)
-        final = self.backbone.top(trunk_states, attention_mask)  # [B, T, H]
-        return last_token_pool(final, attention_mask)
+        return self.backbone.top_last_token(trunk_states, attention_mask)  # [B, H]
 
     def all_experts_hidden(
         self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, names: list[str]
@@ -214,8 +213,8 @@ class ExpertBank(nn.Module):
         mask = attention_mask.repeat(k, 1)  # [K*B, T]
         rows = [n for n in names for _ in range(b)]
         with torch.no_grad(), self.peft_model.base_model._enable_peft_forward_hooks(adapter_names=rows):
-            final = self.backbone.top(forked, mask)  # [K*B, T, H]
-        return last_token_pool(final, mask).view(k, b, h)
+            final = self.backbone.top_last_token(forked, mask)  # [K*B, H]
+        return final.view(k, b, h)
 
     def forward(self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, expert: str) -> torch.Tensor:
         """Rewards of expert ``expert``: trunk states [B, T, H] -> [B]."""
