@@ -128,16 +128,16 @@ def test_without_router_ablation_pools_categories_into_one_inner_model(tmp_path,
     result = run_pipeline(config, progress=False)
     out = tmp_path / "run"
     model = load_model(out / "model")
-    assert model.categories == ["all"]
+    assert model.categories == ["pooled"]
     # One expert per capability point of either category, trained on the pooled labels of that point.
     cats = {c.name: c for c in model.taxonomy.categories}
-    assert set(cats["all"].capability_names) == {"correctness", "brevity", "empathy"}
-    experts = {e.removeprefix("all__") for e in model.capability_experts("all")}
+    assert set(cats["pooled"].capability_names) == {"correctness", "brevity", "empathy"}
+    experts = {e.removeprefix("pooled__") for e in model.capability_experts("pooled")}
     assert experts == {"correctness", "brevity", "empathy"}  # labels from both categories' records
     # The same test records as the routed run, reported per their own category.
     routed = build_splits(load_preferences(config.data, TAXONOMY), ["code", "chat"], config.data)
     assert json.loads((out / "sizes.json").read_text()) == {
-        "all": {
+        "pooled": {
             k: sum(v[k] for v in routed.sizes().values())
             for k in ("phase1", "labels", "phase3", "dev", "test")
         }

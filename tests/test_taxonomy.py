@@ -243,9 +243,9 @@ def test_pooled_taxonomy_has_one_category_with_every_capability_point_once():
 
     default = load_taxonomy("default")
     pooled = default.pooled()
-    assert pooled.category_names == ("all",)
+    assert pooled.category_names == ("pooled",)
     names = [c.name for c in default.categories for c in c.capabilities]
-    assert pooled.category("all").capability_names == tuple(dict.fromkeys(names))
+    assert pooled.category("pooled").capability_names == tuple(dict.fromkeys(names))
     # A point shared by two categories keeps its first definition.
     first = next(c for c in default.categories if "relevance" in c.capability_names).capability("relevance")
-    assert pooled.category("all").capability("relevance") == first
+    assert pooled.category("pooled").capability("relevance") == first

@@ -150,7 +150,7 @@ class PipelineConfig:
     without_router: bool = False
     """The "without router" ablation (issue 5): one inner model for every category, no router. The splits
     are drawn per category as usual (same test records, per-category rows by the records' own categories);
-    then every category's records go to one category ``all`` whose capability points are all the categories'
+    then every category's records go to one category ``pooled`` whose capability points are all the categories'
     points, each record judged on its own category's points and the labels pooled by point."""
 
     def __post_init__(self) -> None:
@@ -240,7 +240,7 @@ def _save_atomically(model, directory: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-POOLED = "all"
+POOLED = "pooled"
 """The one category of the "without router" ablation."""
 
 

@@ -208,7 +208,7 @@ class Taxonomy:
             f"taxonomy {self.name!r} has no category {name!r}; it has {', '.join(self.category_names)}"
         )
 
-    def pooled(self, name: str = "all") -> Taxonomy:
+    def pooled(self, name: str = "pooled") -> Taxonomy:
         """One category ``name`` holding every category's capability points (the first definition of a name
         wins): the inner model of the "without router" ablation (issue 5), one inner model for every task."""
         caps: dict[str, Capability] = {}
