@@ -133,14 +133,9 @@ class BackboneScorer:
 
 def make_scorer(args: argparse.Namespace):
     if args.model_dir:
-        try:
-            from dmoerm import load_model  # type: ignore[attr-defined]
+        from dmoerm.model import load_model
 
-            return load_model(args.model_dir)
-        except ImportError:
-            from dmoerm.reward_model import RewardModel
-
-            return RewardModel.from_pretrained(args.model_dir)
+        return load_model(args.model_dir)  # a single RM or a DMoERM
     return BackboneScorer(args.backbone_path, max_length=args.max_length)
 
 
