@@ -25,7 +25,7 @@ class EncodedInput:
     """How many of ``input_ids`` belong to the (possibly left-truncated) prompt."""
 
 
-def _as_dicts(conversation: Sequence[Message | dict]) -> list[dict]:
+def message_dicts(conversation: Sequence[Message | dict]) -> list[dict]:
     out = []
     for m in conversation:
         if isinstance(m, Message):
@@ -37,7 +37,7 @@ def _as_dicts(conversation: Sequence[Message | dict]) -> list[dict]:
 
 def render(tokenizer, conversation: Sequence[Message | dict], response: str) -> tuple[str, str]:
     """(prompt text, response suffix text) from the chat template; their concatenation is the full chat."""
-    messages = _as_dicts(conversation)
+    messages = message_dicts(conversation)
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(
         messages + [{"role": "assistant", "content": response}], tokenize=False

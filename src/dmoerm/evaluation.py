@@ -1230,11 +1230,32 @@ class EvalConfig:
             raise ValueError(f"n_resamples: {self.n_resamples} must be >= 0 (0 skips the intervals)")
 
 
+def load_eval_records(
+    data: Sequence[str],
+    taxonomy,
+    data_dir: str | None = None,
+    *,
+    limit: int | None = None,
+    skip_bad: bool = False,
+) -> list[PreferenceRecord]:
+    """Preference records of every source or JSONL file in ``data``, categories mapped by ``taxonomy``; a file of
+    prompts without responses is an error naming it (``dmoerm eval`` and ``dmoerm eval-judge``)."""
+    from dmoerm.data import load_data
+    from dmoerm.taxonomy import assign_categories
+
+    records: list[PreferenceRecord] = []
+    for name in data:
+        loaded = load_data(name, data_dir, skip_bad=skip_bad, limit=limit)
+        if loaded and not isinstance(loaded[0], PreferenceRecord):
+            raise ValueError(f"data: {name!r} holds prompts without responses; evaluation needs preferences")
+        records.extend(assign_categories(loaded, taxonomy))
+    return records
+
+
 def run_eval(config: EvalConfig) -> EvalResult:
     """Load the model and the data, score every response, write ``eval.json``/``eval.md`` to ``config.out``."""
-    from dmoerm.data import load_data
     from dmoerm.model import DMoERM, load_model
-    from dmoerm.taxonomy import assign_categories, load_taxonomy
+    from dmoerm.taxonomy import load_taxonomy
 
     model = load_model(config.model)
     if config.taxonomy is not None:
@@ -1243,12 +1264,9 @@ def run_eval(config: EvalConfig) -> EvalResult:
         taxonomy = model.taxonomy
     else:
         taxonomy = load_taxonomy("default")
-    records: list[PreferenceRecord] = []
-    for name in config.data:
-        loaded = load_data(name, config.data_dir, skip_bad=config.skip_bad, limit=config.limit)
-        if loaded and not isinstance(loaded[0], PreferenceRecord):
-            raise ValueError(f"data: {name!r} holds prompts without responses; evaluation needs preferences")
-        records.extend(assign_categories(loaded, taxonomy))
+    records = load_eval_records(
+        config.data, taxonomy, config.data_dir, limit=config.limit, skip_bad=config.skip_bad
+    )
     result = evaluate(
         model,
         records,

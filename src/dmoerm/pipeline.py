@@ -432,7 +432,9 @@ def run_pipeline(
     # The exact records of every split, so any other system (an LLM judge: ``dmoerm eval-judge --data
     # runs/main/splits/test.jsonl``) is evaluated on the same held-back pairs.
     for name in ("phase1", "phase3", "dev", "test"):
-        save_jsonl([r for recs in getattr(splits, name).values() for r in recs], out / "splits" / f"{name}.jsonl")
+        save_jsonl(
+            [r for recs in getattr(splits, name).values() for r in recs], out / "splits" / f"{name}.jsonl"
+        )
 
     model_dir = out / "model"
     cfg = config.model

@@ -18,15 +18,10 @@ import torch
 from tqdm import tqdm
 
 from dmoerm.data import Message
+from dmoerm.encoding import message_dicts
 from dmoerm.labelling.cache import JudgeCache, request_key
 
 logger = logging.getLogger(__name__)
-
-
-def _conversation_dicts(conversation: Sequence[Message | dict]) -> list[dict]:
-    return [
-        {"role": m.role, "content": m.content} if isinstance(m, Message) else dict(m) for m in conversation
-    ]
 
 
 def generate_samples(
@@ -66,7 +61,7 @@ def generate_samples(
     try:
         bar = tqdm(conversations, desc="sampling", unit="prompt", disable=not progress)
         for conversation in bar:
-            messages = _conversation_dicts(conversation)
+            messages = message_dicts(conversation)
             keys = [request_key(identity, {"conversation": messages, "sample": j}) for j in range(n)]
             have = store.get_many(keys)
             missing = [j for j in range(n) if keys[j] not in have]

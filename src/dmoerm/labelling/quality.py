@@ -761,18 +761,12 @@ class JudgeEvalConfig(JudgeConfig):
 def run_judge_eval(config: JudgeEvalConfig):
     """Load the data, ask the judge about every pair in both orders, compute the metrics of ``dmoerm eval``
     (:func:`~dmoerm.evaluation.compute_metrics`), write ``eval.json``/``eval.md`` to ``config.out``."""
-    from dmoerm.data import load_data
-    from dmoerm.evaluation import Throughput, compute_metrics, write_eval
+    from dmoerm.evaluation import Throughput, compute_metrics, load_eval_records, write_eval
     from dmoerm.labelling.pipeline import make_judge
-    from dmoerm.taxonomy import assign_categories, load_taxonomy
+    from dmoerm.taxonomy import load_taxonomy
 
     taxonomy = load_taxonomy(config.taxonomy)
-    records: list[PreferenceRecord] = []
-    for name in config.data:
-        loaded = load_data(name, config.data_dir, limit=config.limit)
-        if loaded and not isinstance(loaded[0], PreferenceRecord):
-            raise ValueError(f"data: {name!r} holds prompts without responses; evaluation needs preferences")
-        records.extend(assign_categories(loaded, taxonomy))
+    records = load_eval_records(config.data, taxonomy, config.data_dir, limit=config.limit)
     judge = make_judge(config)
     t0 = time.perf_counter()
     rewards = judge_rewards(
