@@ -69,8 +69,13 @@ def job_config_dict(tmp_path, tiny_backbone, **overrides) -> dict:
             "dev_records": 4,
             "test_records": 6,
         },
-        # The tiny random judge gives noisy labels; margin consistency keeps some of every point.
-        "labels": {"source": "local", "judge": {"dtype": "float32", "progress": False}, "min_labels": 1},
+        # The tiny random judge gives noisy labels; margin consistency keeps some of every point (the default,
+        # the paper's strict both-orders rule, keeps none of a judge that always answers one position).
+        "labels": {
+            "source": "local",
+            "judge": {"dtype": "float32", "progress": False, "consistency": "margin"},
+            "min_labels": 1,
+        },
         "router": {"epochs": 3},
         "phase1": fast,
         "phase2": fast,

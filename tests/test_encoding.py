@@ -34,11 +34,27 @@ def test_truncation_keeps_response_end_and_some_prompt(tiny_backbone):
     tok = load_tokenizer(tiny_backbone)
     conv = [Message("user", "word " * 200)]
     enc = encode(tok, conv, "short answer END", 40)
-    assert len(enc.input_ids) == 40
+    assert enc.prompt_length == 20  # half the limit, whatever the response
     assert tok.decode(enc.input_ids).endswith("short answer END<|im_end|>\n")
     long = encode(tok, [Message("user", "question?")], "blah " * 300 + "FINAL", 40)
-    assert len(long.input_ids) <= 40 and long.prompt_length >= 1
+    assert len(long.input_ids) == 40 and long.prompt_length >= 1
     assert "FINAL<|im_end|>" in tok.decode(long.input_ids)
+
+
+def test_prompt_window_does_not_depend_on_the_response(tiny_backbone):
+    """Every response to one prompt carries the same prompt tokens (so they share the router's features)."""
+    from dmoerm.backbone import load_tokenizer
+    from dmoerm.encoding import encode_prompt
+
+    tok = load_tokenizer(tiny_backbone)
+    for words in (3, 15, 200):
+        conv = [Message("user", "word " * words)]
+        windows = {
+            encode(tok, conv, resp, 48).input_ids[: encode(tok, conv, resp, 48).prompt_length]
+            for resp in ("ok", "blah " * 5, "blah " * 300)
+        }
+        assert len(windows) == 1
+        assert windows == {encode_prompt(tok, conv, 48).input_ids}
 
 
 def test_length_buckets_sort_by_length():

@@ -142,21 +142,52 @@ class DMoERM(nn.Module):
             [self.bank.heads[n](hidden[i]).squeeze(-1) for i, n in enumerate(names)]
         )  # [K, B]
         if self.routing.aggregation == "mlp" and category in self.aggregators:
-            reward = self.aggregators[category](hidden)  # [B]
+            reward = self.aggregators[category](hidden, scores)  # [B]
         elif self.routing.aggregation == "mean" or names != [rm_expert(category)]:
             reward = scores.mean(0)
         else:
             reward = scores[0]
         return reward, scores, names
 
+    def route(
+        self,
+        trunk_states: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        prompts: Sequence[tuple[int, ...]] | None = None,
+        memo: dict | None = None,
+    ) -> torch.Tensor:
+        """Router probabilities [B, C] from trunk states [B, T, H] over each row's prompt tokens.
+
+        With ``prompts`` (each row's prompt token ids) and a ``memo`` kept across the batches of one scoring
+        call, a prompt is routed once and every later response to it reuses those features: the responses to
+        one prompt (chosen and rejected, a GRPO group) always go to the same inner model.
+        """
+        feats = self.router.features(trunk_states, prompt_mask)  # [B, H]
+        if prompts is not None and memo is not None:
+            for i, key in enumerate(prompts):
+                if not key:  # no known prompt (a rendered text without a header): nothing to share
+                    continue
+                if key in memo:
+                    feats[i] = memo[key]
+                else:
+                    memo[key] = feats[i]
+        return self.router.probabilities(feats)
+
     def forward(
-        self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor
+        self,
+        trunk_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        category_probs: torch.Tensor | None = None,
     ) -> DMoERMOutput:
-        """Trunk states [B, T, H], masks [B, T] -> rewards with routing and capability scores."""
+        """Trunk states [B, T, H], masks [B, T] -> rewards with routing and capability scores.
+
+        ``category_probs`` [B, C] are the router's probabilities when the caller routed already
+        (:meth:`route` with a per-call memo); None routes each row on its own prompt tokens."""
         device = self.bank.device
         trunk_states, attention_mask = trunk_states.to(device), attention_mask.to(device)
-        probs = self.router.probabilities(
-            self.router.features(trunk_states, prompt_mask.to(device))
+        probs = (
+            self.route(trunk_states, prompt_mask.to(device)) if category_probs is None else category_probs
         )  # [B, C]
         top_p, top_i = probs.max(-1)  # [B]
         reward = torch.zeros(trunk_states.shape[0], device=device)
@@ -188,11 +219,14 @@ class DMoERM(nn.Module):
     def score_inputs(self, inputs: Sequence[EncodedInput], batch_size: int = 16) -> list[RewardOutput]:
         """Score encoded inputs, in their order (length-bucketed batches, one trunk pass each)."""
         out: list[RewardOutput | None] = [None] * len(inputs)
+        memo: dict = {}  # prompt tokens -> router features: one route per prompt in this call
         with torch.no_grad():
             for idx in length_buckets([len(e.input_ids) for e in inputs], batch_size):
                 batch = collate([inputs[i] for i in idx], self.tokenizer.pad_token_id)
                 states = self.bank.trunk(batch["input_ids"], batch["attention_mask"])  # [B, T, H]
-                res = self(states, batch["attention_mask"], batch["prompt_mask"])
+                prompts = [inputs[i].input_ids[: inputs[i].prompt_length] for i in idx]
+                probs = self.route(states, batch["prompt_mask"].to(states.device), prompts, memo)
+                res = self(states, batch["attention_mask"], batch["prompt_mask"], probs)
                 for j, i in enumerate(idx):
                     c = int(res.category_index[j])
                     out[i] = RewardOutput(
@@ -256,6 +290,7 @@ class DMoERM(nn.Module):
                     "categories": self.categories,
                     "routing": asdict(self.routing),
                     "aggregator_experts": self.aggregator_experts,
+                    "residual_aggregators": sorted(c for c, m in self.aggregators.items() if m.residual),
                 },
                 indent=2,
             )
@@ -284,8 +319,9 @@ class DMoERM(nn.Module):
         model.aggregator_experts = {c: list(v) for c, v in config["aggregator_experts"].items()}
         if (directory / "aggregators.safetensors").exists():
             state = load_file(directory / "aggregators.safetensors")
+            residual = set(config.get("residual_aggregators", []))
             for c, names in model.aggregator_experts.items():
-                agg = Aggregator(len(names), model.bank.hidden_size)
+                agg = Aggregator(len(names), model.bank.hidden_size, residual=c in residual)
                 agg.load_state_dict({k[len(c) + 1 :]: v for k, v in state.items() if k.startswith(c + ".")})
                 model.aggregators[c] = agg
         model.requires_grad_(False)

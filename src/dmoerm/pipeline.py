@@ -35,8 +35,10 @@ from dmoerm.training.phases import (
     labels_to_items,
     train_phase1,
     train_phase2,
+    WARM_START,
     train_phase3,
     train_router,
+    train_warm_start,
 )
 from dmoerm.training.single import train_reward_model
 
@@ -147,6 +149,11 @@ class PipelineConfig:
     members normalised on the dev set); 0 or 1 for none."""
     trunk_cache_gb: float = 6.0
     """Memory bound of the trunk-state cache."""
+    warm_start: bool = False
+    """Start every category's phase 1 from one reward model trained on every category's phase-1 records
+    (stage ``warm_start``), then specialise it on the category, keeping the start when specialising does not
+    beat it on dev (issue 13). False is the paper's cold start from the base LM. Phase 3 and the evaluation
+    still see no record the warm start trained on."""
     without_router: bool = False
     """The "without router" ablation (issue 5): one inner model for every category, no router. The splits
     are drawn per category as usual (same test records, per-category rows by the records' own categories);
@@ -337,6 +344,7 @@ def score_cached(
     routed: list[str | None] = [None] * len(inputs)
     capability_scores: list[dict[str, float]] = [{} for _ in inputs]
     bank = model.bank
+    memo: dict = {}  # one route per prompt (DMoERM.route)
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start : start + batch_size]
@@ -345,7 +353,8 @@ def score_cached(
                 prompt_mask = torch.zeros_like(mask)
                 for i, e in enumerate(chunk):
                     prompt_mask[i, : e.prompt_length] = 1
-                out = model(states, mask, prompt_mask)
+                prompts = [e.input_ids[: e.prompt_length] for e in chunk]
+                out = model(states, mask, prompt_mask, model.route(states, prompt_mask, prompts, memo))
                 rewards[start : start + len(chunk)] = out.reward
                 for i in range(len(chunk)):
                     routed[start + i] = model.categories[int(out.category_index[i])]
@@ -520,6 +529,19 @@ def run_pipeline(
         for recs in split.values()
         for r in recs
     }
+    if config.warm_start and "warm_start" not in stages:
+        t0 = time.perf_counter()
+        res = train_warm_start(
+            model,
+            [it for c in categories for it in items["phase1"][c]],
+            [it for c in categories for it in items["dev"][c]],
+            config.phase1,
+            cache,
+            checkpoint_dir=out / "checkpoints" / "warm_start",
+            progress=progress,
+        )
+        save_curves(res.history, curves / "warm_start.png", "warm start: every category's phase 1")
+        finish("warm_start", t0, {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps})
     for c in categories:
         stage = f"phase1/{c}"
         if stage not in stages:
@@ -533,11 +555,12 @@ def run_pipeline(
                 cache,
                 checkpoint_dir=out / "checkpoints" / f"phase1_{c}",
                 progress=progress,
+                init_from=WARM_START if config.warm_start else None,
             )
             save_curves(res.history, curves / f"{c}_phase1.png", f"{c}: phase 1")
             finish(stage, t0, {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps})
 
-        experts: list[str] = []
+        label_counts: dict[str, int] = {}  # kept labels per capability point, experts or not (the report)
         if config.labels.source != "none":
             stage = f"labels/{c}"
             label_path = out / "labels" / f"{c}.jsonl"
@@ -551,6 +574,7 @@ def run_pipeline(
             for cap in next(x for x in taxonomy.categories if x.name == c).capabilities:
                 cap_items = labels_to_items([lab for lab in labels if lab.capability == cap.name], tok, n)
                 stage = f"phase2/{c}/{cap.name}"
+                label_counts[cap.name] = len(cap_items)
                 if len(cap_items) < config.labels.min_labels:
                     logger.warning(
                         "%s/%s: %d kept labels (< %d): no expert",
@@ -560,7 +584,6 @@ def run_pipeline(
                         config.labels.min_labels,
                     )
                     continue
-                experts.append(cap.name)
                 if stage not in stages:
                     t0 = time.perf_counter()
                     res = train_phase2(
@@ -586,7 +609,8 @@ def run_pipeline(
                 model, c, items["phase3"][c], items["dev"][c], config.phase3, cache, experts=names
             )
             save_curves(res.history, curves / f"{c}_phase3.png", f"{c}: phase 3 aggregator")
-            finish(stage, t0, {"experts": names, "best_dev_agreement": res.best_dev_agreement})
+            info = {"experts": model.aggregator_experts[c], "label_counts": label_counts}
+            finish(stage, t0, dict(info, best_dev_agreement=res.best_dev_agreement))
 
     # ----------------------------------------------------------------------------------- baseline
     baseline = None
@@ -787,13 +811,20 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         "## Per category: sizes (records) and dev agreement per phase",
         "",
-        "| category | phase 1 | labelled | phase 3 | dev | test | phase-1 dev | labels kept/asked | experts | phase-3 dev |",
+        "| category | phase 1 | labelled | phase 3 | dev | test | phase-1 dev | labels kept/asked | experts (kept labels) | phase-3 dev |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for c, n in sizes.items():
         p1, p3, lab = done.get(f"phase1/{c}", {}), done.get(f"phase3/{c}", {}), done.get(f"labels/{c}", {})
         kept = f"{lab['kept']}/{lab['questions']}" if "kept" in lab and "questions" in lab else "-"
-        experts = ", ".join(e.split("__", 1)[-1] for e in p3.get("experts", [])) or "-"
+        counts = p3.get("label_counts", {})
+        experts = ", ".join(
+            e.split("__", 1)[-1] + (f" ({counts[e.split('__', 1)[-1]]})" if e.split("__", 1)[-1] in counts else "")
+            for e in p3.get("experts", [])
+        ) or "-"
+        dropped = [f"{k} ({v})" for k, v in counts.items() if f"{c}__{k}" not in p3.get("experts", [])]
+        if dropped:
+            experts += "; too few labels: " + ", ".join(dropped)
         lines.append(
             f"| {c} | {n['phase1']} | {n['labels']} | {n['phase3']} | {n['dev']} | {n['test']} | "
             f"{_fmt(p1.get('best_dev_agreement'))} | {kept} | {experts} | {_fmt(p3.get('best_dev_agreement'))} |"
@@ -829,7 +860,12 @@ class _Labeller:
         from dmoerm.labelling.pipeline import LabelConfig, label_pairs, make_judge
 
         backend = "openai" if self.config.labels.source == "openai" else "local"
-        opts = {"cache": str(self.folder / "judge.cache.sqlite"), **self.config.labels.judge}
+        # The paper's rule by default: a label is kept only when both orders name the same response.
+        opts = {
+            "cache": str(self.folder / "judge.cache.sqlite"),
+            "consistency": "strict",
+            **self.config.labels.judge,
+        }
         self.judge_config = LabelConfig(data=["pipeline"], out=str(path), backend=backend, **opts)
         if backend == "local" and self.judge_config.model is None:
             backbone = self.config.model.backbone

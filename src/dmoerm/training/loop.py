@@ -293,6 +293,7 @@ def train_expert(
     cache: TrunkCache,
     checkpoint_dir: str | Path | None = None,
     desc: str | None = None,
+    evaluate_first: bool = False,
 ) -> TrainResult:
     """Train expert ``expert`` (its adapter or the top layers, and its value head) with the ranking loss.
 
@@ -373,6 +374,8 @@ def train_expert(
     lengths = [sum(len(e.input_ids) for e in item.inputs) for item in train]
     stop = result.stopped_early
     corr_sum = corr_n = 0.0
+    if evaluate_first and not result.history["dev_step"]:
+        evaluate()  # the starting weights (a warm start) are the first candidate for "best on dev"
     for epoch in range(start_epoch, config.epochs):
         if stop:
             break

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dmoerm.aggregator import Aggregator
+from dmoerm.aggregator import AGGREGATORS, Aggregator
 from dmoerm.encoding import EncodedInput, RankedItem, encode
 from dmoerm.labelling.schema import CapabilityLabel
 from dmoerm.model import DMoERM, capability_expert, rm_expert
@@ -137,6 +137,27 @@ def train_router(
 
 
 # ---------------------------------------------------------------------------------------------- phase 1
+WARM_START = "warmstart__rm"
+"""Adapter of the pooled reward model that warm-started phase 1s start from (every category's phase-1 records)."""
+
+
+def train_warm_start(
+    model: DMoERM,
+    train: Sequence[RankedItem],
+    dev: Sequence[RankedItem],
+    config: TrainConfig,
+    cache: TrunkCache,
+    checkpoint_dir=None,
+    progress: bool = True,
+) -> TrainResult:
+    """The pooled reward model (adapter :data:`WARM_START` and its head) on every category's phase-1 rankings,
+    the start of each category's phase 1 when warm-started (issue 13: 24 records a category start cold)."""
+    if WARM_START not in model.bank.heads:
+        model.bank.add_expert(WARM_START)
+    desc = "warm start (all categories' phase 1)" if progress else None
+    return train_expert(model.bank, WARM_START, train, dev, config, cache, checkpoint_dir, desc=desc)
+
+
 def train_phase1(
     model: DMoERM,
     category: str,
@@ -146,11 +167,15 @@ def train_phase1(
     cache: TrunkCache,
     checkpoint_dir=None,
     progress: bool = True,
+    init_from: str | None = None,
 ) -> TrainResult:
-    """Phase 1: the category's reward model (adapter ``<category>__rm`` and its head) on human rankings."""
+    """Phase 1: the category's reward model (adapter ``<category>__rm`` and its head) on human rankings.
+
+    ``init_from`` (e.g. :data:`WARM_START`) copies that expert's adapter and head first; its weights are then
+    measured on dev before the first step, so specialising is kept only when it beats the start on dev."""
     name = rm_expert(category)
     if name not in model.bank.heads:
-        model.bank.add_expert(name)
+        model.bank.add_expert(name, init_from=init_from)
     return train_expert(
         model.bank,
         name,
@@ -160,6 +185,7 @@ def train_phase1(
         cache,
         checkpoint_dir,
         desc=f"{category} phase 1" if progress else None,
+        evaluate_first=init_from is not None,
     )
 
 
@@ -225,6 +251,11 @@ class AggregatorTrainConfig:
     early_stopping_patience: int = 5
     """Epochs without dev improvement before stopping (0 disables); the best weights are kept."""
     seed: int = 0
+    aggregator: str = "mlp"
+    """``mlp``: the paper's MLP over the experts' states is the reward. ``residual``: the category's phase-1
+    reward plus an MLP correction that starts at zero; dev agreement is measured before the first step too,
+    so the correction is kept only when it beats "no correction" on dev (see
+    :data:`dmoerm.aggregator.AGGREGATORS`)."""
     length_penalty: float = 0.0
     """Weight of the length decorrelation penalty on the aggregator's reward, as ``TrainConfig.length_penalty``
     (squared correlation of reward with response tokens over each batch's responses, added to the ranking
@@ -238,6 +269,8 @@ class AggregatorTrainConfig:
             raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"aggregator: {self.aggregator!r} is not one of {', '.join(AGGREGATORS)}")
 
 
 def expert_states(
@@ -261,6 +294,17 @@ def _item_index(items: Sequence[RankedItem]) -> tuple[list[EncodedInput], list[l
     return flat, where
 
 
+def _aggregator_inputs(model: DMoERM, names: list[str], items: Sequence[RankedItem], cache: TrunkCache):
+    """Frozen experts' states [K, N, H] and scalar scores [K, N] of every response, and each item's rows."""
+    flat, where = _item_index(items)
+    if not flat:
+        return None, None, where, flat
+    feats = expert_states(model, names, flat, cache)  # [K, N, H]
+    with torch.no_grad():
+        scores = torch.stack([model.bank.heads[n](feats[i].to(model.bank.device)).squeeze(-1) for i, n in enumerate(names)])
+    return feats, scores.cpu(), where, flat
+
+
 def train_phase3(
     model: DMoERM,
     category: str,
@@ -273,23 +317,28 @@ def train_phase3(
     """Phase 3: backbone and experts frozen; the category's aggregator MLP over the concatenated last-token
     states of its experts (default: its capability experts), trained on human rankings not used before.
 
+    ``config.aggregator == "residual"`` puts the phase-1 model first among the experts and adds its reward to
+    the MLP's zero-initialised output; "no correction" is then the first dev measurement to beat.
     With ``config.length_penalty`` > 0 the squared correlation of each batch's rewards with response length,
     times that weight, is added to the ranking loss (experts keep whatever length signal they learned; the
     aggregator is pushed not to pass it on)."""
     names = experts or model.capability_experts(category)
+    residual = config.aggregator == "residual"
+    if residual:
+        names = [rm_expert(category)] + [n for n in names if n != rm_expert(category)]
     if not names:
         raise ValueError(f"{category}: no experts to aggregate; run phase 2 first (or pass experts=)")
     model.requires_grad_(False)
-    flat, where = _item_index(train)
-    feats = expert_states(model, names, flat, cache)  # [K, N, H], computed once: experts are frozen
+    feats, scores, where, flat = _aggregator_inputs(model, names, train, cache)  # computed once: frozen
+    dev_data = _aggregator_inputs(model, names, dev, cache)
     lengths = response_lengths(flat)  # [N] response tokens, for the length penalty
-    dflat, dwhere = _item_index(dev)
-    dfeats = expert_states(model, names, dflat, cache) if dev else None
     torch.manual_seed(config.seed)
-    agg = Aggregator(len(names), model.bank.hidden_size)
+    agg = Aggregator(len(names), model.bank.hidden_size, residual=residual)
     opt = torch.optim.AdamW(agg.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     result = TrainResult()
-    best, bad = None, 0
+    tracker = _BestOnDev(agg, dev, dev_data, config.early_stopping_patience)
+    if residual:
+        tracker.evaluate(result)  # step 0: the phase-1 reward alone, the bar the correction must clear
     rng = random.Random(config.seed)
     order = list(range(len(train)))
     for _epoch in range(config.epochs):
@@ -303,7 +352,7 @@ def train_phase3(
             wts = [train[i].weight / len(train[i].pairs) for i in chunk for _ in train[i].pairs]
             if not pairs:
                 continue
-            rewards = agg(feats[:, rows])  # [n]
+            rewards = agg(feats[:, rows], scores[:, rows])  # [n]
             loss = ranking_loss(rewards, torch.tensor(pairs), torch.tensor(wts))
             if config.length_penalty > 0:
                 loss = loss + config.length_penalty * length_correlation(rewards, lengths[rows]) ** 2
@@ -313,31 +362,49 @@ def train_phase3(
             result.steps += 1
             result.history["step"].append(result.steps)
             result.history["loss"].append(loss.item())
-        if dfeats is not None:
-            agg.eval()
-            with torch.no_grad():
-                r = agg(dfeats).tolist()
-            agreement = pair_agreement(dev, [[r[j] for j in w] for w in dwhere])
-            result.history["dev_step"].append(result.steps)
-            result.history["dev_agreement"].append(agreement)
-            if not agreement <= result.best_dev_agreement:
-                result.best_dev_agreement, best, bad = (
-                    agreement,
-                    {k: v.clone() for k, v in agg.state_dict().items()},
-                    0,
-                )
-            else:
-                bad += 1
-                if config.early_stopping_patience and bad >= config.early_stopping_patience:
-                    result.stopped_early = True
-                    break
-    if best is not None:
-        agg.load_state_dict(best)
+        if tracker.evaluate(result):
+            result.stopped_early = True
+            break
+    tracker.restore()
     agg.requires_grad_(False)
     agg.eval()
     model.aggregators[category] = agg
     model.aggregator_experts[category] = list(names)
     logger.info(
-        "%s phase 3: dev agreement %.4f (%d experts)", category, result.best_dev_agreement, len(names)
+        "%s phase 3: dev agreement %.4f (%d experts, %s)",
+        category,
+        result.best_dev_agreement,
+        len(names),
+        config.aggregator,
     )
     return result
+
+
+class _BestOnDev:
+    """Dev agreement after each epoch; keeps the best weights and says when patience ran out."""
+
+    def __init__(self, agg: Aggregator, dev: Sequence[RankedItem], dev_data, patience: int):
+        self.agg, self.dev, self.patience = agg, dev, patience
+        self.feats, self.scores, self.where, _ = dev_data
+        self.best, self.bad = None, 0
+
+    def evaluate(self, result: TrainResult) -> bool:
+        """Record dev agreement; True when training should stop."""
+        if self.feats is None:
+            return False
+        self.agg.eval()
+        with torch.no_grad():
+            r = self.agg(self.feats, self.scores).tolist()
+        agreement = pair_agreement(self.dev, [[r[j] for j in w] for w in self.where])
+        result.history["dev_step"].append(result.steps)
+        result.history["dev_agreement"].append(agreement)
+        if not agreement <= result.best_dev_agreement:  # also true for the first (nan) comparison
+            result.best_dev_agreement, self.bad = agreement, 0
+            self.best = {k: v.clone() for k, v in self.agg.state_dict().items()}
+            return False
+        self.bad += 1
+        return bool(self.patience) and self.bad >= self.patience
+
+    def restore(self) -> None:
+        if self.best is not None:
+            self.agg.load_state_dict(self.best)

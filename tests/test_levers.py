@@ -1,0 +1,175 @@
+"""Issue 13's levers: one route per prompt, the residual aggregator's zero start, warm-started phase 1, the
+label gate."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dmoerm.aggregator import Aggregator
+from dmoerm.data import Message
+from dmoerm.encoding import encode_record
+from dmoerm.model import RoutingConfig, load_model, rm_expert
+from dmoerm.pipeline import run_pipeline
+from dmoerm.training import phases
+from dmoerm.training.loop import TrainResult, TrunkCache
+from dmoerm.training.phases import (
+    WARM_START,
+    AggregatorTrainConfig,
+    train_phase1,
+    train_phase3,
+    train_warm_start,
+)
+from helpers import job_config, length_records
+from test_dmoerm import FAST, make_model, trained  # noqa: F401  (the module-scoped fixture)
+
+
+def _long_prompt_pairs(n: int):
+    """Prompts longer than half the token limit, each with a short and a very long response: before the
+    response-independent prompt window, the two responses saw different prompt tokens."""
+    convs, short, long = [], [], []
+    for i in range(n):
+        words = "def add(a, b): return a + b fix the bug please " if i % 2 else "I am sorry today was sad "
+        convs.append([Message("user", words * 8 + str(i))])
+        short.append("ok")
+        long.append("blah " * 80 + "the end")
+    return convs, short, long
+
+
+def test_chosen_and_rejected_never_route_apart(trained):
+    model, _, _, _ = trained
+    convs, short, long = _long_prompt_pairs(8)
+    # Short and long responses land in different length buckets and batches; the route must not care.
+    out = model.score(convs + convs, short + long, batch_size=3)
+    for i in range(len(convs)):
+        a, b = out[i], out[len(convs) + i]
+        assert a.category == b.category
+        assert a.category_probability == pytest.approx(b.category_probability, abs=1e-6)
+
+
+def test_a_prompt_routes_the_same_in_any_batch(trained):
+    model, _, _, _ = trained
+    convs, short, long = _long_prompt_pairs(6)
+    alone = [model.score([c], [r])[0] for c, r in zip(convs, long)]
+    mixed = model.score(convs + convs, long + short, batch_size=4)[: len(convs)]
+    for a, m in zip(alone, mixed):
+        assert a.category == m.category
+        assert a.category_probability == pytest.approx(m.category_probability, abs=1e-5)
+        assert a.reward == pytest.approx(m.reward, abs=1e-5)
+
+
+def test_residual_aggregator_starts_at_the_phase1_reward(trained):
+    model, _, recs, _ = trained
+    model = copy.deepcopy(model)
+    names = [rm_expert("code")] + model.capability_experts("code")
+    model.aggregators["code"] = Aggregator(len(names), model.bank.hidden_size, residual=True)
+    model.aggregator_experts["code"] = names
+    convs = [list(r.conversation) for r in recs[:6]]
+    resps = [r.responses[1] for r in recs[:6]]
+    full = model.score(convs, resps)
+    model.routing = RoutingConfig(aggregation="phase1")
+    phase1 = model.score(convs, resps)
+    assert any(o.category == "code" for o in full)
+    for f, p in zip(full, phase1):
+        assert f.reward == pytest.approx(p.reward, abs=1e-6)
+    # The correction's first layers are random, its output layer zero: only training moves the reward.
+    agg = model.aggregators["code"]
+    assert torch.count_nonzero(agg.mlp[0].weight) > 0 and torch.count_nonzero(agg.mlp[-1].weight) == 0
+
+
+def test_residual_phase3_keeps_no_correction_unless_dev_improves(trained):
+    model, _, recs, _ = trained
+    model = copy.deepcopy(model)
+    tok, n = model.tokenizer, model.max_length
+    items = [encode_record(tok, r, n) for r in recs]
+    cache = TrunkCache()
+    config = AggregatorTrainConfig(epochs=3, aggregator="residual", learning_rate=1e-2)
+    res = train_phase3(model, "code", items[20:36], items[36:40], config, cache)
+    assert model.aggregator_experts["code"][0] == rm_expert("code")
+    assert res.history["dev_step"][0] == 0  # "no correction" measured before the first step
+    best = max(res.history["dev_agreement"])
+    assert res.best_dev_agreement == best
+    if res.history["dev_agreement"].index(best) == 0:  # nothing beat it: the reward is phase 1's exactly
+        assert torch.count_nonzero(model.aggregators["code"].mlp[-1].weight) == 0
+
+
+def test_residual_aggregator_saves_and_loads(trained, tmp_path):
+    model, _, recs, _ = trained
+    model = copy.deepcopy(model)
+    items = [encode_record(model.tokenizer, r, model.max_length) for r in recs]
+    config = AggregatorTrainConfig(epochs=2, aggregator="residual", early_stopping_patience=0)
+    train_phase3(model, "code", items[20:36], [], config, TrunkCache())
+    convs, resps = [list(r.conversation) for r in recs[:4]], [r.responses[0] for r in recs[:4]]
+    before = model.score(convs, resps)
+    model.save_pretrained(tmp_path / "m")
+    after = load_model(tmp_path / "m").score(convs, resps)
+    assert [a.reward for a in after] == pytest.approx([b.reward for b in before], abs=1e-6)
+
+
+def test_bad_aggregator_name_is_named():
+    with pytest.raises(ValueError, match="aggregator: 'gated' is not one of mlp, residual"):
+        AggregatorTrainConfig(aggregator="gated")
+
+
+def test_warm_started_phase1_starts_from_the_pooled_weights(tiny_backbone, monkeypatch):
+    model = make_model(tiny_backbone)
+    cache = TrunkCache()
+    tok, n = model.tokenizer, model.max_length
+    code = [encode_record(tok, r, n) for r in length_records(12, seed=0, category="code")]
+    chat = [encode_record(tok, r, n) for r in length_records(12, seed=1, category="chat")]
+    train_warm_start(model, code[:8] + chat[:8], code[8:] + chat[8:], FAST, cache, progress=False)
+    pooled = {k: v.clone() for k, v in model.bank.heads[WARM_START].state_dict().items()}
+    pooled_lora = {
+        name.replace(f".{WARM_START}.", ".X."): p.detach().clone()
+        for name, p in model.bank.peft_model.named_parameters()
+        if f".{WARM_START}." in name
+    }
+    seen = {}
+
+    def spy(bank, expert, train, dev, config, cache, checkpoint_dir=None, desc=None, evaluate_first=False):
+        seen["head"] = {k: v.clone() for k, v in bank.heads[expert].state_dict().items()}
+        seen["lora"] = {
+            name.replace(f".{expert}.", ".X."): p.detach().clone()
+            for name, p in bank.peft_model.named_parameters()
+            if f".{expert}." in name
+        }
+        seen["evaluate_first"] = evaluate_first
+        return TrainResult()
+
+    monkeypatch.setattr(phases, "train_expert", spy)
+    train_phase1(model, "code", code[:8], code[8:], FAST, cache, progress=False, init_from=WARM_START)
+    assert seen["evaluate_first"] is True
+    assert all(torch.equal(seen["head"][k], v) for k, v in pooled.items())
+    assert seen["lora"].keys() == pooled_lora.keys() and pooled_lora
+    assert all(torch.equal(seen["lora"][k], v) for k, v in pooled_lora.items())
+
+
+def test_pipeline_warm_start_and_label_gate(tmp_path, tiny_backbone):
+    """Warm start trains once for every category; a capability with too few labels gets no expert, is out of
+    its category's aggregator, the report says so, and the model still scores."""
+    config = job_config(
+        tmp_path,
+        tiny_backbone,
+        warm_start=True,
+        baseline=False,
+        labels={"source": "local", "judge": {"dtype": "float32", "progress": False}, "min_labels": 1},
+        phase3={"epochs": 2, "batch_size": 8, "aggregator": "residual"},
+    )
+    run_pipeline(config, progress=False)
+    out = tmp_path / "run"
+    import json
+
+    state = json.loads((out / "state.json").read_text())
+    assert "warm_start" in state
+    model = load_model(out / "model")
+    # The tiny judge answers one position whatever the order: the strict rule (the default) keeps nothing.
+    for c in ("code", "chat"):
+        assert model.capability_experts(c) == []
+        assert model.aggregator_experts[c] == [rm_expert(c)]
+        assert all(v == 0 for v in state[f"phase3/{c}"]["label_counts"].values())
+    report = (out / "report.md").read_text()
+    assert "too few labels: correctness (0), brevity (0)" in report
+    out_scores = model.score([[Message("user", "def f(): pass")]], ["ok"])
+    assert out_scores[0].category in ("code", "chat") and out_scores[0].reward == out_scores[0].reward
