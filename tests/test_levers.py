@@ -14,7 +14,7 @@ from dmoerm.encoding import encode_record
 from dmoerm.model import RoutingConfig, load_model, rm_expert
 from dmoerm.pipeline import run_pipeline
 from dmoerm.training import phases
-from dmoerm.training.loop import TrainResult, TrunkCache
+from dmoerm.training.loop import TrainResult, TrunkCache, pad_states
 from dmoerm.training.phases import (
     WARM_START,
     AggregatorTrainConfig,
@@ -152,7 +152,7 @@ def test_pipeline_warm_start_and_label_gate(tmp_path, tiny_backbone):
     config = job_config(
         tmp_path,
         tiny_backbone,
-        warm_start=True,
+        warm_start="phase1",
         baseline=False,
         labels={"source": "local", "judge": {"dtype": "float32", "progress": False}, "min_labels": 1},
         phase3={"epochs": 2, "batch_size": 8, "aggregator": "residual"},
@@ -173,3 +173,28 @@ def test_pipeline_warm_start_and_label_gate(tmp_path, tiny_backbone):
     assert "too few labels: correctness (0), brevity (0)" in report
     out_scores = model.score([[Message("user", "def f(): pass")]], ["ok"])
     assert out_scores[0].category in ("code", "chat") and out_scores[0].reward == out_scores[0].reward
+
+
+def test_warm_start_from_the_single_rm_imports_its_exact_weights(tmp_path, tiny_backbone):
+    """``warm_start: baseline`` trains the single RM first and starts every phase 1 from a copy of it."""
+    config = job_config(tmp_path, tiny_backbone, warm_start="baseline", labels={"source": "none"})
+    run_pipeline(config, progress=False)
+    out = tmp_path / "run"
+    model, single = load_model(out / "model"), load_model(out / "baseline")
+    convs = [[Message("user", f"def f(): pass #{i}")] for i in range(3)]
+    resps = ["ok", "a longer answer here", "x"]
+    want = [o.reward for o in single.score(convs, resps)]
+    inputs = [model.encode(c, r) for c, r in zip(convs, resps)]
+    s, mask = pad_states(TrunkCache().get(model.bank, inputs))
+    with torch.no_grad():
+        got = model.bank(s, mask, WARM_START).tolist()
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_warm_start_names_are_checked():
+    from dmoerm.pipeline import PipelineConfig
+
+    with pytest.raises(ValueError, match="warm_start: 'yes' is not one of none, phase1, baseline"):
+        PipelineConfig(warm_start="yes")
+    with pytest.raises(ValueError, match="set baseline: true"):
+        PipelineConfig(warm_start="baseline", baseline=False)

@@ -37,5 +37,7 @@ class Aggregator(nn.Module):
         if not self.residual:
             return correction
         if expert_scores is None:
-            raise ValueError("a residual aggregator needs the experts' scores (the first is the phase-1 reward)")
+            raise ValueError(
+                "a residual aggregator needs the experts' scores (the first is the phase-1 reward)"
+            )
         return expert_scores[0].to(correction.dtype) + correction

@@ -147,6 +147,23 @@ class ExpertBank(nn.Module):
                 peft.delete_adapter("_init")
             self.backbone.model.requires_grad_(False)
 
+    def import_expert(self, other: ExpertBank, src: str, dst: str) -> None:
+        """Add expert ``dst`` as a copy of ``other``'s expert ``src`` (adapter and head), through PEFT's public
+        state-dict API; both banks must share the backbone and LoRA settings (e.g. a warm start from a
+        separately trained single reward model)."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        if asdict(other.config) != asdict(self.config):
+            raise ValueError(f"import_expert: {src!r} comes from a bank with other backbone settings")
+        self.add_expert(dst)
+        self.heads[dst].load_state_dict(other.heads[src].state_dict())
+        if self.peft_model is not None:
+            state = get_peft_model_state_dict(other.peft_model, adapter_name=src)
+            result = set_peft_model_state_dict(self.peft_model, state, adapter_name=dst)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"import_expert: unexpected adapter keys {result.unexpected_keys[:3]}")
+        self.backbone.model.requires_grad_(False)
+
     def _copy_adapter(self, src: str, dst: str) -> None:
         from peft.tuners.lora import LoraLayer
 

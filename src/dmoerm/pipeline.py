@@ -122,6 +122,9 @@ class LabelsConfig:
             raise ValueError("file: source=file needs the label JSONL path")
 
 
+WARM_STARTS = ("none", "phase1", "baseline")
+
+
 @dataclass
 class PipelineConfig:
     """``dmoerm train --config FILE``: everything the job does, saved resolved beside its outputs."""
@@ -149,11 +152,12 @@ class PipelineConfig:
     members normalised on the dev set); 0 or 1 for none."""
     trunk_cache_gb: float = 6.0
     """Memory bound of the trunk-state cache."""
-    warm_start: bool = False
-    """Start every category's phase 1 from one reward model trained on every category's phase-1 records
-    (stage ``warm_start``), then specialise it on the category, keeping the start when specialising does not
-    beat it on dev (issue 13). False is the paper's cold start from the base LM. Phase 3 and the evaluation
-    still see no record the warm start trained on."""
+    warm_start: str = "none"
+    """Where every category's phase 1 starts (issue 13). ``none``: the base LM (the paper's cold start).
+    ``phase1``: one reward model trained on every category's phase-1 records (stage ``warm_start``), so phase 3
+    still sees no record its inner model trained on. ``baseline``: the single reward model (phase 1 + phase 3
+    of every category; trained once, before the inner models, and reused). Either way the category's phase 1
+    then specialises it, keeping the start when specialising does not beat it on dev."""
     without_router: bool = False
     """The "without router" ablation (issue 5): one inner model for every category, no router. The splits
     are drawn per category as usual (same test records, per-category rows by the records' own categories);
@@ -165,6 +169,10 @@ class PipelineConfig:
             raise ValueError(f"ensemble_size: must be >= 0, got {self.ensemble_size}")
         if self.ensemble_size > 1 and not self.baseline:
             raise ValueError("ensemble_size: the ensemble's first member is the baseline; set baseline: true")
+        if self.warm_start not in WARM_STARTS:
+            raise ValueError(f"warm_start: {self.warm_start!r} is not one of {', '.join(WARM_STARTS)}")
+        if self.warm_start == "baseline" and not self.baseline:
+            raise ValueError("warm_start: 'baseline' starts from the single reward model; set baseline: true")
         if self.trunk_cache_gb <= 0:
             raise ValueError(f"trunk_cache_gb: must be > 0, got {self.trunk_cache_gb}")
 
@@ -529,7 +537,12 @@ def run_pipeline(
         for recs in split.values()
         for r in recs
     }
-    if config.warm_start and "warm_start" not in stages:
+    members: list[RewardModel] = []
+    if config.warm_start == "baseline":
+        members = _train_baselines(config, splits, categories, cache, stages, timings, progress)
+        if WARM_START not in model.bank.heads:
+            model.bank.import_expert(members[0].bank, RewardModel.EXPERT, WARM_START)
+    if config.warm_start == "phase1" and "warm_start" not in stages:
         t0 = time.perf_counter()
         res = train_warm_start(
             model,
@@ -555,7 +568,7 @@ def run_pipeline(
                 cache,
                 checkpoint_dir=out / "checkpoints" / f"phase1_{c}",
                 progress=progress,
-                init_from=WARM_START if config.warm_start else None,
+                init_from=WARM_START if config.warm_start != "none" else None,
             )
             save_curves(res.history, curves / f"{c}_phase1.png", f"{c}: phase 1")
             finish(stage, t0, {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps})
@@ -613,36 +626,9 @@ def run_pipeline(
             finish(stage, t0, dict(info, best_dev_agreement=res.best_dev_agreement))
 
     # ----------------------------------------------------------------------------------- baseline
-    baseline = None
-    if config.baseline:
-        t0 = time.perf_counter()
-        train_recs = [r for c in categories for r in splits.phase1[c] + splits.phase3[c]]
-        dev_recs = [r for c in categories for r in splits.dev[c]]
-        baseline, res = train_reward_model(
-            train_recs, dev_recs, cfg, config.phase1, out / "baseline", cache=cache, progress=progress
-        )
-        if "baseline" not in stages:
-            timed("baseline", t0)
-            stages.finish("baseline", {"train_records": len(train_recs)})
-            stages.finish("_timings", timings)
-        members = [baseline]
-        for i in range(1, config.ensemble_size):
-            t0 = time.perf_counter()
-            torch.manual_seed(config.phase1.seed + i)  # each member's value head starts differently
-            member, _ = train_reward_model(
-                train_recs,
-                dev_recs,
-                cfg,
-                dataclasses.replace(config.phase1, seed=config.phase1.seed + i),
-                out / f"baseline_seed{i}",
-                cache=cache,
-                progress=progress,
-            )
-            members.append(member)
-            if f"baseline_seed{i}" not in stages:
-                timed(f"baseline_seed{i}", t0)
-                stages.finish(f"baseline_seed{i}", {"train_records": len(train_recs)})
-                stages.finish("_timings", timings)
+    if config.baseline and not members:
+        members = _train_baselines(config, splits, categories, cache, stages, timings, progress)
+    baseline = members[0] if members else None
 
     # ----------------------------------------------------------------------------------- evaluation
     t0 = time.perf_counter()
@@ -705,6 +691,34 @@ def run_pipeline(
         stages.done.get("router", {}), test_accuracy=stages.done["eval"]["router_test_accuracy"]
     )
     return PipelineResult(str(out), sizes, table, timings, router_info, str(report))
+
+
+def _train_baselines(config, splits, categories, cache, stages, timings, progress) -> list[RewardModel]:
+    """The single reward model on phase 1 + phase 3 of every category (and, with ``ensemble_size``, its
+    seeded siblings); finished ones are loaded. Returns the members, the baseline first."""
+    out = Path(config.output_dir)
+    train_recs = [r for c in categories for r in splits.phase1[c] + splits.phase3[c]]
+    dev_recs = [r for c in categories for r in splits.dev[c]]
+    members = []
+    for i in range(max(1, config.ensemble_size)):
+        name = "baseline" if i == 0 else f"baseline_seed{i}"
+        t0 = time.perf_counter()
+        torch.manual_seed(config.phase1.seed + i)  # each member's value head starts differently
+        member, _ = train_reward_model(
+            train_recs,
+            dev_recs,
+            config.model,
+            dataclasses.replace(config.phase1, seed=config.phase1.seed + i),
+            out / name,
+            cache=cache,
+            progress=progress,
+        )
+        members.append(member)
+        if name not in stages:
+            timings[name] = round(time.perf_counter() - t0, 2)
+            stages.finish(name, {"train_records": len(train_recs)})
+            stages.finish("_timings", timings)
+    return members
 
 
 def standardized_scores(
@@ -818,10 +832,14 @@ def write_report(run_dir: str | Path) -> Path:
         p1, p3, lab = done.get(f"phase1/{c}", {}), done.get(f"phase3/{c}", {}), done.get(f"labels/{c}", {})
         kept = f"{lab['kept']}/{lab['questions']}" if "kept" in lab and "questions" in lab else "-"
         counts = p3.get("label_counts", {})
-        experts = ", ".join(
-            e.split("__", 1)[-1] + (f" ({counts[e.split('__', 1)[-1]]})" if e.split("__", 1)[-1] in counts else "")
-            for e in p3.get("experts", [])
-        ) or "-"
+        experts = (
+            ", ".join(
+                e.split("__", 1)[-1]
+                + (f" ({counts[e.split('__', 1)[-1]]})" if e.split("__", 1)[-1] in counts else "")
+                for e in p3.get("experts", [])
+            )
+            or "-"
+        )
         dropped = [f"{k} ({v})" for k, v in counts.items() if f"{c}__{k}" not in p3.get("experts", [])]
         if dropped:
             experts += "; too few labels: " + ", ".join(dropped)

@@ -301,7 +301,9 @@ def _aggregator_inputs(model: DMoERM, names: list[str], items: Sequence[RankedIt
         return None, None, where, flat
     feats = expert_states(model, names, flat, cache)  # [K, N, H]
     with torch.no_grad():
-        scores = torch.stack([model.bank.heads[n](feats[i].to(model.bank.device)).squeeze(-1) for i, n in enumerate(names)])
+        scores = torch.stack(
+            [model.bank.heads[n](feats[i].to(model.bank.device)).squeeze(-1) for i, n in enumerate(names)]
+        )
     return feats, scores.cpu(), where, flat
 
 
