@@ -30,12 +30,12 @@ from dmoerm.reward_model import MODEL_FILE, RewardModel
 from dmoerm.taxonomy import assign_categories, load_taxonomy
 from dmoerm.training.loop import TrainConfig, TrunkCache, pad_states, save_curves
 from dmoerm.training.phases import (
+    WARM_START,
     AggregatorTrainConfig,
     RouterTrainConfig,
     labels_to_items,
     train_phase1,
     train_phase2,
-    WARM_START,
     train_phase3,
     train_router,
     train_warm_start,
