@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (tests take the imported `trained` fixture as an argument)
 """Issue 13's levers: one route per prompt, the residual aggregator's zero start, warm-started phase 1, the
 label gate."""
 
@@ -24,7 +25,7 @@ from dmoerm.training.phases import (
 )
 from helpers import job_config, length_records
 from test_dmoerm import FAST, make_model
-from test_dmoerm import trained as _trained  # noqa: F401  (registers the module-scoped fixture `trained`)
+from test_dmoerm import trained  # noqa: F401  (the module-scoped fixture)
 
 
 def _long_prompt_pairs(n: int):
