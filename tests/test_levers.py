@@ -24,8 +24,11 @@ from dmoerm.training.phases import (
     train_warm_start,
 )
 from helpers import job_config, length_records
-from test_dmoerm import FAST, make_model
-from test_dmoerm import trained  # noqa: F401  (the module-scoped fixture)
+from test_dmoerm import (
+    FAST,
+    make_model,
+    trained,  # noqa: F401  (the module-scoped fixture)
+)
 
 
 def _long_prompt_pairs(n: int):

@@ -17,6 +17,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("dmoerm")
@@ -171,6 +172,19 @@ def _overopt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scaling(args: argparse.Namespace) -> int:
+    from dmoerm.scaling import ScalingConfig, run_scaling, summarize, write_scaling_report
+
+    config = ScalingConfig.from_file(args.config)
+    if args.report_only:
+        path = write_scaling_report(summarize(Path(config.output_dir), config), Path(config.output_dir))
+    else:
+        run_scaling(config, progress=not args.no_progress)
+        path = Path(config.output_dir) / "scaling.md"
+    sys.stdout.write(path.read_text(encoding="utf-8"))
+    return 0
+
+
 def _normalize(args: argparse.Namespace) -> int:
     from dmoerm.rl import NormalizeModelConfig, normalize_model
 
@@ -261,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(p, OverOptConfig)
     p.set_defaults(handler=_overopt)
+
+    p = sub.add_parser(
+        "scaling", help="the scaling study: DMoERM and the single RM at several records per category"
+    )
+    p.add_argument("--config", required=True, help="YAML of dmoerm.scaling.ScalingConfig fields")
+    p.add_argument("--report-only", action="store_true", help="rewrite scaling.md from finished runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_scaling)
 
     p = sub.add_parser("report", help="(re)write report.md of a training run from its saved results")
     p.add_argument("--run", required=True, help="output_dir of a `dmoerm train` run")

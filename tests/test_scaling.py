@@ -1,0 +1,58 @@
+"""The scaling study on a tiny backbone: nested sizes, one fixed test set, seeds, OOD sets, ablations, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from dmoerm.data import load_data, save_jsonl
+from dmoerm.scaling import ScalingConfig, run_scaling
+from helpers import job_config_dict, length_records
+
+
+@pytest.mark.slow
+def test_scaling_study_runs_nested_sizes_on_one_test_set(tmp_path, tiny_backbone):
+    base = job_config_dict(tmp_path, tiny_backbone, baseline=True, labels={"source": "none"})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    ood = tmp_path / "ood.jsonl"
+    save_jsonl(length_records(6, seed=9), ood)
+    config = ScalingConfig(
+        base_config=str(tmp_path / "base.yaml"),
+        output_dir=str(tmp_path / "study"),
+        sizes=[4, 8],
+        seeds=[0, 1],
+        seeds_up_to=4,
+        test_records=5,
+        dev_records=3,
+        ablations={"cold start": ["warm_start=none"]},
+        ood_sources=[str(ood)],
+    )
+    assert [name for name, _ in config.runs()] == ["n4_seed0", "n4_seed1", "n8_seed0", "ablation_cold_start"]
+    summary = run_scaling(config, progress=False)
+    study = tmp_path / "study"
+    sizes = {name: json.loads((study / name / "sizes.json").read_text()) for name in ("n4_seed0", "n8_seed0")}
+    assert sizes["n4_seed0"]["code"]["phase1"] == 4 and sizes["n8_seed0"]["code"]["phase1"] == 8
+    # Nested subsets of one split, and the very same test records at every size.
+    small = load_data(str(study / "n4_seed0" / "splits" / "phase1.jsonl"))
+    large = load_data(str(study / "n8_seed0" / "splits" / "phase1.jsonl"))
+    assert {r.prompt_key for r in small} <= {r.prompt_key for r in large}
+    tests = [(study / n / "splits" / "test.jsonl").read_text() for n in ("n4_seed0", "n4_seed1", "n8_seed0")]
+    assert tests[0] == tests[1] == tests[2]
+    entry = summary["runs"]["n8_seed0"]
+    assert set(entry["test"]) >= {"DMoERM", "single RM"}
+    assert set(entry["ood"][next(iter(entry["ood"]))]) == {"DMoERM", "single RM"}
+    assert "ablation_cold_start" in summary["runs"]
+    report = (study / "scaling.md").read_text()
+    assert "| 4 |" in report and "| 8 |" in report and "cold_start" in report
+    assert (study / "scaling_test.png").stat().st_size > 1000
+
+
+def test_scaling_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="sizes: need positive integers"):
+        ScalingConfig(sizes=[0])
+    bad = tmp_path / "s.yaml"
+    bad.write_text("sizes: [24]\nbogus: 1\n")
+    with pytest.raises(ValueError, match="unknown field\\(s\\) bogus"):
+        ScalingConfig.from_file(bad)
