@@ -321,3 +321,16 @@ def test_expert_agreement_scores_the_named_expert(tiny_backbone, one_torch_threa
     assert expert_agreement(model, "code__correctness", [], cache) == {"n": 0, "agreement": None}
     with pytest.raises(KeyError, match=r"no expert 'code__style' in the model; it has"):
         expert_agreement(model, "code__style", labels, cache)
+
+
+def test_importing_loads_no_torch_and_no_data():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dmoerm.labelling.human as h; assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert h._records.cache_info().currsize == 0; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
