@@ -112,27 +112,22 @@ class FineGrainedConfig:
         )
 
 
-def _agreement(pairs: list[tuple[bool, bool]]) -> dict:
-    """{"n", "agreement"} over (prediction says a, truth says a) pairs."""
-    n = len(pairs)
-    return {"n": n, "agreement": (sum(p == t for p, t in pairs) / n) if n else None}
-
-
 def expert_agreement(model, labels: list[CapabilityLabel], cache: TrunkCache) -> dict[str, dict]:
     """Each capability expert's agreement with held-back aspect labels (ties excluded): does its own score
-    rank the pair as the humans did on that aspect?"""
-    labels = [lab for lab in labels if lab.winner != "tie"]
-    tok, n = model.tokenizer, model.max_length
-    inputs = [encode(tok, lab.conversation, r, n) for lab in labels for r in (lab.response_a, lab.response_b)]
-    _, _, scores = score_cached(model, inputs, cache)
-    by_cap: dict[str, list[tuple[bool, bool]]] = {}
-    for i, lab in enumerate(labels):
-        a, b = scores[2 * i], scores[2 * i + 1]
-        if lab.capability in a:
-            by_cap.setdefault(lab.capability, []).append(
-                (a[lab.capability] > b[lab.capability], lab.winner == "a")
-            )
-    return {cap: _agreement(v) for cap, v in sorted(by_cap.items())}
+    rank the pair as the humans did on that aspect? Per capability point with an expert, scored by
+    :func:`dmoerm.labelling.human.expert_agreement`."""
+    from dmoerm.labelling.human import expert_agreement as one_expert_agreement
+    from dmoerm.model import capability_expert
+
+    by_cap: dict[str, list[CapabilityLabel]] = {}
+    for lab in labels:
+        by_cap.setdefault(lab.capability, []).append(lab)
+    out: dict[str, dict] = {}
+    for cap in sorted(by_cap):
+        name = capability_expert(CATEGORY, cap)
+        if name in model.bank.heads:
+            out[cap] = one_expert_agreement(model, name, by_cap[cap], cache)
+    return out
 
 
 def judge_vs_human(judge: list[CapabilityLabel], human: list[CapabilityLabel]) -> dict[str, dict]:

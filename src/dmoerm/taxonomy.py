@@ -11,6 +11,7 @@ A taxonomy file holds::
           - name: character_consistency
             definition: Stays in the assigned persona ...
             definition_zh: ...              # optional
+            label_source: judge             # optional: judge (default) or a bundled human set, see LABEL_SOURCES
     mappings:                               # optional: source label -> category name (or null), per source
       autoj: {roleplay: roleplay, default: null}
       rmb: {"Helpfulness/Code": code}       # path labels match by their longest '/'-prefix
@@ -38,6 +39,35 @@ logger = logging.getLogger(__name__)
 
 PRESETS = ("paper", "default", "finegrained")
 """Names :func:`load_taxonomy` resolves to packaged files ``dmoerm/presets/<name>.yaml``."""
+
+JUDGE = "judge"
+"""The default label source of a capability point: an LLM judge labels its pairs (``dmoerm label``)."""
+
+LABEL_SOURCES = (
+    JUDGE,
+    "finegrained/relevance",
+    "finegrained/factuality",
+    "finegrained/completeness",
+    "llmbar",
+    "hh_rlhf/harmless",
+)
+"""Where a capability point's phase-2 labels can come from: ``judge``, or a bundled human-labelled set whose
+labels :func:`dmoerm.labelling.human.human_capability_labels` maps onto the capability point:
+
+* ``finegrained/<aspect>``: FineGrainedRLHF QA feedback, the annotators' relevance, factuality or completeness
+  errors (the corrected answer beats the original on that aspect);
+* ``llmbar``: LLMBar natural + adversarial, the gold instruction-following label;
+* ``hh_rlhf/harmless``: Anthropic hh-rlhf harmless-base test, the human harmlessness preference.
+"""
+
+
+def _check_label_source(where: str, source: Any) -> None:
+    if source not in LABEL_SOURCES:
+        raise ValueError(
+            f"{where}: label_source {source!r} is not a known label source; use one of "
+            f"{', '.join(LABEL_SOURCES)}"
+        )
+
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _MAX_NAME = 64
@@ -79,17 +109,23 @@ class Capability:
     """One-line English definition, used in judge prompts."""
     definition_zh: str | None = None
     """Chinese definition, where given."""
+    label_source: str = JUDGE
+    """Where its phase-2 labels come from: ``judge`` (an LLM judge) or a bundled human set named in
+    :data:`LABEL_SOURCES` (e.g. ``finegrained/factuality``, ``llmbar``, ``hh_rlhf/harmless``)."""
 
     def __post_init__(self) -> None:
         _check_name("capability.name", self.name)
         _check_text(f"capability {self.name!r}: definition", self.definition)
         _check_text(f"capability {self.name!r}: definition_zh", self.definition_zh, optional=True)
+        _check_label_source(f"capability {self.name!r}", self.label_source)
 
     def to_dict(self) -> dict:
-        """Plain dict for YAML/JSON (``definition_zh`` omitted when absent)."""
+        """Plain dict for YAML/JSON (``definition_zh`` omitted when absent, ``label_source`` when ``judge``)."""
         d = {"name": self.name, "definition": self.definition}
         if self.definition_zh is not None:
             d["definition_zh"] = self.definition_zh
+        if self.label_source != JUDGE:
+            d["label_source"] = self.label_source
         return d
 
 
@@ -142,6 +178,10 @@ class Category:
         raise KeyError(
             f"category {self.name!r} has no capability {name!r}; it has {', '.join(self.capability_names)}"
         )
+
+    def label_sources(self) -> dict[str, str]:
+        """Capability name -> its label source (``judge`` or a bundled human set), in taxonomy order."""
+        return {c.name: c.label_source for c in self.capabilities}
 
     def to_dict(self) -> dict:
         """Plain dict for YAML/JSON."""
@@ -320,8 +360,10 @@ def _category_from_dict(d: Any, where: str) -> Category:
     caps = []
     for j, c in enumerate(raw_caps):
         w = f"{where}.capabilities[{j}]"
-        _fields(c, w, {"name", "definition", "definition_zh"}, ("name", "definition"))
-        caps.append(_wrap(w, Capability, c["name"], c["definition"], c.get("definition_zh")))
+        _fields(c, w, {"name", "definition", "definition_zh", "label_source"}, ("name", "definition"))
+        source = c.get("label_source", JUDGE)
+        _check_label_source(f"{w} (category {d['name']!r}, capability {c['name']!r})", source)
+        caps.append(_wrap(w, Capability, c["name"], c["definition"], c.get("definition_zh"), source))
     return _wrap(where, Category, d["name"], d["description"], tuple(caps), d.get("description_zh"))
 
 
