@@ -103,13 +103,11 @@ def test_unknown_label_source_names_file_category_capability_and_known_sources(t
 def test_default_preset_label_sources() -> None:
     t = load_taxonomy("default")
     human = {(c.name, n): s for c in t.categories for n, s in c.label_sources().items() if s != "judge"}
+    # LLMBar fits the instruction-following points but stays an out-of-distribution test set: judge there.
     assert human == {
-        ("roleplay", "instruction_following"): "llmbar",
         ("objective_qa", "correctness"): "finegrained/factuality",
         ("objective_qa", "completeness"): "finegrained/completeness",
         ("objective_qa", "relevance"): "finegrained/relevance",
-        ("text_creation", "intent_conformity"): "llmbar",
-        ("rewriting", "instruction_compliance"): "llmbar",
         ("safety", "harm_avoidance"): "hh_rlhf/harmless",
     }
     assert judge_capabilities(t, "objective_qa") == ("clarity", "objectivity")

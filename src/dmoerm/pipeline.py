@@ -25,7 +25,8 @@ import torch
 from dmoerm.data import PreferenceRecord, load_data, save_jsonl, split_by_prompt, with_label_noise
 from dmoerm.encoding import EncodedInput, RankedItem, encode, encode_record
 from dmoerm.experts import BackboneConfig
-from dmoerm.model import DMoERM, RoutingConfig, new_dmoerm, rm_expert
+from dmoerm.labelling.human import expert_agreement, plan_category_labels
+from dmoerm.model import DMoERM, RoutingConfig, capability_expert, new_dmoerm, rm_expert
 from dmoerm.reward_model import MODEL_FILE, RewardModel
 from dmoerm.taxonomy import assign_categories, load_taxonomy
 from dmoerm.training.loop import TrainConfig, TrunkCache, pad_states, save_curves
@@ -113,13 +114,22 @@ class LabelsConfig:
     """Judge options passed to :class:`dmoerm.labelling.pipeline.LabelConfig` (model, base_url, api_key_env,
     consistency, batch_size, ...)."""
     min_labels: int = 4
-    """Capability points with fewer kept (untied) labels get no expert, with a log line."""
+    """Capability points with fewer kept (untied) labels get no expert, with a log line; the category's
+    aggregator then reads the experts that exist (or its phase-1 model alone)."""
+    human_limit: int = 96
+    """Labels per capability point at most from a bundled human-labelled source (the taxonomy's
+    ``label_source``: FineGrainedRLHF aspects, hh-rlhf harmless, LLMBar), drawn deterministically."""
+    held_back_share: float = 0.2
+    """Share of each capability point's labels (by prompt) held back to measure its expert's agreement with
+    labels of its own capability (in state.json and the report)."""
 
     def __post_init__(self) -> None:
         if self.source not in ("local", "openai", "file", "none"):
             raise ValueError(f"source: {self.source!r} is not one of local, openai, file, none")
         if self.source == "file" and not self.file:
             raise ValueError("file: source=file needs the label JSONL path")
+        if not 0.0 <= self.held_back_share < 1.0:
+            raise ValueError(f"held_back_share: {self.held_back_share} must be in [0, 1)")
 
 
 WARM_STARTS = ("none", "phase1", "baseline")
@@ -584,33 +594,50 @@ def run_pipeline(
                 stages.finish(stage, stats)
                 stages.finish("_timings", timings)
             labels = _read_category_labels(config, label_path, None if config.without_router else c, held_out)
+            if config.without_router:  # every category's labels feed the one pooled inner model
+                labels = [dataclasses.replace(lab, category=c) for lab in labels]
+            plan = plan_category_labels(
+                taxonomy,
+                c,
+                labels,
+                min_labels=config.labels.min_labels,
+                held_back_share=config.labels.held_back_share,
+                data_dir=config.data.data_dir,
+                limit=config.labels.human_limit,
+                seed=config.data.seed,
+                exclude_prompts=held_out,
+            )
             for cap in next(x for x in taxonomy.categories if x.name == c).capabilities:
-                cap_items = labels_to_items([lab for lab in labels if lab.capability == cap.name], tok, n)
-                stage = f"phase2/{c}/{cap.name}"
-                label_counts[cap.name] = len(cap_items)
-                if len(cap_items) < config.labels.min_labels:
+                label_counts[cap.name] = len(plan.train.get(cap.name, [])) or plan.dropped.get(cap.name, 0)
+                if cap.name not in plan.train:
                     logger.warning(
-                        "%s/%s: %d kept labels (< %d): no expert",
+                        "%s/%s: %d kept labels (< %d) from %s: no expert",
                         c,
                         cap.name,
-                        len(cap_items),
+                        plan.dropped.get(cap.name, 0),
                         config.labels.min_labels,
+                        plan.sources.get(cap.name),
                     )
                     continue
+                stage = f"phase2/{c}/{cap.name}"
                 if stage not in stages:
                     t0 = time.perf_counter()
                     res = train_phase2(
                         model,
                         c,
                         cap.name,
-                        cap_items,
+                        labels_to_items(plan.train[cap.name], tok, n),
                         [],
                         config.phase2,
                         cache,
                         checkpoint_dir=out / "checkpoints" / f"phase2_{c}_{cap.name}",
                         progress=progress,
                     )
-                    finish(stage, t0, {"labels": len(cap_items), "steps": res.steps})
+                    held = expert_agreement(
+                        model, capability_expert(c, cap.name), plan.held_back.get(cap.name, []), cache
+                    )
+                    info = {"labels": len(plan.train[cap.name]), "source": plan.sources.get(cap.name)}
+                    finish(stage, t0, dict(info, steps=res.steps, held_back=held))
 
         stage = f"phase3/{c}"
         if stage not in stages:
@@ -847,6 +874,7 @@ def write_report(run_dir: str | Path) -> Path:
             f"| {c} | {n['phase1']} | {n['labels']} | {n['phase3']} | {n['dev']} | {n['test']} | "
             f"{_fmt(p1.get('best_dev_agreement'))} | {kept} | {experts} | {_fmt(p3.get('best_dev_agreement'))} |"
         )
+    lines += _expert_lines(done)
     lines += ["", "## Wall time (seconds)", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
     curves = sorted(run.glob("curves/*.png"))
@@ -857,6 +885,30 @@ def write_report(run_dir: str | Path) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     logger.info("wrote %s", path)
     return path
+
+
+def _expert_lines(done: dict) -> list[str]:
+    """The capability experts that exist: label source, training labels, agreement with held-back labels."""
+    rows = []
+    for stage, info in done.items():
+        if stage.startswith("phase2/"):
+            _, c, cap = stage.split("/", 2)
+            held = info.get("held_back") or {}
+            agree = held.get("agreement")
+            rows.append(
+                f"| {c} | {cap} | {info.get('source', 'judge')} | {info.get('labels')} | "
+                f"{'-' if agree is None else f'{100 * agree:.1f}'} | {held.get('n', 0)} |"
+            )
+    if not rows:
+        return ["", "No capability expert was trained (no capability point had enough kept labels)."]
+    return [
+        "",
+        "## Capability experts",
+        "",
+        "| category | capability | label source | training labels | held-back agreement (%) | held-back labels |",
+        "|---|---|---|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def _fmt(x) -> str:
