@@ -833,7 +833,9 @@ def _fg_prompt(question: str, passages: list) -> str:
         blocks.append(f"[{i}] {title}\n" + " ".join(s.strip() for s in sentences if s.strip()))
     if not blocks:
         return question.strip()
-    return question.strip() + "\n\nPassages:\n" + "\n\n".join(blocks)
+    # The question goes last: prompts are cut from the left to fit the model (the passages' median is ~700
+    # tokens), and the question is what must survive.
+    return "Passages:\n" + "\n\n".join(blocks) + "\n\nQuestion: " + question.strip()
 
 
 def _fg_ranks(prefs: Sequence[int]) -> list[int] | None:
@@ -1131,6 +1133,7 @@ SOURCE_GROUPS: dict[str, tuple[str, ...]] = {
     "rmb/bon": ("rmb/bon_helpfulness", "rmb/bon_harmlessness"),
     "autoj": ("autoj/train", "autoj/test"),
     "llmbar": tuple(n for n in _SPECS if n.startswith("llmbar/")),
+    "llmbar/adversarial": tuple(n for n in _SPECS if n.startswith("llmbar/adversarial_")),
     "zh_pairs": tuple(n for n in _SPECS if n.startswith("zh_pairs/")),
     "arena_hard": ("arena_hard/v0.1", "arena_hard/v2.0"),
 }

@@ -116,6 +116,9 @@ class LabelsConfig:
     min_labels: int = 4
     """Capability points with fewer kept (untied) labels get no expert, with a log line; the category's
     aggregator then reads the experts that exist (or its phase-1 model alone)."""
+    human_sources: bool = True
+    """Take each capability point's labels from the taxonomy's ``label_source`` (a bundled human-labelled set
+    where it names one); False sends every point to the judge, as the paper does."""
     human_limit: int = 96
     """Labels per capability point at most from a bundled human-labelled source (the taxonomy's
     ``label_source``: FineGrainedRLHF aspects, hh-rlhf harmless, LLMBar), drawn deterministically."""
@@ -597,7 +600,7 @@ def run_pipeline(
             if config.without_router:  # every category's labels feed the one pooled inner model
                 labels = [dataclasses.replace(lab, category=c) for lab in labels]
             plan = plan_category_labels(
-                taxonomy,
+                taxonomy if config.labels.human_sources else _judge_only(taxonomy),
                 c,
                 labels,
                 min_labels=config.labels.min_labels,
@@ -885,6 +888,17 @@ def write_report(run_dir: str | Path) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     logger.info("wrote %s", path)
     return path
+
+
+def _judge_only(taxonomy):
+    """The taxonomy with every capability point's label source set to the judge."""
+    cats = tuple(
+        dataclasses.replace(
+            c, capabilities=tuple(dataclasses.replace(p, label_source="judge") for p in c.capabilities)
+        )
+        for c in taxonomy.categories
+    )
+    return dataclasses.replace(taxonomy, categories=cats)
 
 
 def _expert_lines(done: dict) -> list[str]:

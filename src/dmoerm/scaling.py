@@ -48,6 +48,8 @@ class ScalingConfig:
     ablations: dict[str, list[str]] = field(default_factory=dict)
     """Name -> overrides, each run at the largest size with the first seed (e.g. ``cold start:
     [warm_start=none]``)."""
+    ablation_sizes: list[int] | None = None
+    """Sizes the ablations run at (first seed); None runs them at the largest size only."""
     ood_sources: list[str] = field(default_factory=lambda: list(OOD_SOURCES))
     """Bundled human-labelled sets no run trains on, scored by every run's DMoERM and single RM."""
 
@@ -77,16 +79,18 @@ class ScalingConfig:
         return cls(**obj)
 
     def runs(self) -> list[tuple[str, list[str]]]:
-        """(run name, overrides) of every run in the order they run: small sizes first, then ablations."""
+        """(run name, overrides) of every run in the order they run: by size, each size's seeds then its
+        ablations (so the small sizes' comparisons are finished first)."""
+        at = sorted(self.ablation_sizes or [max(self.sizes)])
         out = []
-        for n in sorted(self.sizes):
-            for seed in self.seeds if n <= self.seeds_up_to else self.seeds[:1]:
-                out.append((f"n{n}_seed{seed}", self._size(n) + _seeded(seed)))
-        largest = max(self.sizes)
-        for name, extra in self.ablations.items():
-            out.append(
-                (f"ablation_{_slug(name)}", self._size(largest) + _seeded(self.seeds[0]) + list(extra))
-            )
+        for n in sorted(set(self.sizes) | set(at)):
+            if n in self.sizes:
+                for seed in self.seeds if n <= self.seeds_up_to else self.seeds[:1]:
+                    out.append((f"n{n}_seed{seed}", self._size(n) + _seeded(seed)))
+            if n in at:
+                for name, extra in self.ablations.items():
+                    run = f"ablation_{_slug(name)}" + (f"_n{n}" if len(at) > 1 else "")
+                    out.append((run, self._size(n) + _seeded(self.seeds[0]) + list(extra)))
         return out
 
     def _size(self, n: int) -> list[str]:
@@ -273,7 +277,7 @@ def _ablation_lines(summary: dict) -> list[str]:
     if not rows:
         return []
     lines = [
-        "## Ablations at the largest size (first seed)",
+        "## Ablations (first seed)",
         "",
         "| run | DMoERM | shorter better | single RM |",
         "|---|---:|---:|---:|",
