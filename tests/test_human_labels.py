@@ -131,7 +131,7 @@ def test_finegrained_aspects_winner_is_the_correction(data_dir: Path) -> None:
         ("finegrained/factuality", 0),
     ):
         labels = human_capability_labels(source, "objective_qa", "x", data_dir)
-        mine = [x for x in labels if x.conversation[0].content.startswith(question)]
+        mine = [x for x in labels if x.conversation[0].content.endswith("Question: " + question.strip())]
         assert len(mine) == expected, source
         for x in mine:
             assert (winner_text(x), loser_text(x)) == (corrected, original)
