@@ -40,7 +40,12 @@ CONVERSATIONS = [
     ],
     [{"role": "user", "content": "Write a poem about spring."}],
 ]
-RESPONSES = ["def add(a, b):\n    return a + b", "I am sorry. Tell me more.", "At 100 degrees.", "Spring rain."]
+RESPONSES = [
+    "def add(a, b):\n    return a + b",
+    "I am sorry. Tell me more.",
+    "At 100 degrees.",
+    "Spring rain.",
+]
 MAX_LENGTH = 256  # every chat above fits: dmoerm truncates nothing
 
 
@@ -58,7 +63,11 @@ def chat_texts(tokenizer, conversations=CONVERSATIONS, responses=RESPONSES) -> l
 def hf_rewards(model, tokenizer, padding_side: str = "right") -> torch.Tensor:
     """As TRL's GRPOTrainer scores: rendered chats, no special tokens added, padded batch, logits [B, 1]."""
     batch = tokenizer(
-        chat_texts(tokenizer), return_tensors="pt", padding=True, padding_side=padding_side, add_special_tokens=False
+        chat_texts(tokenizer),
+        return_tensors="pt",
+        padding=True,
+        padding_side=padding_side,
+        add_special_tokens=False,
     )
     with torch.no_grad():
         logits = model(**batch).logits
@@ -99,7 +108,9 @@ def test_single_export_is_a_plain_transformers_model_with_dmoerms_rewards(single
     torch.testing.assert_close(hf_rewards(model, tokenizer, "right"), expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(hf_rewards(model, tokenizer, "left"), expected, atol=1e-4, rtol=0)
     # The bf16-trunk model dmoerm trains and serves is within bf16 rounding of the float32 export.
-    served = torch.tensor([o.reward for o in RewardModel.from_pretrained(single / "rm").score(messages(), RESPONSES)])
+    served = torch.tensor(
+        [o.reward for o in RewardModel.from_pretrained(single / "rm").score(messages(), RESPONSES)]
+    )
     assert (served - expected).abs().max() < 0.05
 
 
@@ -135,7 +146,9 @@ def eos_padded_backbone(tmp_path_factory, tiny_backbone) -> str:
     tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.chat_template = tokenizer.chat_template.replace("'<|im_end|>' + '\n'", "'<|im_end|>'")
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).endswith("<|im_end|>")
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).endswith(
+        "<|im_end|>"
+    )
     tokenizer.save_pretrained(folder)
     return str(folder)
 
@@ -150,7 +163,9 @@ def test_pad_token_never_occurs_in_chats_so_the_pooled_token_is_dmoerms(eos_padd
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert result.pad_token == "<|endoftext|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
-    expected = torch.tensor([o.reward for o in load_float32_reward_model(tmp_path / "rm").score(messages(), RESPONSES)])
+    expected = torch.tensor(
+        [o.reward for o in load_float32_reward_model(tmp_path / "rm").score(messages(), RESPONSES)]
+    )
     torch.testing.assert_close(hf_rewards(model, tokenizer), expected, atol=1e-4, rtol=0)
     # With pad = eos, transformers would read the token before the final eos: other rewards.
     model.config.pad_token_id = tokenizer.eos_token_id
@@ -223,13 +238,22 @@ def test_dmoerm_export_loads_with_remote_code_and_equals_dmoerm_score(dmoerm_exp
     assert json.loads((dmoerm_export / "hf" / "config.json").read_text())["auto_map"]
     reference = DMoERM.from_pretrained(dmoerm_export / "dm").score(messages(), RESPONSES)
     expected = torch.tensor([o.reward for o in reference])
-    assert [o.category for o in reference] == ["code", "chat", "chat", "chat"]  # both inner models are exercised
+    assert [o.category for o in reference] == [
+        "code",
+        "chat",
+        "chat",
+        "chat",
+    ]  # both inner models are exercised
     torch.testing.assert_close(hf_rewards(model, tokenizer, "right"), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(hf_rewards(model, tokenizer, "left"), expected, atol=1e-5, rtol=0)
     batch = tokenizer(chat_texts(tokenizer), return_tensors="pt", padding=True, add_special_tokens=False)
     out = model(**batch)
-    assert [model.config.categories[i] for i in out.category_index.tolist()] == [o.category for o in reference]
-    torch.testing.assert_close(out.category_probability, torch.tensor([o.category_probability for o in reference]))
+    assert [model.config.categories[i] for i in out.category_index.tolist()] == [
+        o.category for o in reference
+    ]
+    torch.testing.assert_close(
+        out.category_probability, torch.tensor([o.category_probability for o in reference])
+    )
 
 
 def test_response_start_is_found_from_the_last_assistant_header(dmoerm_export):
@@ -249,7 +273,9 @@ def test_dmoerm_export_is_self_contained_when_moved(dmoerm_export, tmp_path):
     backbone = json.loads((moved / "dmoerm" / "backbone_config.json").read_text())["backbone"]
     assert backbone == "backbone" and (moved / "dmoerm" / "backbone" / "model.safetensors").exists()
     model, tokenizer = load_remote(moved)
-    expected = torch.tensor([o.reward for o in DMoERM.from_pretrained(dmoerm_export / "dm").score(messages(), RESPONSES)])
+    expected = torch.tensor(
+        [o.reward for o in DMoERM.from_pretrained(dmoerm_export / "dm").score(messages(), RESPONSES)]
+    )
     torch.testing.assert_close(hf_rewards(model, tokenizer), expected, atol=1e-5, rtol=0)
 
 
@@ -266,7 +292,9 @@ def test_text_classification_pipeline_and_reward_bench_call_give_the_reward(kind
         expected = [o.reward for o in load_float32_reward_model(single / "rm").score(messages(), RESPONSES)]
     else:
         folder = dmoerm_export / "hf"
-        expected = [o.reward for o in DMoERM.from_pretrained(dmoerm_export / "dm").score(messages(), RESPONSES)]
+        expected = [
+            o.reward for o in DMoERM.from_pretrained(dmoerm_export / "dm").score(messages(), RESPONSES)
+        ]
     pipe = pipeline("text-classification", model=str(folder), trust_remote_code=True, device="cpu")
     texts = chat_texts(pipe.tokenizer)
     got = [r["score"] for r in pipe(texts, batch_size=2)]  # problem_type "regression": raw logits, no sigmoid
@@ -289,7 +317,9 @@ def test_cli_export_help_and_refuses_a_non_empty_out(single, tmp_path, capsys):
     assert main(["export", "--model", str(single / "rm"), "--out", str(tmp_path / "taken")]) == 2
     assert (tmp_path / "taken" / "x").read_text() == "keep me"
     assert main(["export", "--model", str(tmp_path / "taken"), "--out", str(tmp_path / "new")]) == 2
-    assert main(["export", "--model", str(single / "rm"), "--out", str(tmp_path / "taken"), "--overwrite"]) == 0
+    assert (
+        main(["export", "--model", str(single / "rm"), "--out", str(tmp_path / "taken"), "--overwrite"]) == 0
+    )
     assert json.loads(capsys.readouterr().out)["kind"] == "single"
     assert not (tmp_path / "taken" / "x").exists() and (tmp_path / "taken" / "model.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")]
@@ -377,7 +407,9 @@ def test_reward_trainer_trains_the_exported_folder_one_step(single, tmp_path):
         bf16=False,
         disable_tqdm=True,
     )
-    trainer = trl.RewardTrainer(model=str(single / "hf"), args=args, train_dataset=datasets.Dataset.from_list(rows))
+    trainer = trl.RewardTrainer(
+        model=str(single / "hf"), args=args, train_dataset=datasets.Dataset.from_list(rows)
+    )
     with safe_open(single / "hf" / "model.safetensors", "pt") as f:
         before = f.get_tensor("score.weight")
     trainer.train()

@@ -117,9 +117,9 @@ def choose_pad_token(tokenizer) -> str | None:
     in_chats = _chat_token_ids(tokenizer)
     ends = {tokenizer.eos_token_id, tokenizer.bos_token_id}
     unk = tokenizer.unk_token
+    with_role = [t for t in tokenizer.all_special_tokens if t != unk]  # eos, bos, pad, ...: conventional pads
     added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
-    specials = [t for t in [*tokenizer.all_special_tokens, *added] if t != unk]
-    for token in [tokenizer.pad_token, *specials, unk]:
+    for token in [tokenizer.pad_token, *with_role, unk, *added]:
         if token is None:
             continue
         token_id = tokenizer.convert_tokens_to_ids(token)
@@ -135,9 +135,12 @@ def assistant_header_ids(tokenizer) -> list[int]:
     """
     conv = [{"role": "user", "content": "x"}]
     with_header = tokenizer(
-        tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+        tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
     )["input_ids"]
-    without = tokenizer(tokenizer.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"]
+    without = tokenizer(tokenizer.apply_chat_template(conv, tokenize=False), add_special_tokens=False)[
+        "input_ids"
+    ]
     if with_header[: len(without)] != without or len(with_header) == len(without):
         raise ValueError(
             "the tokenizer's chat template has no assistant header (generation prompt) that starts the response; "
@@ -220,7 +223,9 @@ def _backbone_folder(name: str) -> Path:
         return Path(path)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(path))  # a hub id: its cached snapshot (HF_HUB_OFFLINE=1 uses the cache only)
+    return Path(
+        snapshot_download(path)
+    )  # a hub id: its cached snapshot (HF_HUB_OFFLINE=1 uses the cache only)
 
 
 def _export_dmoerm(model_dir: Path, out: Path) -> str:
@@ -281,7 +286,9 @@ def check_export(model_dir: str | Path, out_dir: str | Path) -> float:
     from dmoerm.model import DMoERM
 
     kind = read_model_file(model_dir)["kind"]
-    reference = load_float32_reward_model(model_dir) if kind == "single" else DMoERM.from_pretrained(model_dir)
+    reference = (
+        load_float32_reward_model(model_dir) if kind == "single" else DMoERM.from_pretrained(model_dir)
+    )
     convs = [[Message(m["role"], m["content"]) for m in c] for c in CHECK_CONVERSATIONS]
     expected = [o.reward for o in reference.score(convs, CHECK_RESPONSES)]
     rows = [reference.encode(c, r).input_ids for c, r in zip(convs, CHECK_RESPONSES)]

@@ -163,7 +163,9 @@ class DMoERMForSequenceClassification(PreTrainedModel):
     def __init__(self, config: DMoERMConfig, dmoerm=None):
         super().__init__(config)
         self.post_init()
-        self.dmoerm = dmoerm  # attached after post_init: its weights are trained already, never re-initialised
+        self.dmoerm = (
+            dmoerm  # attached after post_init: its weights are trained already, never re-initialised
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
@@ -175,7 +177,9 @@ class DMoERMForSequenceClassification(PreTrainedModel):
         folder = _local_folder(pretrained_model_name_or_path, kwargs)
         if config is None:
             config = cls.config_class.from_pretrained(folder)
-        ignored = sorted(k for k in ("dtype", "torch_dtype", "quantization_config", "load_in_8bit") if kwargs.get(k))
+        ignored = sorted(
+            k for k in ("dtype", "torch_dtype", "quantization_config", "load_in_8bit") if kwargs.get(k)
+        )
         if ignored:
             logger.info("DMoERM keeps its trained dtypes; ignoring %s", ", ".join(ignored))
         model = cls(config, load_dmoerm(folder / config.dmoerm_subfolder))
@@ -199,7 +203,9 @@ class DMoERMForSequenceClassification(PreTrainedModel):
     ) -> DMoERMRewardOutput:
         """input_ids, attention_mask [B, T] -> logits [B, 1] (float32), the rewards of DMoERM.score."""
         if input_ids is None:
-            raise ValueError("DMoERM routes from the tokens: pass input_ids (inputs_embeds are not supported)")
+            raise ValueError(
+                "DMoERM routes from the tokens: pass input_ids (inputs_embeds are not supported)"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         inputs = encoded_inputs(input_ids, attention_mask, self.config.assistant_header_ids)
