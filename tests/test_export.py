@@ -135,6 +135,45 @@ def test_single_export_layout_head_pad_and_normalization(single, tiny_backbone):
     torch.testing.assert_close(head, RewardModel.from_pretrained(single / "rm").bank.heads["reward"].weight)
 
 
+def test_openrlhf_style_loading_reads_the_score_head_and_normalization(single):
+    """The contract of OpenRLHF's get_llm_for_sequence_regression (openrlhf/models/model.py): the base model class
+    from AutoModel's mapping, a bias-free Linear named ``config.value_head_prefix``, the value at the last position
+    of the attention mask (left padding, as its serve_rm.py sets), ``(r - config.mean) / config.std``."""
+    from torch import nn
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(single / "hf")
+    base_class, prefix = AutoModel._model_mapping[type(config)], config.value_head_prefix
+
+    class ValueHeadModel(base_class.__base__):
+        def __init__(self, config):
+            super().__init__(config)
+            setattr(self, self.base_model_prefix, base_class(config))
+            setattr(self, prefix, nn.Linear(config.hidden_size, 1, bias=False))
+            self.post_init()
+
+    model, info = ValueHeadModel.from_pretrained(single / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tokenizer = AutoTokenizer.from_pretrained(single / "hf")
+    batch = tokenizer(chat_texts(tokenizer), return_tensors="pt", padding=True, padding_side="left")
+    mask = batch["attention_mask"]  # [B, T]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # [B, T]
+    with torch.no_grad():
+        hidden = getattr(model, model.base_model_prefix)(
+            batch["input_ids"], attention_mask=mask, position_ids=positions
+        ).last_hidden_state  # [B, T, H]
+        values = getattr(model, prefix)(hidden).squeeze(-1)  # [B, T]
+    last = mask.size(1) - 1 - mask.fliplr().argmax(dim=1)  # [B]
+    reward = values[torch.arange(len(last)), last]
+    expected = torch.tensor(
+        [o.reward for o in load_float32_reward_model(single / "rm").score(messages(), RESPONSES)]
+    )
+    torch.testing.assert_close(reward, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        (reward - config.mean) / config.std, (expected - 0.25) / 2.0, atol=1e-4, rtol=0
+    )
+
+
 @pytest.fixture(scope="module")
 def eos_padded_backbone(tmp_path_factory, tiny_backbone) -> str:
     """The tiny backbone with SmolLM2's tokenizer setup (pad = eos) and a template that ends turns with eos."""
@@ -265,6 +304,21 @@ def test_response_start_is_found_from_the_last_assistant_header(dmoerm_export):
     no_header = tokenizer(["just some text"], return_tensors="pt")
     with pytest.raises(ValueError, match=r"row 0: the assistant header \(token ids"):
         model(**no_header)
+
+
+def test_long_chats_are_truncated_as_dmoerm_truncates_them(dmoerm_export):
+    model, tokenizer = load_remote(dmoerm_export / "hf")
+    conversations = [
+        [{"role": "user", "content": "def add(a, b): " * 40}],  # the prompt alone is over max_length
+        [{"role": "user", "content": "Hello?"}],
+    ]
+    responses = ["Sure.", "spring rain " * 60]  # the response alone is over max_length
+    texts = chat_texts(tokenizer, conversations, responses)
+    assert min(len(tokenizer(t)["input_ids"]) for t in texts) > MAX_LENGTH
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    got = model(**batch).logits[:, 0]
+    reference = model.dmoerm.score(messages(conversations), responses)
+    torch.testing.assert_close(got, torch.tensor([o.reward for o in reference]), atol=1e-5, rtol=0)
 
 
 def test_dmoerm_export_is_self_contained_when_moved(dmoerm_export, tmp_path):

@@ -75,11 +75,24 @@ def last_occurrence(tokens: list[int], pattern: list[int]) -> int:
     return -1
 
 
-def encoded_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, header: list[int]) -> list:
+def truncate(tokens: list[int], prompt_length: int, max_length: int) -> tuple[list[int], int]:
+    """``dmoerm.encoding.encode``'s truncation on token ids: the response keeps its end (where the reward is read)
+    and at most ``max_length - min(prompt, max_length // 4)`` tokens; the prompt is cut from the left."""
+    prompt, response = tokens[:prompt_length], tokens[prompt_length:]
+    response = response[-(max_length - min(len(prompt), max_length // 4)) :]
+    budget = max_length - len(response)
+    prompt = prompt[-budget:] if budget > 0 else []
+    return prompt + response, len(prompt)
+
+
+def encoded_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, header: list[int], max_length: int | None = None
+) -> list:
     """Rows of input_ids [B, T] (left or right padded; attention_mask [B, T] 1 on real tokens) -> dmoerm inputs.
 
     The prompt of a row ends with the last occurrence of the assistant header, as in ``dmoerm.encoding.encode``
-    (whose prompt is the conversation rendered with the generation prompt).
+    (whose prompt is the conversation rendered with the generation prompt); rows over ``max_length`` are
+    truncated as ``encode`` truncates.
     """
     from dmoerm.encoding import EncodedInput
 
@@ -94,7 +107,10 @@ def encoded_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, header
                 f"row {row}: the assistant header (token ids {header}) is not in the input; render the chat with "
                 "the tokenizer's chat template (prompt messages + the assistant response) before tokenizing"
             )
-        out.append(EncodedInput(tuple(tokens), start + len(header)))
+        prompt_length = start + len(header)
+        if max_length is not None and len(tokens) > max_length:
+            tokens, prompt_length = truncate(tokens, prompt_length, max_length)
+        out.append(EncodedInput(tuple(tokens), prompt_length))
     return out
 
 
@@ -208,7 +224,9 @@ class DMoERMForSequenceClassification(PreTrainedModel):
             )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        inputs = encoded_inputs(input_ids, attention_mask, self.config.assistant_header_ids)
+        inputs = encoded_inputs(
+            input_ids, attention_mask, self.config.assistant_header_ids, self.dmoerm.max_length
+        )
         outputs = self.dmoerm.score_inputs(inputs, batch_size=self.config.scoring_batch_size)
         device = input_ids.device
         categories = self.dmoerm.categories
