@@ -380,7 +380,7 @@ def test_cli_export_help_and_refuses_a_non_empty_out(single, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ TRL
-def grpo_train(tiny_backbone, tmp_path, reward_funcs) -> list[dict]:
+def grpo_train(tiny_backbone, tmp_path, reward_funcs, model_init_kwargs=None) -> list[dict]:
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -399,6 +399,7 @@ def grpo_train(tiny_backbone, tmp_path, reward_funcs) -> list[dict]:
         use_cpu=True,
         bf16=False,
         disable_tqdm=True,
+        model_init_kwargs=model_init_kwargs,
     )
     trainer = trl.GRPOTrainer(
         model=policy,
@@ -432,6 +433,14 @@ def test_grpo_trainer_takes_the_remote_code_dmoerm_as_reward_funcs(dmoerm_export
     model.forward = counted
     logged = grpo_train(tiny_backbone, tmp_path, model)
     assert calls and calls[0] == (4, 1)
+    assert logged and math.isfinite(logged[0]["reward"]) and "rewards/hf/mean" in logged[0]
+
+
+@pytest.mark.slow
+def test_grpo_trainer_loads_the_dmoerm_folder_by_name_with_trust_remote_code(
+    dmoerm_export, tiny_backbone, tmp_path
+):
+    logged = grpo_train(tiny_backbone, tmp_path, str(dmoerm_export / "hf"), {"trust_remote_code": True})
     assert logged and math.isfinite(logged[0]["reward"]) and "rewards/hf/mean" in logged[0]
 
 
