@@ -259,8 +259,10 @@ def dmoerm_export(tmp_path_factory, tiny_backbone) -> Path:
     dm.aggregators["code"] = Aggregator(len(experts), dm.bank.hidden_size)
     route_code_prompt_to_code(dm)
     dm.save_pretrained(folder / "dm")
+    save_normalization(folder / "dm", RewardNormalization(mean=-0.5, std=3.0, count=10))
     result = export_model(folder / "dm", folder / "hf")
     assert result.kind == "dmoerm" and result.max_abs_diff <= 1e-5
+    assert result.normalization == {"mean": -0.5, "std": 3.0}
     return folder
 
 
@@ -326,7 +328,14 @@ def test_dmoerm_export_is_self_contained_when_moved(dmoerm_export, tmp_path):
     shutil.copytree(dmoerm_export / "hf", moved)
     backbone = json.loads((moved / "dmoerm" / "backbone_config.json").read_text())["backbone"]
     assert backbone == "backbone" and (moved / "dmoerm" / "backbone" / "model.safetensors").exists()
-    model, tokenizer = load_remote(moved)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    # Plain-model loading options are accepted; the DMoERM keeps its trained dtypes.
+    model = AutoModelForSequenceClassification.from_pretrained(
+        moved, trust_remote_code=True, device_map="cpu", dtype=torch.float16
+    )
+    tokenizer = AutoTokenizer.from_pretrained(moved, trust_remote_code=True)
+    assert (model.config.mean, model.config.std) == (-0.5, 3.0)
     expected = torch.tensor(
         [o.reward for o in DMoERM.from_pretrained(dmoerm_export / "dm").score(messages(), RESPONSES)]
     )

@@ -78,7 +78,7 @@ class ExportResult:
     pad_token: str
     """The tokenizer's pad token in the export."""
     normalization: dict | None = None
-    """``{"mean", "std"}`` written to config.json (single reward model, when ``dmoerm normalize`` measured them)."""
+    """``{"mean", "std"}`` written to config.json, when ``dmoerm normalize`` measured them."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -228,9 +228,10 @@ def _backbone_folder(name: str) -> Path:
     )  # a hub id: its cached snapshot (HF_HUB_OFFLINE=1 uses the cache only)
 
 
-def _export_dmoerm(model_dir: Path, out: Path) -> str:
+def _export_dmoerm(model_dir: Path, out: Path) -> tuple[str, dict | None]:
     from dmoerm import hf_modeling
     from dmoerm.model import DMoERM
+    from dmoerm.rl import load_normalization
 
     model = DMoERM.from_pretrained(model_dir)
     tokenizer = model.tokenizer
@@ -254,9 +255,14 @@ def _export_dmoerm(model_dir: Path, out: Path) -> str:
         architectures=["DMoERMForSequenceClassification"],
     )
     config.dmoerm_export = _export_info(model_dir, "dmoerm", model.bank)
+    norm = load_normalization(model_dir)
+    normalization = None
+    if norm is not None:  # the same keys as a single RM's export; the logits stay raw rewards
+        config.mean, config.std = norm.mean, norm.std
+        normalization = {"mean": norm.mean, "std": norm.std}
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return tokenizer.pad_token
+    return tokenizer.pad_token, normalization
 
 
 # --------------------------------------------------------------------------------------------- check
@@ -317,10 +323,8 @@ def export_model(
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
         target = tmp / "model"
-        if kind == "single":
-            pad, normalization = _export_single(model_dir, target)
-        else:
-            pad, normalization = _export_dmoerm(model_dir, target), None
+        export = _export_single if kind == "single" else _export_dmoerm
+        pad, normalization = export(model_dir, target)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         target.rename(out)
