@@ -125,6 +125,10 @@ def test_single_export_layout_head_pad_and_normalization(single, tiny_backbone):
     config = AutoConfig.from_pretrained(single / "hf")
     assert config.num_labels == 1 and config.problem_type == "regression"
     assert (config.mean, config.std, config.value_head_prefix) == (0.25, 2.0, "score")
+    assert (
+        config.dmoerm_export["trained_trunk_dtype"] == "bfloat16"
+        and config.dmoerm_export["max_length"] == MAX_LENGTH
+    )
     tokenizer = AutoTokenizer.from_pretrained(single / "hf")
     assert config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
     assert tokenizer.chat_template == AutoTokenizer.from_pretrained(tiny_backbone).chat_template

@@ -193,7 +193,7 @@ def _export_single(model_dir: Path, out: Path) -> tuple[str, dict | None]:
     tokenizer.padding_side = "right"
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.value_head_prefix = head_name  # OpenRLHF reads this before its --value_head_prefix default
-    model.config.dmoerm_export = _export_info(model_dir, "single", bank)
+    model.config.dmoerm_export = _export_info(model_dir, "single")
     norm = load_normalization(model_dir)
     normalization = None
     if norm is not None:
@@ -204,13 +204,14 @@ def _export_single(model_dir: Path, out: Path) -> tuple[str, dict | None]:
     return pad, normalization
 
 
-def _export_info(model_dir: Path, kind: str, bank: ExpertBank) -> dict:
+def _export_info(model_dir: Path, kind: str) -> dict:
+    saved = json.loads((Path(model_dir) / "backbone_config.json").read_text())  # as trained, not as exported
     return {
         "kind": kind,
         "dmoerm_version": __version__,
         "source": str(Path(model_dir).resolve()),
-        "max_length": bank.config.max_length,
-        "trained_trunk_dtype": bank.config.trunk_dtype,
+        "max_length": saved["max_length"],
+        "trained_trunk_dtype": saved["trunk_dtype"],
     }
 
 
@@ -254,7 +255,7 @@ def _export_dmoerm(model_dir: Path, out: Path) -> tuple[str, dict | None]:
         },
         architectures=["DMoERMForSequenceClassification"],
     )
-    config.dmoerm_export = _export_info(model_dir, "dmoerm", model.bank)
+    config.dmoerm_export = _export_info(model_dir, "dmoerm")
     norm = load_normalization(model_dir)
     normalization = None
     if norm is not None:  # the same keys as a single RM's export; the logits stay raw rewards
