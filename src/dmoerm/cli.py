@@ -193,6 +193,14 @@ def _normalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from dmoerm.export import export_model
+
+    result = export_model(args.model, args.out, overwrite=args.overwrite, check=not args.no_check)
+    sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from dmoerm.pipeline import write_report
 
@@ -283,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="rewrite scaling.md from finished runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_scaling)
+
+    p = sub.add_parser(
+        "export", help="write a Hugging Face folder: plain AutoModelForSequenceClassification or remote-code DMoERM"
+    )
+    p.add_argument("--model", required=True, help="a dmoerm model directory (single reward model or DMoERM)")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-check", action="store_true", help="skip comparing the export's rewards with dmoerm's")
+    p.set_defaults(handler=_export)
 
     p = sub.add_parser("report", help="(re)write report.md of a training run from its saved results")
     p.add_argument("--run", required=True, help="output_dir of a `dmoerm train` run")
