@@ -96,12 +96,7 @@ def _download_allowed(allow_download: bool | None) -> bool:
 
 def _looks_like_path(name: str) -> bool:
     # A hub id is "name" or "owner/name"; anything else (absolute, ./, ~, two slashes, backslash) is a folder.
-    return (
-        name.startswith((".", "/", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-        or Path(name).is_absolute()
-    )
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).is_absolute()
 
 
 def _hub_snapshot(name: str, allow_download: bool) -> str:
