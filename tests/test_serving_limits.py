@@ -16,7 +16,7 @@ import dmoerm.outputs
 import dmoerm.reward_model
 import dmoerm.serving
 from dmoerm.serving import ServeConfig, create_app
-from test_serving import CONVERSATIONS, RESPONSES, GOOD_ITEM, ServerThread, TinyScorer, items_payload
+from test_serving import CONVERSATIONS, GOOD_ITEM, RESPONSES, ServerThread, TinyScorer, items_payload
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
