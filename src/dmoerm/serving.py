@@ -39,7 +39,6 @@ import contextlib
 import dataclasses
 import hmac
 import ipaddress
-import json
 import logging
 import math
 import time
@@ -57,6 +56,15 @@ from dmoerm import serving_formats as formats
 from dmoerm.data import Message
 from dmoerm.outputs import InputTooLongError, RewardOutput, Scorer
 from dmoerm.rl import RewardNormalization, load_normalization
+from dmoerm.serving_requests import (
+    RequestError,
+    parse_classify,
+    parse_get_reward,
+    parse_json,
+    parse_normalize,
+    parse_score,
+    request_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,16 +85,6 @@ class _ScorerFailedError(RuntimeError):
 
 class _ServerBusyError(RuntimeError):
     """The queue is full or the server is shutting down (answered 503)."""
-
-
-class _RequestError(Exception):
-    """A client error, answered with ``status`` and a JSON body naming ``code``."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 @dataclass
@@ -198,200 +196,6 @@ class ServeConfig:
             return self.max_text_chars
         max_length = getattr(scorer, "max_length", None)
         return 16 * int(max_length) if isinstance(max_length, int) and max_length > 0 else None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Request validation (hand-parsed JSON so that every failure gets a clear 4xx, never a trace)
-
-
-def _fail(status: int, code: str, message: str) -> _RequestError:
-    return _RequestError(status, code, message)
-
-
-def _parse_json(body: bytes) -> Any:
-    if not body:
-        raise _fail(400, "invalid_json", "empty body; send a JSON object")
-    try:
-        return json.loads(body)
-    except UnicodeDecodeError:
-        raise _fail(400, "invalid_json", "body is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise _fail(
-            400, "invalid_json", f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    except RecursionError:
-        raise _fail(400, "invalid_json", "JSON nested too deeply") from None
-
-
-def _check_count(n: int, what: str, config: ServeConfig) -> None:
-    if n == 0:
-        raise _fail(422, "empty", f"{what}: empty list; send at least one item")
-    if n > config.max_items_per_request:
-        raise _fail(
-            413,
-            "too_many_items",
-            f"{what}: {n} items, the limit is {config.max_items_per_request} per request; split the request",
-        )
-
-
-def _check_text(text: str, where: str, limit: int | None) -> None:
-    """Refuse a text over ``limit`` characters (413) or with a lone surrogate (422), before any tokeniser."""
-    if limit is not None and len(text) > limit:
-        raise _fail(
-            413,
-            "input_too_long",
-            f"{where}: {len(text)} characters, over the limit of {limit} (max_text_chars: 16 per token of "
-            "the model's max_length by default); shorten it",
-        )
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:  # JSON may carry "\ud800": valid JSON, not valid Unicode text
-        raise _fail(
-            422,
-            "invalid_request",
-            f"{where}: lone surrogate {text[exc.start]!r} at character {exc.start}; send valid Unicode text",
-        ) from None
-
-
-def _parse_normalize(payload: dict) -> bool:
-    value = payload.get("normalize", True)
-    if not isinstance(value, bool):
-        raise _fail(422, "invalid_request", f"normalize: expected true or false, got {type(value).__name__}")
-    return value
-
-
-def _parse_get_reward(payload: Any, config: ServeConfig, limit: int | None = None) -> list[str]:
-    if not isinstance(payload, dict):
-        raise _fail(
-            422,
-            "invalid_request",
-            f"expected a JSON object with a 'query' list, got {type(payload).__name__}",
-        )
-    if "query" not in payload:
-        raise _fail(422, "invalid_request", "missing field 'query' (a list of prompt+response strings)")
-    query = payload["query"]
-    if isinstance(query, str):
-        query = [query]
-    if not isinstance(query, list):
-        raise _fail(422, "invalid_request", f"query: expected a list of strings, got {type(query).__name__}")
-    _check_count(len(query), "query", config)
-    for i, text in enumerate(query):
-        if not isinstance(text, str):
-            raise _fail(422, "invalid_request", f"query[{i}]: expected a string, got {type(text).__name__}")
-        if not text.strip():
-            raise _fail(422, "invalid_request", f"query[{i}]: empty string")
-        _check_text(text, f"query[{i}]", limit)
-    return query
-
-
-def _parse_score(
-    payload: Any, config: ServeConfig, limit: int | None = None
-) -> tuple[list[list[Message]], list[str]]:
-    if not isinstance(payload, dict):
-        raise _fail(
-            422,
-            "invalid_request",
-            f"expected a JSON object with an 'items' list, got {type(payload).__name__}",
-        )
-    if "items" not in payload:
-        raise _fail(422, "invalid_request", "missing field 'items' (a list of {conversation, response})")
-    items = payload["items"]
-    if not isinstance(items, list):
-        raise _fail(422, "invalid_request", f"items: expected a list, got {type(items).__name__}")
-    _check_count(len(items), "items", config)
-    conversations: list[list[Message]] = []
-    responses: list[str] = []
-    for i, item in enumerate(items):
-        where = f"items[{i}]"
-        if not isinstance(item, dict):
-            raise _fail(422, "invalid_request", f"{where}: expected an object, got {type(item).__name__}")
-        conv = item.get("conversation")
-        response = item.get("response")
-        if not isinstance(conv, list) or not conv:
-            raise _fail(
-                422,
-                "invalid_request",
-                f"{where}.conversation: expected a non-empty list of {{role, content}}",
-            )
-        if not isinstance(response, str):
-            raise _fail(
-                422, "invalid_request", f"{where}.response: expected a string, got {type(response).__name__}"
-            )
-        messages: list[Message] = []
-        for j, turn in enumerate(conv):
-            at = f"{where}.conversation[{j}]"
-            if not isinstance(turn, dict):
-                raise _fail(422, "invalid_request", f"{at}: expected an object with role and content")
-            role, content = turn.get("role"), turn.get("content")
-            if not isinstance(role, str) or not isinstance(content, str):
-                raise _fail(422, "invalid_request", f"{at}: role and content must both be strings")
-            _check_text(role, f"{at}.role", None)
-            _check_text(content, f"{at}.content", None)
-            try:
-                messages.append(Message(role=role, content=content))
-            except ValueError as exc:
-                raise _fail(422, "invalid_request", f"{at}.{exc}") from None
-        if messages[-1].role != "user":
-            raise _fail(
-                422,
-                "invalid_request",
-                f"{where}.conversation: the last turn must be a user turn (the response answers it)",
-            )
-        _check_text(response, f"{where}.response", None)
-        total = len(response) + sum(len(m.content) for m in messages)
-        if limit is not None and total > limit:
-            raise _fail(
-                413,
-                "input_too_long",
-                f"{where}: {total} characters in conversation and response, over the limit of {limit} "
-                "(max_text_chars); shorten it",
-            )
-        conversations.append(messages)
-        responses.append(response)
-    return conversations, responses
-
-
-def _parse_classify(payload: Any, config: ServeConfig, limit: int | None) -> tuple[str, Any]:
-    """vLLM's classification/pooling request: ``("texts", [str])`` from ``input``, or ``("items", (convs,
-    responses))`` from ``messages`` (a chat whose last turn is the assistant reply to score)."""
-    if not isinstance(payload, dict):
-        raise _fail(
-            422, "invalid_request", f"expected a JSON object with 'input', got {type(payload).__name__}"
-        )
-    if "messages" in payload and payload.get("input") is None:
-        turns = payload["messages"]
-        if not isinstance(turns, list) or len(turns) < 2 or not isinstance(turns[-1], dict):
-            raise _fail(422, "invalid_request", "messages: expected a chat ending with the assistant reply")
-        last = turns[-1]
-        if last.get("role") != "assistant" or not isinstance(last.get("content"), str):
-            raise _fail(422, "invalid_request", "messages[-1]: expected the assistant reply to score")
-        convs, responses = _parse_score(
-            {"items": [{"conversation": turns[:-1], "response": last["content"]}]}, config, limit
-        )
-        return "items", (convs, responses)
-    if "input" not in payload:
-        raise _fail(
-            422, "invalid_request", "missing field 'input' (a rendered chat string or a list of them)"
-        )
-    texts = payload["input"]
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, list):
-        raise _fail(
-            422,
-            "invalid_request",
-            f"input: expected a string or a list of strings, got {type(texts).__name__}",
-        )
-    _check_count(len(texts), "input", config)
-    for i, text in enumerate(texts):
-        if isinstance(text, (int, list)):
-            raise _fail(
-                422, "invalid_request", f"input[{i}]: token ids are not supported; send the rendered text"
-            )
-        if not isinstance(text, str) or not text.strip():
-            raise _fail(422, "invalid_request", f"input[{i}]: expected a non-empty string")
-        _check_text(text, f"input[{i}]", limit)
-    return "texts", texts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -659,15 +463,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None:
         try:
             if int(declared) > limit:
-                raise _fail(413, "body_too_large", f"body of {declared} bytes is over the {limit} byte limit")
+                raise request_error(
+                    413, "body_too_large", f"body of {declared} bytes is over the {limit} byte limit"
+                )
         except ValueError:
-            raise _fail(400, "invalid_request", "bad Content-Length header") from None
+            raise request_error(400, "invalid_request", "bad Content-Length header") from None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _fail(413, "body_too_large", f"body is over the {limit} byte limit")
+            raise request_error(413, "body_too_large", f"body is over the {limit} byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -774,9 +580,9 @@ def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
 
     async def parse_body(body: bytes, parse: Callable[[Any], _Job]) -> _Job:
         if len(body) <= _INLINE_PARSE_BYTES:
-            return parse(_parse_json(body))
+            return parse(parse_json(body))
         # A large body's JSON and checks take a while: the event loop keeps serving meanwhile.
-        return await asyncio.to_thread(lambda: parse(_parse_json(body)))
+        return await asyncio.to_thread(lambda: parse(parse_json(body)))
 
     async def handle(
         request: Request, parse: Callable[[Any], _Job], render: Callable[[_Job, Any], dict]
@@ -795,7 +601,7 @@ def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
             if result is None:  # the client is gone; nobody reads this
                 return Response(status_code=499)
             return JSONResponse(render(job, result))
-        except _RequestError as exc:
+        except RequestError as exc:
             stats.client_errors += 1
             return _error_response(exc.status, exc.code, exc.message)
         except ClientDisconnect:  # gone (or timed out by the protocol) while sending its body
@@ -823,8 +629,8 @@ def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
         (openrlhf/cli/serve_rm.py line 133); here ``extra_logs`` holds the DMoERM breakdown."""
 
         def parse(payload: Any) -> _Job:
-            texts = _parse_get_reward(payload, config, text_limit)
-            return _Job("texts", texts=texts, normalize=_parse_normalize(payload))
+            texts = parse_get_reward(payload, config, text_limit)
+            return _Job("texts", texts=texts, normalize=parse_normalize(payload))
 
         def render(job: _Job, outputs: list[RewardOutput]) -> dict:
             rewards = [_finite_or_none(r) for r in rewards_of(job, outputs)]
@@ -834,7 +640,7 @@ def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
         return await handle(request, parse, render)
 
     def vllm_parse(payload: Any) -> _Job:
-        kind, parsed = _parse_classify(payload, config, text_limit)
+        kind, parsed = parse_classify(payload, config, text_limit)
         if kind == "texts":
             job = _Job("texts", texts=parsed, count_tokens=True)
         else:
@@ -875,8 +681,8 @@ def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
         """Rich API: reward, category with probability, capability scores per item."""
 
         def parse(payload: Any) -> _Job:
-            convs, resps = _parse_score(payload, config, text_limit)
-            return _Job("items", conversations=convs, responses=resps, normalize=_parse_normalize(payload))
+            convs, resps = parse_score(payload, config, text_limit)
+            return _Job("items", conversations=convs, responses=resps, normalize=parse_normalize(payload))
 
         def render(job: _Job, outputs: list[RewardOutput]) -> dict:
             raw = [float(o.reward) for o in outputs]
