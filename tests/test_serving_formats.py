@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from dmoerm.model import load_model
+from dmoerm.outputs import RewardOutput
 from dmoerm.rl import RewardNormalization, save_normalization
-from dmoerm.serving import ServeModelConfig, build_model_app
-from test_serving import CONVERSATIONS, RESPONSES, ServerThread, items_payload
+from dmoerm.serving import ServeConfig, ServeModelConfig, build_model_app, create_app
+from test_serving import CONVERSATIONS, RESPONSES, ServerThread, TinyScorer, items_payload
 from test_serving_model import TAXONOMY, dmoerm_dir, single_dir  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -145,7 +146,7 @@ def test_verl_classify_exact_body_and_read(single_server, single_dir):  # noqa: 
     # vLLM's ClassificationResponse / ClassificationData / UsageInfo shapes.
     assert set(output) == {"id", "object", "created", "model", "data", "usage"}
     assert output["id"].startswith("classify-") and output["object"] == "list"
-    assert isinstance(output["created"], int) and output["model"] == single_dir
+    assert isinstance(output["created"], int) and output["model"] == single_dir  # echoed
     assert output["data"] == [{"index": 0, "label": "LABEL_0", "probs": [rm_score], "num_classes": 1}]
     n_tokens = len(model.tokenizer(rm_prompt, add_special_tokens=False)["input_ids"])
     assert output["usage"] == {
@@ -195,3 +196,36 @@ def test_classify_bad_input_is_a_clear_4xx(dmoerm_server, body, status, message)
     r = http.post("/classify", json=body)
     assert r.status_code == status, r.text
     assert message in r.json()["error"]["message"]
+
+
+class BreakdownScorer(TinyScorer):
+    """A scorer other than DMoERM that gives its own breakdown for rendered texts."""
+
+    def score_texts_outputs(self, texts, batch_size=16):
+        out = self._forward(list(texts), batch_size)
+        return [
+            RewardOutput(float(row[0]), "chat", 0.75, {"helpfulness": float(row[1]), "safety": float(row[2])})
+            for row in out
+        ]
+
+
+def test_extra_logs_of_another_scorer_with_a_breakdown(tiny_backbone):
+    scorer = BreakdownScorer(tiny_backbone)
+    with ServerThread(create_app(scorer, ServeConfig(max_wait_ms=1))) as srv:
+        answer = httpx.post(f"{srv.url}/get_reward", json={"query": ["a", "b c"]}, timeout=30).json()
+        health = httpx.get(f"{srv.url}/health", timeout=30).json()
+    want = scorer.score_texts_outputs(["a", "b c"])
+    assert answer["rewards"] == pytest.approx([o.reward for o in want], abs=1e-5)
+    logs = answer["extra_logs"]
+    assert list(logs) == [
+        "category_index",
+        "category_probability",
+        "category/chat",
+        "capability/chat/helpfulness",
+        "capability/chat/safety",
+    ]
+    assert logs["category_index"] == [0.0, 0.0] and logs["category/chat"] == [1.0, 1.0]
+    assert logs["category_probability"] == pytest.approx([0.75, 0.75])
+    for k in ("helpfulness", "safety"):
+        assert logs[f"capability/chat/{k}"] == pytest.approx([o.capability_scores[k] for o in want], abs=1e-5)
+    assert health["categories"] is None

@@ -516,7 +516,8 @@ def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
     text_limit = config.text_limit(scorer)
     breakdown_keys = formats.breakdown_keys(scorer)
     categories = list(getattr(scorer, "categories", None) or []) or None
-    model_name = str(config.model_dir or getattr(scorer, "model_dir", None) or type(scorer).__name__)
+    folder = config.model_dir or getattr(scorer, "model_dir", None)
+    model_name = Path(folder).name if folder else type(scorer).__name__  # echoed as vLLM's "model"; no path
     expected_auth = f"Bearer {config.token}".encode() if config.token else None
 
     @contextlib.asynccontextmanager
