@@ -555,9 +555,9 @@ def compute_score(
     (verl/experimental/reward_loop/reward_manager/naive.py lines 67-83, verl/workers/reward_manager/naive.py);
     ``solution_str`` is the decoded response and the prompt is looked up in ``extra_info`` (see
     ``VERL_PROMPT_KEYS``). ``ground_truth`` and ``data_source`` are not used: the reward model judges the
-    response. The model: ``reward_kwargs.dmoerm_url`` or ``$DMOERM_REWARD_URL`` (a ``dmoerm serve`` server,
-    merged into its dynamic batches), else ``dmoerm_model_dir`` / ``$DMOERM_MODEL_DIR`` loaded in-process,
-    else what :func:`configure_verl` set. ``dmoerm_details=True`` returns ``{"score", "category_index",
+    response. The model, first found: ``reward_kwargs.dmoerm_url`` (a ``dmoerm serve`` server; concurrent
+    calls are merged into its dynamic batches) or ``dmoerm_model_dir`` (loaded once, in process); what
+    :func:`configure_verl` set; ``$DMOERM_REWARD_URL``; ``$DMOERM_MODEL_DIR``. ``dmoerm_details=True`` returns ``{"score", "category_index",
     "category_probability", "category/<c>"...}`` instead of the float. Unknown keyword arguments (verl's
     ``reward_router_address``, ``reward_model_tokenizer``) are ignored.
     """
