@@ -483,10 +483,11 @@ def configure_verl(
 
 
 def _verl_backend(kwargs: Mapping[str, Any]) -> _VerlBackend:
-    url = kwargs.get("dmoerm_url") or os.environ.get(VERL_URL_ENV)
-    model_dir = kwargs.get("dmoerm_model_dir") or os.environ.get(VERL_MODEL_ENV)
-    if _verl_configured is not None and not (kwargs.get("dmoerm_url") or kwargs.get("dmoerm_model_dir")):
-        return _verl_configured
+    url, model_dir = kwargs.get("dmoerm_url"), kwargs.get("dmoerm_model_dir")
+    if not (url or model_dir):
+        if _verl_configured is not None:
+            return _verl_configured
+        url, model_dir = os.environ.get(VERL_URL_ENV), os.environ.get(VERL_MODEL_ENV)
     token = kwargs.get("dmoerm_token") or os.environ.get(VERL_TOKEN_ENV)
     normalize = bool(kwargs.get("dmoerm_normalize", True))
     key = (url, model_dir, token, normalize)
