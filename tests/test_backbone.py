@@ -21,9 +21,91 @@ def test_masked_mean_and_positions():
     assert position_ids_from_mask(torch.tensor([[1, 1, 1, 0, 0]])).tolist() == [[0, 1, 2, 2, 2]]
 
 
-def test_resolve_local_folder_and_hub_id(tiny_backbone):
+def test_resolve_local_folder(tiny_backbone):
     assert resolve_backbone(tiny_backbone) == tiny_backbone
-    assert resolve_backbone("someone/some-model") == "someone/some-model"
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, and downloads allowed only if a test opts in."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("DMOERM_ALLOW_DOWNLOAD", raising=False)
+    return cache
+
+
+def test_unknown_hub_id_fails_at_once_offline(empty_hub_cache, monkeypatch):
+    import time
+
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        if not kwargs.get("local_files_only"):
+            raise AssertionError("resolve_backbone asked the network without opt-in")
+        return real(*args, **kwargs)
+
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_backbone("no-such/model")
+    assert time.perf_counter() - t0 < 2.0
+    message = str(err.value)
+    assert "'no-such/model'" in message and str(empty_hub_cache) in message  # what, and where
+    assert "no folder" in message and "no-such/model" in message
+    assert "allow_download" in message and "DMOERM_ALLOW_DOWNLOAD=1" in message  # how to opt in
+
+
+def test_missing_local_folder_is_a_clear_error(tmp_path):
+    missing = tmp_path / "models" / "nope"
+    with pytest.raises(FileNotFoundError, match=f"no folder {missing}"):
+        resolve_backbone(str(missing))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_backbone(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        resolve_backbone("./runs/main/backbone")
+
+
+def test_cached_hub_snapshot_resolves_offline(empty_hub_cache, tiny_backbone):
+    import shutil
+
+    snapshot = empty_hub_cache / "models--someone--tiny" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_backbone, snapshot)
+    (empty_hub_cache / "models--someone--tiny" / "refs").mkdir()
+    (empty_hub_cache / "models--someone--tiny" / "refs" / "main").write_text("a" * 40)
+    assert resolve_backbone("someone/tiny") == str(snapshot)
+    bank = ExpertBank(BackboneConfig(backbone="someone/tiny", num_top_layers=1, trunk_dtype="float32"))
+    assert bank.tokenizer.chat_template
+
+
+@pytest.mark.parametrize("opt_in", ["config", "env"])
+def test_download_only_when_asked(empty_hub_cache, monkeypatch, opt_in):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, **kwargs):
+        calls.append(kwargs)
+        if kwargs.get("local_files_only"):
+            from huggingface_hub.errors import LocalEntryNotFoundError
+
+            raise LocalEntryNotFoundError("not cached")
+        raise ConnectionError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    if opt_in == "env":
+        monkeypatch.setenv("DMOERM_ALLOW_DOWNLOAD", "1")
+        config = BackboneConfig(backbone="someone/remote")
+    else:
+        config = BackboneConfig(backbone="someone/remote", allow_download=True)
+    with pytest.raises(FileNotFoundError, match="could not download hub model 'someone/remote'.*unreachable"):
+        ExpertBank(config)
+    assert [c.get("local_files_only", False) for c in calls] == [True, False]
+    with pytest.raises(ValueError, match="allow_download"):
+        BackboneConfig(allow_download="yes")
 
 
 def test_split_equals_full_model_and_left_padding_equals_right(tiny_backbone):

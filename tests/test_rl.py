@@ -295,3 +295,110 @@ def test_grpo_example_loads_either_kind_of_reward_model(tiny_backbone, tmp_path)
     dm.save_pretrained(tmp_path / "dm")
     assert isinstance(example.load_scorer(str(tmp_path / "rm")), RewardModel)
     assert isinstance(example.load_scorer(str(tmp_path / "dm")), DMoERM)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# verl custom reward function (dmoerm.rl.compute_score)
+
+VERL_ITEMS = [  # (data_source, solution_str, ground_truth, extra_info) as verl's reward managers pass them
+    (
+        "openai/gsm8k",
+        "Paris is the capital of France.",
+        "Paris",
+        {"prompt": "What is the capital of France?"},
+    ),
+    (
+        "poems",
+        "Spring rain, green leaves.",
+        None,
+        {
+            "index": 3,
+            "prompt": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Write a poem about spring."},
+            ],
+        },
+    ),
+    ("gsm8k", "Yes.", "42", {"split": "train", "question": "Is the sky blue?"}),  # verl's gsm8k example key
+]
+
+
+@pytest.fixture
+def verl_reset():
+    from dmoerm import rl
+
+    yield rl
+    rl.configure_verl(None)
+    rl._verl_backends.clear()
+
+
+def _verl_expected(scorer, norm=None):
+    convs = [
+        to_conversation(next(info[k] for k in ("prompt", "question") if k in info)) for *_, info in VERL_ITEMS
+    ]
+    raw = [o.reward for o in scorer.score(convs, [s for _, s, _, _ in VERL_ITEMS])]
+    return norm.apply(raw) if norm is not None else raw
+
+
+def test_verl_compute_score_in_process(scorer, verl_reset):
+    rl = verl_reset
+    rl.configure_verl(scorer)
+    want = _verl_expected(scorer)
+    # verl/experimental/reward_loop/reward_manager/naive.py lines 67-83: keyword arguments, and with a reward
+    # model enabled also reward_router_address / reward_model_tokenizer (ignored here).
+    got = [
+        rl.compute_score(
+            data_source=ds, solution_str=s, ground_truth=gt, extra_info=info, reward_router_address="x:1"
+        )
+        for ds, s, gt, info in VERL_ITEMS
+    ]
+    assert got == pytest.approx(want, abs=1e-5)
+    assert rl.verl_reward_fn is rl.compute_score
+    # verl/workers/reward_manager/batch.py lines 70-76: the batched keyword signature.
+    batched = rl.compute_score_batch(
+        data_sources=[x[0] for x in VERL_ITEMS],
+        solution_strs=[x[1] for x in VERL_ITEMS],
+        ground_truths=[x[2] for x in VERL_ITEMS],
+        extra_infos=[x[3] for x in VERL_ITEMS],
+    )
+    assert batched == pytest.approx(want, abs=1e-5)
+
+
+def test_verl_compute_score_over_http_with_details(normalized_server, scorer, model_dir, verl_reset):
+    rl = verl_reset
+    norm = load_normalization(model_dir)
+    want = _verl_expected(scorer, norm)
+    calls = len(scorer.calls)
+    batched = rl.compute_score_batch(
+        [x[0] for x in VERL_ITEMS],
+        [x[1] for x in VERL_ITEMS],
+        [x[2] for x in VERL_ITEMS],
+        [x[3] for x in VERL_ITEMS],
+        dmoerm_url=normalized_server.url,  # custom_reward_function.reward_kwargs
+        dmoerm_details=True,
+    )
+    assert len(scorer.calls) == calls + 1  # one request, one scorer call for the batch
+    assert [b["score"] for b in batched] == pytest.approx(want, abs=1e-5)
+    # Numbers only, the same keys for every item (verl averages reward_extra_info in its metrics).
+    assert {tuple(b) for b in batched} == {("score", "category_index", "category_probability")}
+    assert all(b["category_probability"] == pytest.approx(0.75) for b in batched)
+    single = rl.compute_score(
+        "src", VERL_ITEMS[0][1], None, VERL_ITEMS[0][3], dmoerm_url=normalized_server.url
+    )
+    assert single == pytest.approx(want[0], abs=1e-5)
+
+
+def test_verl_compute_score_env_and_errors(normalized_server, scorer, verl_reset, monkeypatch):
+    rl = verl_reset
+    monkeypatch.delenv("DMOERM_REWARD_URL", raising=False)
+    monkeypatch.delenv("DMOERM_MODEL_DIR", raising=False)
+    with pytest.raises(ValueError, match="DMOERM_REWARD_URL"):
+        rl.compute_score("s", "answer", None, {"prompt": "q"})
+    monkeypatch.setenv("DMOERM_REWARD_URL", normalized_server.url)
+    assert math.isfinite(rl.compute_score("s", "answer", None, {"prompt": "q"}))
+    with pytest.raises(
+        ValueError, match=r"extra_info: no prompt under 'prompt', 'question'.*keys present: \['index'\]"
+    ):
+        rl.compute_score("s", "answer", None, {"index": 1})
+    got = rl.compute_score("s", "answer", None, {"my_prompt": "q"}, dmoerm_prompt_key="my_prompt")
+    assert got == pytest.approx(rl.compute_score("s", "answer", None, {"prompt": "q"}), abs=1e-6)

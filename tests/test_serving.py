@@ -114,13 +114,17 @@ class ServerThread:
     def __init__(self, app) -> None:
         import uvicorn
 
+        from dmoerm.serving_http import uvicorn_config
+
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        # The server's own uvicorn settings (request deadline protocol, keep-alive), as dmoerm serve runs.
+        config = getattr(app.state, "config", None) or ServeConfig()
         self.server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+            uvicorn_config(app, "127.0.0.1", self.port, config, log_level="warning", access_log=False)
         )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -210,9 +214,11 @@ def test_get_reward_matches_in_process(http, scorer):
     r = http.post("/get_reward", json={"query": texts, "prompts": ["p"] * 4, "labels": [None] * 4})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"rewards"}
+    assert set(body) == {"rewards", "scores", "extra_logs"}  # openrlhf/cli/serve_rm.py line 133
     expected = scorer.score_texts(texts)
     assert body["rewards"] == pytest.approx(expected, abs=1e-5)
+    assert body["scores"] == body["rewards"]
+    assert body["extra_logs"] == {}  # TinyScorer.score_texts gives no breakdown
 
 
 def test_score_matches_in_process(http, scorer):

@@ -80,26 +80,93 @@ def _convert_bundled(target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve_backbone(name: str | None) -> str:
-    """A name that ``from_pretrained`` can load: a local folder, a hub id, or the converted bundled default.
+ALLOW_DOWNLOAD_ENV = "DMOERM_ALLOW_DOWNLOAD"
+"""Environment variable that lets :func:`resolve_backbone` download a hub model (``1``/``true``/``yes``) when
+the caller does not decide (``allow_download=None``); otherwise lookups stay on this machine."""
 
-    ``None``, ``"default"`` and ``"smollm2-135m-instruct"`` mean the bundled SmolLM2-135M-Instruct.
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+"""What a download fetches: config, weights in safetensors, tokenizer and chat template (not .bin/.gguf/onnx)."""
+
+
+def _download_allowed(allow_download: bool | None) -> bool:
+    if allow_download is not None:
+        return bool(allow_download)
+    return os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything else (absolute, ./, ~, two slashes, backslash) is a folder.
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).is_absolute()
+
+
+def _hub_snapshot(name: str, allow_download: bool) -> str:
+    """The local snapshot folder of hub id ``name``: the HF cache only, unless ``allow_download``."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    cache = constants.HF_HUB_CACHE
+    folder = Path(name).expanduser().resolve()
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"backbone: {name!r} is neither an existing folder (checked {folder}) nor a valid hub id "
+            "(owner/name)"
+        ) from None
+    except LocalEntryNotFoundError:
+        if not allow_download:
+            raise FileNotFoundError(
+                f"backbone: {name!r} not found: no folder {folder}, and no snapshot of hub model {name!r} in "
+                f"the Hugging Face cache {cache}. Downloads are off by default: set model.allow_download=true "
+                f"(BackboneConfig.allow_download) or {ALLOW_DOWNLOAD_ENV}=1 to fetch it, or pass a local folder"
+            ) from None
+    logger.info("downloading backbone %s from the hub into %s (allow_download is on)", name, cache)
+    try:
+        return snapshot_download(name, allow_patterns=_HUB_FILES)
+    except Exception as exc:  # network, auth, missing repo, HF_HUB_OFFLINE: one clear message
+        raise FileNotFoundError(
+            f"backbone: could not download hub model {name!r} into {cache}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def resolve_backbone(name: str | None, *, allow_download: bool | None = None) -> str:
+    """The local folder ``from_pretrained`` loads: a folder, a hub id's cached snapshot, or the bundled default.
+
+    ``None``, ``"default"`` and ``"smollm2-135m-instruct"`` mean the bundled SmolLM2-135M-Instruct. A hub id
+    (``owner/name``) is looked up in the local Hugging Face cache only, unless ``allow_download`` is True
+    (None: the ``DMOERM_ALLOW_DOWNLOAD`` environment variable decides). Nothing reaches the network by
+    default; a name found nowhere raises FileNotFoundError saying which folder and which cache were checked
+    and how to allow the download.
     """
     if name is None or name.lower() in ("default", DEFAULT_BACKBONE):
         target = cache_dir() / "backbones" / _BUNDLED_FOLDER
         if not (target / "config.json").exists():
             _convert_bundled(target)
         return str(target)
-    if Path(name).expanduser().exists():
-        return str(Path(name).expanduser())
-    return name  # a hub id; transformers reports clearly if it cannot be fetched
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"backbone: expected a folder, a hub id or 'default', got {name!r}")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"backbone: {path.resolve()} has no config.json; point it at a Hugging Face model folder "
+                "(save_pretrained output)"
+            )
+        return str(path)
+    if path.exists():
+        raise FileNotFoundError(f"backbone: {path.resolve()} is a file; expected a model folder or a hub id")
+    if _looks_like_path(name):
+        raise FileNotFoundError(
+            f"backbone: no folder {path.resolve()} (the name is a path, so no model hub was asked)"
+        )
+    return _hub_snapshot(name, _download_allowed(allow_download))
 
 
 def load_tokenizer(path: str):
     """The backbone's tokenizer, with a pad token and right padding (what the collator assumes)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)  # a local folder: no hub
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"

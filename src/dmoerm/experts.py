@@ -51,6 +51,10 @@ class BackboneConfig:
     """dtype of the frozen trunk (``bfloat16`` runs 1.6x faster than float32 on the 2-core CPU here)."""
     max_length: int = 512
     """Token limit of one rendered conversation + response (the conversation is left-truncated)."""
+    allow_download: bool = False
+    """Let a hub id ``backbone`` be downloaded when it is not in the local Hugging Face cache. Off by default:
+    nothing reaches the network and a missing model fails at once, naming the folder and cache checked. The
+    environment variable ``DMOERM_ALLOW_DOWNLOAD=1`` opts in too."""
 
     def __post_init__(self) -> None:
         if self.finetune not in ("lora", "full"):
@@ -65,6 +69,8 @@ class BackboneConfig:
             raise ValueError(f"trunk_dtype: {self.trunk_dtype!r} is not one of {', '.join(_DTYPES)}")
         if self.max_length < 16:
             raise ValueError(f"max_length: {self.max_length} is too small; use at least 16 tokens")
+        if not isinstance(self.allow_download, bool):
+            raise ValueError(f"allow_download: expected true or false, got {self.allow_download!r}")
 
 
 class ExpertBank(nn.Module):
@@ -75,7 +81,7 @@ class ExpertBank(nn.Module):
         from transformers import AutoModel
 
         self.config = config
-        path = resolve_backbone(config.backbone)
+        path = resolve_backbone(config.backbone, allow_download=config.allow_download or None)
         self.tokenizer = load_tokenizer(path)
         base = AutoModel.from_pretrained(path, dtype=torch.float32)
         base.requires_grad_(False)

@@ -17,14 +17,10 @@ from dmoerm import __version__
 from dmoerm.data import Message
 from dmoerm.encoding import EncodedInput, collate, encode, encode_text, length_buckets
 from dmoerm.experts import BackboneConfig, ExpertBank
-from dmoerm.outputs import RewardOutput
+from dmoerm.outputs import InputTooLongError, RewardOutput  # noqa: F401 (defined once in outputs; re-exported)
 
 MODEL_FILE = "dmoerm_model.json"
 """Marks a model directory and names its kind (``single`` or ``dmoerm``)."""
-
-
-class InputTooLongError(ValueError):
-    """An already rendered text is longer than the model's token limit (it would lose its start)."""
 
 
 def write_model_file(directory: Path, kind: str, extra: dict | None = None) -> None:

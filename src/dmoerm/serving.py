@@ -3,9 +3,14 @@
 The server wraps any :class:`~dmoerm.outputs.Scorer` (a single reward model, a DMoERM, an ensemble) in an
 ASGI app (FastAPI, run by uvicorn). Endpoints:
 
-* ``POST /get_reward``: OpenRLHF's remote reward model API. Body ``{"query": [str, ...]}`` (full rendered
-  prompt+response strings; extra fields such as ``prompts`` and ``labels`` are accepted and ignored);
-  answer ``{"rewards": [float, ...]}``.
+* ``POST /get_reward``: OpenRLHF's remote reward model API. Body ``{"query": [str, ...], "prompts": [...],
+  "labels": [...]}`` (full rendered prompt+response strings; ``prompts`` and ``labels`` are accepted and
+  ignored); answer ``{"rewards": [float, ...], "scores": [float, ...], "extra_logs": {key: [float, ...]}}``
+  where ``extra_logs`` carries DMoERM's routing and capability scores per item (empty for a single reward
+  model); see :mod:`dmoerm.serving_formats`.
+* ``POST /classify`` and ``POST /pooling``: vLLM's classification and pooling APIs (what verl's reward loop
+  calls): body ``{"model": ..., "input": str | [str, ...]}`` or ``{"model": ..., "messages": [...]}``; the
+  reward is ``data[i]["probs"][0]`` (``data[i]["data"][0]`` for pooling).
 * ``POST /score``: the richer API. Body ``{"items": [{"conversation": [{"role", "content"}], "response":
   str}]}``; answer ``{"results": [{"reward", "raw_reward", "category", "category_probability",
   "capability_scores"}], "normalized": bool}``.
@@ -20,7 +25,10 @@ discarded if it was already being scored.
 it with the settings of a :class:`ServeModelConfig`; :func:`serve` serves any scorer object.
 
 Bad input gets a 4xx JSON answer ``{"error": {"code": ..., "message": ...}}``; anything unexpected gets a
-generic 500 (the trace is logged server-side, never sent). Nothing here runs at import time.
+generic 500 (the trace is logged server-side, never sent). A text over ``max_text_chars`` is refused (413)
+before anything tokenises it; a lone surrogate is a 422 naming the field; JSON of a large body is parsed off
+the event loop; a client that does not deliver its whole request within ``request_timeout_s`` is answered 408
+and disconnected (:mod:`dmoerm.serving_http`). Nothing here runs at import time.
 """
 
 from __future__ import annotations
@@ -31,7 +39,6 @@ import contextlib
 import dataclasses
 import hmac
 import ipaddress
-import json
 import logging
 import math
 import time
@@ -42,11 +49,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
+from dmoerm import serving_formats as formats
 from dmoerm.data import Message
-from dmoerm.outputs import RewardOutput, Scorer
+from dmoerm.outputs import InputTooLongError, RewardOutput, Scorer
 from dmoerm.rl import RewardNormalization, load_normalization
+from dmoerm.serving_requests import (
+    RequestError,
+    parse_classify,
+    parse_get_reward,
+    parse_json,
+    parse_normalize,
+    parse_score,
+    request_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,30 +79,12 @@ __all__ = [
 ]
 
 
-class InputTooLongError(ValueError):
-    """A rendered (conversation, response) or text is over the scorer's ``max_length`` tokens.
-
-    Scorers raise it (or any exception class of the same name) so that the server answers 413 instead of a
-    generic 422.
-    """
-
-
 class _ScorerFailedError(RuntimeError):
     """The scorer raised something other than a ValueError (already logged; answered with a generic 500)."""
 
 
 class _ServerBusyError(RuntimeError):
     """The queue is full or the server is shutting down (answered 503)."""
-
-
-class _RequestError(Exception):
-    """A client error, answered with ``status`` and a JSON body naming ``code``."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 @dataclass
@@ -102,7 +102,18 @@ class ServeConfig:
     max_items_per_request: int = 512
     """Most items one request may carry; more is answered 413."""
     max_body_bytes: int = 32 * 1024 * 1024
-    """Largest accepted request body in bytes; more is answered 413."""
+    """Largest accepted request body in bytes; more is answered 413 (from Content-Length, before reading)."""
+    max_text_chars: int | None = None
+    """Longest accepted text in characters: a ``query``/``input`` string, or a ``/score`` item's conversation
+    and response together; more is answered 413 before anything is tokenised. None: 16 characters per token
+    of the scorer's ``max_length`` (no real text averages more, so nothing that fits is refused; a 20 MB
+    string no longer ties up the scorer for seconds). Raise it to score longer, left-truncated
+    conversations."""
+    request_timeout_s: float = 60.0
+    """Seconds a client has to deliver one whole request (headers and body) from its first byte (or from
+    connecting); a slower one is answered 408 and disconnected. Scoring time does not count."""
+    keep_alive_s: float = 5.0
+    """Seconds an idle keep-alive connection stays open between requests (uvicorn's ``timeout_keep_alive``)."""
     max_queue_items: int = 16384
     """Most items waiting in the queue; a request that would exceed it is answered 503 (back-pressure)."""
     token: str | None = field(default=None, repr=False)
@@ -164,6 +175,12 @@ class ServeConfig:
             self.model_dir = str(self.model_dir)
         if self.torch_threads is not None:
             _int("torch_threads", 1)
+        if self.max_text_chars is not None:
+            _int("max_text_chars", 16)
+        for name in ("request_timeout_s", "keep_alive_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name}: expected a number of seconds > 0, got {value!r}")
         levels = ("critical", "error", "warning", "info", "debug", "trace")
         if self.log_level not in levels:
             raise ValueError(f"log_level: {self.log_level!r} is not one of {', '.join(levels)}")
@@ -173,123 +190,12 @@ class ServeConfig:
         """The ``batch_size`` actually passed to the scorer."""
         return self.scorer_batch_size or self.max_batch_size
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Request validation (hand-parsed JSON so that every failure gets a clear 4xx, never a trace)
-
-
-def _fail(status: int, code: str, message: str) -> _RequestError:
-    return _RequestError(status, code, message)
-
-
-def _parse_json(body: bytes) -> Any:
-    if not body:
-        raise _fail(400, "invalid_json", "empty body; send a JSON object")
-    try:
-        return json.loads(body)
-    except UnicodeDecodeError:
-        raise _fail(400, "invalid_json", "body is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise _fail(
-            400, "invalid_json", f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    except RecursionError:
-        raise _fail(400, "invalid_json", "JSON nested too deeply") from None
-
-
-def _check_count(n: int, what: str, config: ServeConfig) -> None:
-    if n == 0:
-        raise _fail(422, "empty", f"{what}: empty list; send at least one item")
-    if n > config.max_items_per_request:
-        raise _fail(
-            413,
-            "too_many_items",
-            f"{what}: {n} items, the limit is {config.max_items_per_request} per request; split the request",
-        )
-
-
-def _parse_normalize(payload: dict) -> bool:
-    value = payload.get("normalize", True)
-    if not isinstance(value, bool):
-        raise _fail(422, "invalid_request", f"normalize: expected true or false, got {type(value).__name__}")
-    return value
-
-
-def _parse_get_reward(payload: Any, config: ServeConfig) -> list[str]:
-    if not isinstance(payload, dict):
-        raise _fail(
-            422,
-            "invalid_request",
-            f"expected a JSON object with a 'query' list, got {type(payload).__name__}",
-        )
-    if "query" not in payload:
-        raise _fail(422, "invalid_request", "missing field 'query' (a list of prompt+response strings)")
-    query = payload["query"]
-    if isinstance(query, str):
-        query = [query]
-    if not isinstance(query, list):
-        raise _fail(422, "invalid_request", f"query: expected a list of strings, got {type(query).__name__}")
-    _check_count(len(query), "query", config)
-    for i, text in enumerate(query):
-        if not isinstance(text, str):
-            raise _fail(422, "invalid_request", f"query[{i}]: expected a string, got {type(text).__name__}")
-        if not text.strip():
-            raise _fail(422, "invalid_request", f"query[{i}]: empty string")
-    return query
-
-
-def _parse_score(payload: Any, config: ServeConfig) -> tuple[list[list[Message]], list[str]]:
-    if not isinstance(payload, dict):
-        raise _fail(
-            422,
-            "invalid_request",
-            f"expected a JSON object with an 'items' list, got {type(payload).__name__}",
-        )
-    if "items" not in payload:
-        raise _fail(422, "invalid_request", "missing field 'items' (a list of {conversation, response})")
-    items = payload["items"]
-    if not isinstance(items, list):
-        raise _fail(422, "invalid_request", f"items: expected a list, got {type(items).__name__}")
-    _check_count(len(items), "items", config)
-    conversations: list[list[Message]] = []
-    responses: list[str] = []
-    for i, item in enumerate(items):
-        where = f"items[{i}]"
-        if not isinstance(item, dict):
-            raise _fail(422, "invalid_request", f"{where}: expected an object, got {type(item).__name__}")
-        conv = item.get("conversation")
-        response = item.get("response")
-        if not isinstance(conv, list) or not conv:
-            raise _fail(
-                422,
-                "invalid_request",
-                f"{where}.conversation: expected a non-empty list of {{role, content}}",
-            )
-        if not isinstance(response, str):
-            raise _fail(
-                422, "invalid_request", f"{where}.response: expected a string, got {type(response).__name__}"
-            )
-        messages: list[Message] = []
-        for j, turn in enumerate(conv):
-            at = f"{where}.conversation[{j}]"
-            if not isinstance(turn, dict):
-                raise _fail(422, "invalid_request", f"{at}: expected an object with role and content")
-            role, content = turn.get("role"), turn.get("content")
-            if not isinstance(role, str) or not isinstance(content, str):
-                raise _fail(422, "invalid_request", f"{at}: role and content must both be strings")
-            try:
-                messages.append(Message(role=role, content=content))
-            except ValueError as exc:
-                raise _fail(422, "invalid_request", f"{at}.{exc}") from None
-        if messages[-1].role != "user":
-            raise _fail(
-                422,
-                "invalid_request",
-                f"{where}.conversation: the last turn must be a user turn (the response answers it)",
-            )
-        conversations.append(messages)
-        responses.append(response)
-    return conversations, responses
+    def text_limit(self, scorer: Any) -> int | None:
+        """The character limit applied to texts for ``scorer`` (see ``max_text_chars``); None: none."""
+        if self.max_text_chars is not None:
+            return self.max_text_chars
+        max_length = getattr(scorer, "max_length", None)
+        return 16 * int(max_length) if isinstance(max_length, int) and max_length > 0 else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,11 +207,18 @@ class _Job:
     """One request's items waiting for the scorer."""
 
     kind: Literal["texts", "items"]
-    future: asyncio.Future
+    future: asyncio.Future = None  # type: ignore[assignment]  # set by the handler, in the event loop
     texts: list[str] = field(default_factory=list)
     conversations: list[list[Message]] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     normalize: bool = True
+    count_tokens: bool = False
+    """Count the input's tokens (vLLM's ``usage``), in the scorer thread."""
+    prompt_tokens: int = 0
+    activation: bool = False
+    """vLLM endpoints: apply the model's activation (a sigmoid for one label) to the reward."""
+    model: str | None = None
+    """vLLM endpoints: the ``model`` the request named (echoed back)."""
 
     def __len__(self) -> int:
         return len(self.texts) if self.kind == "texts" else len(self.responses)
@@ -353,10 +266,6 @@ class _Stats:
             "client_errors": self.client_errors,
             "server_errors": self.server_errors,
         }
-
-
-def _is_too_long(exc: BaseException) -> bool:
-    return isinstance(exc, InputTooLongError) or type(exc).__name__ == "InputTooLongError"
 
 
 class _Batcher:
@@ -453,7 +362,7 @@ class _Batcher:
                         if not job.future.done():
                             job.future.set_exception(_ScorerFailedError("internal error"))
 
-    def _score_jobs(self, jobs: Sequence[_Job]) -> list[list[float] | list[RewardOutput]]:
+    def _score_jobs(self, jobs: Sequence[_Job]) -> list[list[RewardOutput]]:
         """Runs in the scorer thread: one scorer call per kind, results split back per job."""
         batch_size = self.config.effective_scorer_batch_size
         text_jobs = [j for j in jobs if j.kind == "texts"]
@@ -461,12 +370,12 @@ class _Batcher:
         out: dict[int, list] = {}
         if text_jobs:
             texts = [t for j in text_jobs for t in j.texts]
-            rewards = list(self.scorer.score_texts(texts, batch_size=batch_size))
+            rewards = formats.score_texts_outputs(self.scorer, texts, batch_size)
             if len(rewards) != len(texts):
                 raise RuntimeError(f"scorer returned {len(rewards)} rewards for {len(texts)} texts")
             start = 0
             for j in text_jobs:
-                out[id(j)] = [float(r) for r in rewards[start : start + len(j)]]
+                out[id(j)] = rewards[start : start + len(j)]
                 start += len(j)
         if item_jobs:
             convs = [c for j in item_jobs for c in j.conversations]
@@ -478,6 +387,11 @@ class _Batcher:
             for j in item_jobs:
                 out[id(j)] = outputs[start : start + len(j)]
                 start += len(j)
+        tokenizer = getattr(self.scorer, "tokenizer", None)
+        for j in jobs:
+            if j.count_tokens and tokenizer is not None:
+                texts = j.texts or [m.content for c in j.conversations for m in c] + j.responses
+                j.prompt_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
         return [out[id(j)] for j in jobs]
 
     async def _execute(self, batch: list[_Job]) -> None:
@@ -530,6 +444,10 @@ class _Batcher:
 # The app
 
 
+_INLINE_PARSE_BYTES = 256 * 1024
+"""Bodies up to this size are parsed in the event loop (microseconds); larger ones in a worker thread."""
+
+
 def _error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -545,15 +463,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None:
         try:
             if int(declared) > limit:
-                raise _fail(413, "body_too_large", f"body of {declared} bytes is over the {limit} byte limit")
+                raise request_error(
+                    413, "body_too_large", f"body of {declared} bytes is over the {limit} byte limit"
+                )
         except ValueError:
-            raise _fail(400, "invalid_request", "bad Content-Length header") from None
+            raise request_error(400, "invalid_request", "bad Content-Length header") from None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _fail(413, "body_too_large", f"body is over the {limit} byte limit")
+            raise request_error(413, "body_too_large", f"body is over the {limit} byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -593,6 +513,11 @@ def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
             f"scorer: {type(scorer).__name__} does not implement the Scorer protocol (score, score_texts)"
         )
     normalization = _resolve_normalization(scorer, config)
+    text_limit = config.text_limit(scorer)
+    breakdown_keys = formats.breakdown_keys(scorer)
+    categories = list(getattr(scorer, "categories", None) or []) or None
+    folder = config.model_dir or getattr(scorer, "model_dir", None)
+    model_name = Path(folder).name if folder else type(scorer).__name__  # echoed as vLLM's "model"; no path
     expected_auth = f"Bearer {config.token}".encode() if config.token else None
 
     @contextlib.asynccontextmanager
@@ -650,6 +575,16 @@ def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
     def normalized(rewards: list[float]) -> list[float]:
         return normalization.apply(rewards) if normalization is not None else rewards
 
+    def rewards_of(job: _Job, outputs: list[RewardOutput]) -> list[float]:
+        raw = [float(o.reward) for o in outputs]
+        return normalized(raw) if job.normalize else raw
+
+    async def parse_body(body: bytes, parse: Callable[[Any], _Job]) -> _Job:
+        if len(body) <= _INLINE_PARSE_BYTES:
+            return parse(parse_json(body))
+        # A large body's JSON and checks take a while: the event loop keeps serving meanwhile.
+        return await asyncio.to_thread(lambda: parse(parse_json(body)))
+
     async def handle(
         request: Request, parse: Callable[[Any], _Job], render: Callable[[_Job, Any], dict]
     ) -> Any:
@@ -660,24 +595,28 @@ def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
             return denied
         try:
             body = await _read_body(request, config.max_body_bytes)
-            job = parse(_parse_json(body))
+            job = await parse_body(body, parse)
+            job.future = asyncio.get_running_loop().create_future()
             stats.requests += 1
             result = await run_job(request, job)
             if result is None:  # the client is gone; nobody reads this
                 return Response(status_code=499)
             return JSONResponse(render(job, result))
-        except _RequestError as exc:
+        except RequestError as exc:
             stats.client_errors += 1
             return _error_response(exc.status, exc.code, exc.message)
+        except ClientDisconnect:  # gone (or timed out by the protocol) while sending its body
+            return Response(status_code=499)
         except _ServerBusyError as exc:
             return _error_response(503, "unavailable", str(exc), headers={"Retry-After": "1"})
         except _ScorerFailedError:  # logged with its trace by the worker
             stats.server_errors += 1
             return _error_response(500, "internal_error", "internal server error")
+        except InputTooLongError as exc:
+            stats.client_errors += 1
+            return _error_response(413, "input_too_long", str(exc))
         except ValueError as exc:  # raised by the scorer for this request's input
             stats.client_errors += 1
-            if _is_too_long(exc):
-                return _error_response(413, "input_too_long", str(exc))
             return _error_response(422, "invalid_input", str(exc))
         except Exception:
             stats.server_errors += 1
@@ -686,37 +625,65 @@ def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.post("/get_reward")
     async def get_reward(request: Request) -> Any:
-        """OpenRLHF remote reward API: ``{"query": [str]}`` -> ``{"rewards": [float]}``."""
+        """OpenRLHF remote reward API: ``{"query", "prompts", "labels"}`` -> ``{"rewards", "scores",
+        "extra_logs"}``. OpenRLHF's own server answers ``{"rewards": r, "scores": r, "extra_logs": {...}}``
+        (openrlhf/cli/serve_rm.py line 133); here ``extra_logs`` holds the DMoERM breakdown."""
 
         def parse(payload: Any) -> _Job:
-            texts = _parse_get_reward(payload, config)
-            return _Job(
-                "texts",
-                asyncio.get_running_loop().create_future(),
-                texts=texts,
-                normalize=_parse_normalize(payload),
-            )
+            texts = parse_get_reward(payload, config, text_limit)
+            return _Job("texts", texts=texts, normalize=parse_normalize(payload))
 
-        def render(job: _Job, rewards: list[float]) -> dict:
-            if job.normalize:
-                rewards = normalized(rewards)
-            return {"rewards": [_finite_or_none(r) for r in rewards]}
+        def render(job: _Job, outputs: list[RewardOutput]) -> dict:
+            rewards = [_finite_or_none(r) for r in rewards_of(job, outputs)]
+            logs = formats.extra_logs(outputs, breakdown_keys, categories)
+            return {"rewards": rewards, "scores": rewards, "extra_logs": logs}
 
         return await handle(request, parse, render)
+
+    def vllm_parse(payload: Any) -> _Job:
+        kind, parsed = parse_classify(payload, config, text_limit)
+        if kind == "texts":
+            job = _Job("texts", texts=parsed, count_tokens=True)
+        else:
+            job = _Job("items", conversations=parsed[0], responses=parsed[1], count_tokens=True)
+        job.activation = formats.use_activation(payload)
+        job.model = payload.get("model") if isinstance(payload.get("model"), str) else None
+        return job
+
+    def vllm_values(job: _Job, outputs: list[RewardOutput]) -> list[float | None]:
+        values = rewards_of(job, outputs)
+        if job.activation:
+            values = [formats.sigmoid(v) if math.isfinite(v) else v for v in values]
+        return [_finite_or_none(v) for v in values]
+
+    @app.post("/classify")
+    async def classify(request: Request) -> Any:
+        """vLLM's classification API, as verl's reward loop calls it: the reward is ``data[i]["probs"][0]``
+        (verl reads ``output["data"][-1]["probs"][-1]``, verl/experimental/reward_loop/reward_loop.py l. 213)."""
+
+        def render(job: _Job, outputs: list[RewardOutput]) -> dict:
+            name = job.model or model_name
+            return formats.classification_response(name, vllm_values(job, outputs), job.prompt_tokens)
+
+        return await handle(request, vllm_parse, render)
+
+    @app.post("/pooling")
+    async def pooling(request: Request) -> Any:
+        """vLLM's pooling API: the reward is ``data[i]["data"][0]``."""
+
+        def render(job: _Job, outputs: list[RewardOutput]) -> dict:
+            name = job.model or model_name
+            return formats.pooling_response(name, vllm_values(job, outputs), job.prompt_tokens)
+
+        return await handle(request, vllm_parse, render)
 
     @app.post("/score")
     async def score(request: Request) -> Any:
         """Rich API: reward, category with probability, capability scores per item."""
 
         def parse(payload: Any) -> _Job:
-            convs, resps = _parse_score(payload, config)
-            return _Job(
-                "items",
-                asyncio.get_running_loop().create_future(),
-                conversations=convs,
-                responses=resps,
-                normalize=_parse_normalize(payload),
-            )
+            convs, resps = parse_score(payload, config, text_limit)
+            return _Job("items", conversations=convs, responses=resps, normalize=parse_normalize(payload))
 
         def render(job: _Job, outputs: list[RewardOutput]) -> dict:
             raw = [float(o.reward) for o in outputs]
@@ -743,11 +710,13 @@ def create_app(scorer: Scorer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health(request: Request) -> Any:
-        """Liveness; needs no token."""
+        """Liveness; needs no token. ``categories`` lists the index of ``extra_logs``' ``category_index``."""
         batcher: _Batcher = request.app.state.batcher
         return {
             "status": "ok",
             "max_length": int(getattr(scorer, "max_length", 0) or 0),
+            "max_text_chars": text_limit,
+            "categories": categories,
             "queue_items": batcher.queue_items,
         }
 
@@ -805,13 +774,9 @@ def _check_bind(host: str, port: int, config: ServeConfig) -> None:
 def _run_uvicorn(app: FastAPI, host: str, port: int, config: ServeConfig) -> None:
     import uvicorn
 
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=config.log_level,
-        access_log=config.log_level in ("debug", "trace"),
-    )
+    from dmoerm.serving_http import uvicorn_config
+
+    uvicorn.Server(uvicorn_config(app, host, port, config)).run()
 
 
 def serve(
