@@ -28,6 +28,7 @@ from dmoerm.experts import BackboneConfig
 from dmoerm.model import DMoERM, RoutingConfig, new_dmoerm, rm_expert
 from dmoerm.reward_model import MODEL_FILE, RewardModel
 from dmoerm.taxonomy import assign_categories, load_taxonomy
+from dmoerm.tracking import Tracker, check_report_to
 from dmoerm.training.loop import TrainConfig, TrunkCache, pad_states, save_curves
 from dmoerm.training.phases import (
     AggregatorTrainConfig,
@@ -152,6 +153,9 @@ class PipelineConfig:
     are drawn per category as usual (same test records, per-category rows by the records' own categories);
     then every category's records go to one category ``pooled`` whose capability points are all the categories'
     points, each record judged on its own category's points and the labels pooled by point."""
+    report_to: str = "none"
+    """Experiment tracking of every stage's curves and numbers: ``none``, ``tensorboard`` or ``wandb``
+    (``dmoerm.tracking``; needs ``pip install 'dmoerm[track]'``; ``WANDB_MODE=offline`` needs no network)."""
 
     def __post_init__(self) -> None:
         if self.ensemble_size < 0:
@@ -160,6 +164,7 @@ class PipelineConfig:
             raise ValueError("ensemble_size: the ensemble's first member is the baseline; set baseline: true")
         if self.trunk_cache_gb <= 0:
             raise ValueError(f"trunk_cache_gb: must be > 0, got {self.trunk_cache_gb}")
+        check_report_to(self.report_to)
 
     @classmethod
     def from_dict(cls, obj: dict) -> PipelineConfig:
@@ -404,6 +409,7 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(_to_yaml(config), encoding="utf-8")
     stages = _Stages(out / "state.json")
+    tracker = Tracker(config.report_to, out, config=asdict(config))
     timings: dict[str, float] = dict(stages.done.get("_timings", {}))
     t_start = time.perf_counter()
 
@@ -456,11 +462,12 @@ def run_pipeline(
     }
     curves = out / "curves"
 
-    def finish(stage: str, t0: float, info: dict | None = None) -> None:
+    def finish(stage: str, t0: float, info: dict | None = None, history: dict | None = None) -> None:
         _save_atomically(model, model_dir)
         timed(stage, t0)
         stages.finish(stage, info)
         stages.finish("_timings", timings)
+        tracker.log_stage(stage, info, history)
 
     # ----------------------------------------------------------------------------------- router
     if "router" not in stages and len(categories) == 1:
@@ -510,6 +517,7 @@ def run_pipeline(
                 "train_prompts": len(train_prompts),
                 "dev_prompts": len(dev_prompts),
             },
+            history=result.history,
         )
 
     # ----------------------------------------------------------------------------------- inner models
@@ -535,7 +543,7 @@ def run_pipeline(
                 progress=progress,
             )
             save_curves(res.history, curves / f"{c}_phase1.png", f"{c}: phase 1")
-            finish(stage, t0, {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps})
+            finish(stage, t0, {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps}, res.history)
 
         experts: list[str] = []
         if config.labels.source != "none":
@@ -547,6 +555,7 @@ def run_pipeline(
                 timed(stage, t0)
                 stages.finish(stage, stats)
                 stages.finish("_timings", timings)
+                tracker.log_stage(stage, stats)
             labels = _read_category_labels(config, label_path, None if config.without_router else c, held_out)
             for cap in next(x for x in taxonomy.categories if x.name == c).capabilities:
                 cap_items = labels_to_items([lab for lab in labels if lab.capability == cap.name], tok, n)
@@ -574,7 +583,7 @@ def run_pipeline(
                         checkpoint_dir=out / "checkpoints" / f"phase2_{c}_{cap.name}",
                         progress=progress,
                     )
-                    finish(stage, t0, {"labels": len(cap_items), "steps": res.steps})
+                    finish(stage, t0, {"labels": len(cap_items), "steps": res.steps}, res.history)
 
         stage = f"phase3/{c}"
         if stage not in stages:
@@ -586,7 +595,7 @@ def run_pipeline(
                 model, c, items["phase3"][c], items["dev"][c], config.phase3, cache, experts=names
             )
             save_curves(res.history, curves / f"{c}_phase3.png", f"{c}: phase 3 aggregator")
-            finish(stage, t0, {"experts": names, "best_dev_agreement": res.best_dev_agreement})
+            finish(stage, t0, {"experts": names, "best_dev_agreement": res.best_dev_agreement}, res.history)
 
     # ----------------------------------------------------------------------------------- baseline
     baseline = None
@@ -601,6 +610,8 @@ def run_pipeline(
             timed("baseline", t0)
             stages.finish("baseline", {"train_records": len(train_recs)})
             stages.finish("_timings", timings)
+            if res is not None:  # None: trained by a run that stopped before recording it
+                tracker.log_stage("baseline", {"best_dev_agreement": res.best_dev_agreement}, res.history)
         members = [baseline]
         for i in range(1, config.ensemble_size):
             t0 = time.perf_counter()
@@ -675,6 +686,8 @@ def run_pipeline(
     stages.finish(
         "eval", {"router_test_accuracy": router_right / max(1, len(test_recs)), "systems": list(results)}
     )
+    tracker.log_results(results, router_test_accuracy=stages.done["eval"]["router_test_accuracy"])
+    tracker.close()
     report = write_report(out)
     table = comparison_table(results, systems_as="columns")
     router_info = dict(
