@@ -1190,7 +1190,8 @@ class EvalConfig:
     model: str
     """A model directory written by ``save_pretrained`` (either kind; :func:`dmoerm.model.load_model`)."""
     data: list[str]
-    """Bundled source names (``rmb/pairwise``, ``pandalm/test``, ...) or JSONL files in the documented schema."""
+    """Bundled source names (``rmb/pairwise``, ``pandalm/test``, ...) or files (JSONL, JSON, Parquet, a
+    ``datasets`` folder, ``folder:split``) in the documented schema or TRL's preference formats."""
     out: str | None = None
     """Folder for ``eval.json`` and ``eval.md``; None writes nothing (the table is still logged and returned)."""
     taxonomy: str | None = None
