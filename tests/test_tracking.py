@@ -8,6 +8,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -26,12 +27,12 @@ def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def wandb_history(run_file) -> list[dict[str, float]]:
-    """The history rows of an offline W&B run file (a LevelDB-style log of ``wandb_internal_pb2.Record``)."""
+def wandb_records(run_file) -> list:
+    """The records of an offline W&B run file (a LevelDB-style log of ``wandb_internal_pb2.Record``)."""
     pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
     data = open(run_file, "rb").read()
     assert data[:4] == b":W&B"
-    block, pos, buf, rows = 32768, 7, b"", []
+    block, pos, buf, records = 32768, 7, b"", []
     while pos + 7 <= len(data):
         left = block - pos % block
         if left < 7:  # a block's tail too short for a header is padding
@@ -43,13 +44,28 @@ def wandb_history(run_file) -> list[dict[str, float]]:
         if kind in (1, 4):  # FULL or LAST fragment: one record
             record = pb.Record()
             record.ParseFromString(buf)
+            records.append(record)
             buf = b""
-            if record.WhichOneof("record_type") == "history":
-                # A key with "/" is stored split into nested_key.
-                rows.append(
-                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-                )
-    return rows
+    return records
+
+
+def wandb_history(run_file, timeout: float = 30.0) -> list[dict[str, float]]:
+    """The history rows of a finished offline run: wandb's core process writes the file, so wait for its
+    ``exit`` record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(run_file)
+        kinds = [r.WhichOneof("record_type") for r in records]
+        if "exit" in kinds or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "exit" in kinds, f"no exit record in {run_file} after {timeout} s"
+    # A key with "/" is stored split into nested_key.
+    return [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r, kind in zip(records, kinds)
+        if kind == "history"
+    ]
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch: about 4 s
