@@ -126,9 +126,7 @@ def test_datasetdict_split_syntax_and_errors(tmp_path):
     assert len(load_data(folder)) == 3  # default split: train
     test = load_data(f"{folder}:test")
     assert len(test) == 1 and test.report.source == f"{folder}:test"
-    with pytest.raises(
-        DataError, match=r"dd:validation:row 0: no split 'validation'; its splits: train, test"
-    ):
+    with pytest.raises(DataError, match=r"dd:validation: no split 'validation'; its splits: train, test"):
         load_data(f"{folder}:validation")
     single = write(tmp_path / "single", "datasets", [STANDARD])
     with pytest.raises(DataError, match="holds one Dataset without splits"):
@@ -271,3 +269,11 @@ def test_utf8_bom_is_accepted(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(STANDARD).encode() + b"\n")
     assert len(load_jsonl(path)) == 1
+
+
+def test_truncated_parquet_is_named(tmp_path):
+    path = write(tmp_path / "cut", "parquet", [STANDARD] * 3)
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.parquet:row 0: cannot read the Parquet file"):
+        load_data(path)

@@ -454,7 +454,8 @@ def _read(
                 report.skipped += 1
                 report.skipped_lines.append(msg)
     except FileProblem as e:
-        raise DataError(f"{display}:{e.where}: {e.problem}") from None
+        where = f":{e.where}" if e.where is not None else ""
+        raise DataError(f"{display}{where}: {e.problem}") from None
     if limit is not None:
         del records[limit:]
     return records
@@ -601,7 +602,7 @@ def _trl_conversational(obj: dict, conv: list[Message] | None) -> tuple[list[Mes
             break
         shared += 1
     for name, other in (("rejected", "chosen"), ("chosen", "rejected")):
-        if shared == len(sides[name]):
+        if shared and shared == len(sides[name]):
             problem = (
                 "the same turns as"
                 if shared == len(sides[other])

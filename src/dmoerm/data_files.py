@@ -43,9 +43,9 @@ class RowProblem:
 
 class FileProblem(Exception):
     """The container cannot be read from ``where`` on (not UTF-8, not gzip, not Parquet, malformed JSON
-    document, no such split): always an error."""
+    document), or at all (``where`` None: no such split, a missing package): always an error."""
 
-    def __init__(self, where: str, problem: str) -> None:
+    def __init__(self, where: str | None, problem: str) -> None:
         super().__init__(problem)
         self.where = where
         self.problem = problem
@@ -87,7 +87,7 @@ def iter_rows(path: Path, split: str | None = None) -> Iterator[Row]:
     """Every row of the container at ``path`` (see the module docstring); raises :class:`FileProblem`."""
     fmt = file_format(path)
     if split is not None and fmt != "datasets":
-        raise FileProblem("1", f"':{split}' chooses a split of a datasets folder; {path} is a file")
+        raise FileProblem(None, f"':{split}' chooses a split of a datasets folder; {path} is a file")
     if fmt == "datasets":
         yield from _dataset_rows(path, split)
     elif fmt == "parquet":
@@ -263,7 +263,7 @@ def _import(module: str, what: str):
         return importlib.import_module(module)
     except ImportError:
         raise FileProblem(
-            "1", f"reading {what} needs the {module.split('.')[0]} package: pip install 'dmoerm[data]'"
+            None, f"reading {what} needs the {module.split('.')[0]} package: pip install 'dmoerm[data]'"
         ) from None
 
 
@@ -273,39 +273,37 @@ def _without_nulls(row: dict) -> dict:
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
     pq = _import("pyarrow.parquet", "Parquet files")
+    i = 0
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
-        i = 0
         for batch in batches:
             for row in batch.to_pylist():
                 yield f"row {i}", i, _without_nulls(row)
                 i += 1
     except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
-        raise FileProblem("row 0", f"cannot read the Parquet file ({e})") from e
+        raise FileProblem(f"row {i}", f"cannot read the Parquet file ({e})") from e
 
 
 def _dataset_rows(folder: Path, split: str | None) -> Iterator[Row]:
     if not (folder / "dataset_dict.json").is_file() and not (folder / "state.json").is_file():
         raise FileProblem(
-            "row 0",
+            None,
             "a folder, but not one datasets' save_to_disk wrote (no dataset_dict.json or state.json in it)",
         )
     datasets = _import("datasets", "a datasets folder")
     try:
         ds = datasets.load_from_disk(str(folder))
     except (OSError, ValueError) as e:
-        raise FileProblem("row 0", f"cannot read the datasets folder ({e})") from e
+        raise FileProblem(None, f"cannot read the datasets folder ({e})") from e
     if isinstance(ds, datasets.DatasetDict):
         name = "train" if split is None else split
         if name not in ds:
             raise FileProblem(
-                "row 0",
+                None,
                 f"no split {name!r}; its splits: {', '.join(ds)} (choose one as {folder}:<split>)",
             )
         ds = ds[name]
     elif split is not None:
-        raise FileProblem(
-            "row 0", f"':{split}' chooses a split, but {folder} holds one Dataset without splits"
-        )
+        raise FileProblem(None, f"':{split}' chooses a split, but {folder} holds one Dataset without splits")
     for i, row in enumerate(ds):
         yield f"row {i}", i, _without_nulls(row)
