@@ -368,21 +368,34 @@ def _conversation(
     content_key: str = "content",
     role_map: Mapping[str, str] | None = None,
 ) -> list[Message]:
+    out = _turns(obj, path, role_key=role_key, content_key=content_key, role_map=role_map)
+    if not out:
+        raise _FieldError(path, "empty; a record needs at least one user turn")
+    if out[-1].role != "user":
+        raise _FieldError(path, f"the last turn must be a user turn, got {out[-1].role!r}")
+    if not any(m.content.strip() for m in out):
+        raise _FieldError(path, "every turn is empty")
+    return out
+
+
+def _turns(
+    obj: Any,
+    path: str,
+    *,
+    role_key: str = "role",
+    content_key: str = "content",
+    role_map: Mapping[str, str] | None = None,
+) -> list[Message]:
+    """A list of turns (possibly empty), each checked and named ``path[i].role`` etc. when bad."""
     turns = _get(obj, path)
     if not isinstance(turns, list):
         raise _FieldError(path, f"expected a list of turns, got {_typename(turns)}")
-    if not turns:
-        raise _FieldError(path, "empty; a record needs at least one user turn")
     out = []
     for i, t in enumerate(turns):
         p = f"{path}[{i}]"
         if not isinstance(t, dict):
             raise _FieldError(p, f"expected an object, got {_typename(t)}")
         out.append(_message(t, p, role_key, content_key, role_map))
-    if out[-1].role != "user":
-        raise _FieldError(path, f"the last turn must be a user turn, got {out[-1].role!r}")
-    if not any(m.content.strip() for m in out):
-        raise _FieldError(path, "every turn is empty")
     return out
 
 
@@ -402,12 +415,8 @@ def _join(instruction: str, inp: str | None) -> str:
 
 
 Parser = Callable[[dict, int], list]
-
-
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+"""``parse(obj, position)``: the records of one row; ``position`` is its line number (row index for Parquet and
+``datasets``), the default ``uid``."""
 
 
 def _read(
@@ -418,36 +427,35 @@ def _read(
     skip_bad: bool,
     limit: int | None,
     report: LoadReport,
+    split: str | None = None,
 ) -> list:
-    """Parse every line of ``path`` with ``parse(obj, lineno)``; errors name ``display:line``."""
+    """Parse every row of ``path`` (:func:`dmoerm.data_files.iter_rows`) with ``parse(obj, position)``;
+    errors name ``display:line`` (``display:row i`` for Parquet and ``datasets``)."""
+    from dmoerm.data_files import FileProblem, RowProblem, iter_rows
+
     records: list = []
-    lineno = 0
     try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if limit is not None and len(records) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise _FieldError(LINE, f"malformed JSON ({e.msg} at column {e.colno})") from None
-                    if not isinstance(obj, dict):
-                        raise _FieldError(LINE, f"expected a JSON object, got {_typename(obj)}")
-                    records.extend(parse(obj, lineno))
-                except _Defect as e:
-                    report.dropped += 1
-                    report.dropped_lines.append(f"{display}:{lineno}: {e}")
-                except _FieldError as e:
-                    msg = f"{display}:{lineno}: {e}"
-                    if not skip_bad:
-                        raise DataError(msg) from None
-                    report.skipped += 1
-                    report.skipped_lines.append(msg)
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise DataError(f"{display}:{lineno + 1}: cannot read the file ({e})") from e
+        for where, position, obj in iter_rows(path, split):
+            if limit is not None and len(records) >= limit:
+                break
+            try:
+                if isinstance(obj, RowProblem):
+                    raise _FieldError(obj.field or LINE, obj.problem)
+                if not isinstance(obj, dict):
+                    raise _FieldError(LINE, f"expected a JSON object, got {_typename(obj)}")
+                records.extend(parse(obj, position))
+            except _Defect as e:
+                report.dropped += 1
+                report.dropped_lines.append(f"{display}:{where}: {e}")
+            except _FieldError as e:
+                msg = f"{display}:{where}: {e}"
+                if not skip_bad:
+                    raise DataError(msg) from None
+                report.skipped += 1
+                report.skipped_lines.append(msg)
+    except FileProblem as e:
+        where = f":{e.where}" if e.where is not None else ""
+        raise DataError(f"{display}{where}: {e.problem}") from None
     if limit is not None:
         del records[limit:]
     return records
@@ -478,19 +486,24 @@ _USER_KEYS = {"conversation", "prompt", "chosen", "rejected", "tie", "responses"
 _COMMON_KEYS = {"category", "source", "uid", "meta"}
 
 
-def _user_conversation(obj: dict) -> list[Message]:
+def _user_conversation(obj: dict, *, required: bool = True) -> list[Message] | None:
+    """``conversation``, or ``prompt``: a string (one user turn) or a TRL conversational prompt (turns)."""
     has_conv, has_prompt = "conversation" in obj, "prompt" in obj
     if has_conv and has_prompt:
         raise _FieldError("prompt", "give either 'conversation' or 'prompt', not both")
     if has_prompt:
+        if isinstance(obj["prompt"], list):
+            return _conversation(obj, "prompt")
         text = _str(obj, "prompt")
         assert text is not None
         if not text.strip():
             raise _FieldError("prompt", "empty")
         return _user(text)
-    if not has_conv:
+    if has_conv:
+        return _conversation(obj, "conversation")
+    if required:
         raise _FieldError("conversation", "missing (or give 'prompt' for a one-turn conversation)")
-    return _conversation(obj, "conversation")
+    return None
 
 
 def _user_common(obj: dict, default_source: str, lineno: int) -> dict:
@@ -515,9 +528,11 @@ def _user_common(obj: dict, default_source: str, lineno: int) -> dict:
 
 
 def _user_preference(obj: dict, lineno: int, default_source: str) -> list[PreferenceRecord]:
-    conv = _user_conversation(obj)
+    conv = _user_conversation(obj, required=False)
     common = _user_common(obj, default_source, lineno)
     if "responses" in obj or "ranks" in obj:
+        if conv is None:
+            raise _FieldError("conversation", "missing (or give 'prompt' for a one-turn conversation)")
         if "chosen" in obj or "rejected" in obj:
             raise _FieldError("responses", "give either 'chosen'/'rejected' or 'responses'/'ranks', not both")
         responses = _get(obj, "responses")
@@ -525,7 +540,7 @@ def _user_preference(obj: dict, lineno: int, default_source: str) -> list[Prefer
             raise _FieldError("responses", f"expected a list of strings, got {_typename(responses)}")
         if len(responses) < 2:
             raise _FieldError("responses", f"need at least two, got {len(responses)}")
-        texts = [_response(obj, f"responses[{i}]", bundled=False) for i in range(len(responses))]
+        texts = [_user_response(obj, f"responses[{i}]") for i in range(len(responses))]
         ranks = _get(obj, "ranks")
         if not isinstance(ranks, list):
             raise _FieldError("ranks", f"expected a list of integers, got {_typename(ranks)}")
@@ -536,15 +551,101 @@ def _user_preference(obj: dict, lineno: int, default_source: str) -> list[Prefer
                 raise _FieldError(f"ranks[{i}]", f"expected an integer >= 0 (0 is best), got {r!r}")
         _check_distinct(texts, ranks, [f"responses[{i}]" for i in range(len(texts))], bundled=False)
         return [PreferenceRecord(tuple(conv), tuple(texts), tuple(ranks), **common)]
-    chosen = _response(obj, "chosen", bundled=False) if "chosen" in obj else None
-    if chosen is None:
+    if "chosen" not in obj:
         raise _FieldError("chosen", "missing (or give 'responses' and 'ranks')")
-    rejected = _response(obj, "rejected", bundled=False)
+    if "rejected" not in obj:
+        raise _FieldError("rejected", "missing")
     tie = obj.get("tie", False)
     if not isinstance(tie, bool):
         raise _FieldError("tie", f"expected true or false, got {_typename(tie)}")
+    if isinstance(obj["chosen"], list) or isinstance(obj["rejected"], list):
+        conv, chosen, rejected = _trl_conversational(obj, conv)
+    elif conv is None:
+        conv, chosen, rejected = _implicit_strings(obj)
+    else:
+        chosen = _response(obj, "chosen", bundled=False)
+        rejected = _response(obj, "rejected", bundled=False)
     _check_distinct([chosen, rejected], [0, 0 if tie else 1], ["chosen", "rejected"], bundled=False)
     return [PreferenceRecord.from_pair(conv, chosen, rejected, tie=tie, **common)]
+
+
+def _user_response(obj: dict, path: str) -> str:
+    """A response: a string, or (TRL conversational) a list holding one assistant turn."""
+    if isinstance(_get(obj, path), list):
+        turns = _turns(obj, path)
+        _one_assistant_turn(turns, path, 0)
+        if not turns[0].content.strip():
+            raise _FieldError(f"{path}[0].content", "empty response")
+        return turns[0].content
+    return _response(obj, path, bundled=False)
+
+
+def _one_assistant_turn(turns: list[Message], path: str, offset: int) -> None:
+    if len(turns) != 1 or turns[0].role != "assistant":
+        got = ", ".join(m.role for m in turns) or "none"
+        where = f" after the {offset} turn(s) 'chosen' and 'rejected' share" if offset else ""
+        raise _FieldError(path, f"expected one assistant turn{where}, got {len(turns)} ({got})")
+
+
+def _trl_conversational(obj: dict, conv: list[Message] | None) -> tuple[list[Message], str, str]:
+    """TRL's conversational preference rows: ``chosen``/``rejected`` lists of turns, with an explicit
+    ``prompt`` (each side one assistant turn) or an implicit one (both sides whole conversations: the prompt is
+    the turns they share, as ``trl.extract_prompt`` takes it; an explicit prompt given too must equal it)."""
+    for name in ("chosen", "rejected"):
+        if not isinstance(obj[name], list):
+            other = "rejected" if name == "chosen" else "chosen"
+            raise _FieldError(name, f"expected a list of turns like '{other}', got {_typename(obj[name])}")
+    sides = {name: _turns(obj, name) for name in ("chosen", "rejected")}
+    shared = 0
+    for a, b in zip(sides["chosen"], sides["rejected"]):
+        if a != b:
+            break
+        shared += 1
+    for name, other in (("rejected", "chosen"), ("chosen", "rejected")):
+        if shared and shared == len(sides[name]):
+            problem = (
+                "the same turns as"
+                if shared == len(sides[other])
+                else "no response after the turns it shares with"
+            )
+            raise _FieldError(name, f"{problem} '{other}'")
+    if shared:
+        prefix = sides["chosen"][:shared]
+        if conv is not None and conv != prefix:
+            field_name = "prompt" if "prompt" in obj else "conversation"
+            raise _FieldError(field_name, "differs from the turns 'chosen' and 'rejected' start with")
+        if prefix[-1].role != "user":
+            raise _FieldError(
+                "chosen", f"the turns shared with 'rejected' end with {prefix[-1].role!r}, not user"
+            )
+        conv = prefix
+    elif conv is None:
+        raise _FieldError(
+            "prompt",
+            "missing, and 'chosen' and 'rejected' share no turn (an implicit prompt is the turns they share)",
+        )
+    texts = []
+    for name, turns in sides.items():
+        rest = turns[shared:]
+        _one_assistant_turn(rest, name, shared)
+        if not rest[0].content.strip():
+            raise _FieldError(f"{name}[{shared}].content", "empty response")
+        texts.append(rest[0].content)
+    return conv, texts[0], texts[1]
+
+
+def _implicit_strings(obj: dict) -> tuple[list[Message], str, str]:
+    """``chosen``/``rejected`` strings without a prompt: read as Anthropic HH dialogues
+    (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``), the implicit-prompt form a chat reward model can use."""
+    chosen, rejected = _str(obj, "chosen"), _str(obj, "rejected")
+    assert chosen is not None and rejected is not None
+    if not chosen.startswith("\n\nHuman:"):
+        raise _FieldError(
+            "conversation",
+            "missing (or give 'prompt' for a one-turn conversation; 'chosen'/'rejected' strings without a prompt "
+            "are read only as Anthropic HH dialogues starting '\\n\\nHuman:')",
+        )
+    return _hh_split(chosen, rejected, bundled=False)
 
 
 def _user_prompt(obj: dict, lineno: int, default_source: str) -> list[PromptRecord]:
@@ -553,40 +654,53 @@ def _user_prompt(obj: dict, lineno: int, default_source: str) -> list[PromptReco
     return [PromptRecord(tuple(conv), **common)]
 
 
-def load_jsonl(
+def load_file(
     path: str | Path,
     skip_bad: bool = False,
     *,
     kind: str = "preference",
     limit: int | None = None,
 ) -> RecordList:
-    """Read a user JSONL file (plain or ``.gz``) in the schema of ``docs/data.md``.
+    """Read a user's file in the schema of ``docs/data.md``: JSON lines (plain or ``.gz``), JSON (a list of
+    objects or ``{"data": [...]}``), Parquet, or a ``datasets.save_to_disk`` folder (``folder:split`` chooses
+    a split of a ``DatasetDict``, default ``train``); rows in dmoerm's own schema or TRL's preference formats.
 
-    ``kind="preference"`` (default) reads :class:`PreferenceRecord` lines (``chosen``/``rejected`` or
-    ``responses``/``ranks``); ``kind="prompt"`` reads :class:`PromptRecord` lines (``conversation`` or
-    ``prompt``, response fields ignored). A bad line raises :class:`DataError` naming the file, the line and
-    the field, unless ``skip_bad``: then it is skipped, logged and counted in ``.report.skipped``.
+    ``kind="preference"`` (default) reads :class:`PreferenceRecord` rows (``chosen``/``rejected`` or
+    ``responses``/``ranks``); ``kind="prompt"`` reads :class:`PromptRecord` rows (``conversation`` or
+    ``prompt``, response fields ignored). A bad row raises :class:`DataError` naming the file, the line (or
+    ``row i``) and the field, unless ``skip_bad``: then it is skipped, logged and counted in ``.report.skipped``.
     """
+    from dmoerm.data_files import display_name, resolve
+
     if kind not in ("preference", "prompt"):
         raise ValueError(f"kind: {kind!r}; use 'preference' or 'prompt'")
     _check_limit(limit)
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such file")
-    default_source = p.name.removesuffix(".gz").removesuffix(".jsonl").removesuffix(".json")
+    found = resolve(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    p, split = found
+    default_source = p.name.removesuffix(".gz")
+    for suffix in (".jsonl", ".json", ".parquet"):
+        default_source = default_source.removesuffix(suffix)
     fn = _user_preference if kind == "preference" else _user_prompt
-    report = LoadReport(source=str(p))
+    display = display_name(p, split)
+    report = LoadReport(source=display)
     records = _read(
         p,
-        str(p),
+        display,
         lambda obj, n: fn(obj, n, default_source),
         skip_bad=skip_bad,
         limit=limit,
         report=report,
+        split=split,
     )
     report.loaded = len(records)
     _log_report(report)
     return RecordList(records, report)
+
+
+load_jsonl = load_file
+"""The former name of :func:`load_file` (it reads every format, not only JSON lines)."""
 
 
 def save_jsonl(records: Iterable[PreferenceRecord | PromptRecord], path: str | Path) -> int:
@@ -787,31 +901,35 @@ def _hh_turns(text: str) -> list[Message]:
     return out
 
 
+def _hh_split(chosen_text: str, rejected_text: str, *, bundled: bool) -> tuple[list[Message], str, str]:
+    """The shared context and each side's last assistant turn of two HH dialogues (``docs/data.md``)."""
+    common = os.path.commonprefix([chosen_text, rejected_text])
+    k = common.rfind(_HH_ASSISTANT)
+    if k < 0:
+        raise _FieldError("rejected", "its context differs from 'chosen' (no shared '\\n\\nAssistant:' turn)")
+    if chosen_text.rfind(_HH_ASSISTANT) != k and rejected_text.rfind(_HH_ASSISTANT) != k:
+        raise _FieldError("rejected", "its context differs from 'chosen' before the last assistant turn")
+    context = _hh_turns(chosen_text[:k])
+    if not context or context[-1].role != "user":
+        raise _FieldError("chosen", "the context before the last assistant turn does not end with Human")
+    start = k + len(_HH_ASSISTANT)
+    resp = {"chosen": chosen_text[start:].strip(), "rejected": rejected_text[start:].strip()}
+    for name, text in resp.items():
+        if not text:
+            raise (_Defect if bundled else _FieldError)(name, "empty response")
+    return context, resp["chosen"], resp["rejected"]
+
+
 def _hh(source: str, label: str) -> Parser:
     def parse(obj: dict, lineno: int) -> list[PreferenceRecord]:
         chosen_text = _str(obj, "chosen")
         rejected_text = _str(obj, "rejected")
         assert chosen_text is not None and rejected_text is not None
-        common = os.path.commonprefix([chosen_text, rejected_text])
-        k = common.rfind(_HH_ASSISTANT)
-        if k < 0:
-            raise _FieldError(
-                "rejected", "its context differs from 'chosen' (no shared '\\n\\nAssistant:' turn)"
-            )
-        if chosen_text.rfind(_HH_ASSISTANT) != k and rejected_text.rfind(_HH_ASSISTANT) != k:
-            raise _FieldError("rejected", "its context differs from 'chosen' before the last assistant turn")
-        context = _hh_turns(chosen_text[:k])
-        if not context or context[-1].role != "user":
-            raise _FieldError("chosen", "the context before the last assistant turn does not end with Human")
-        start = k + len(_HH_ASSISTANT)
-        resp = {"chosen": chosen_text[start:].strip(), "rejected": rejected_text[start:].strip()}
-        for name, text in resp.items():
-            if not text:
-                raise _Defect(name, "empty response")
-        _check_distinct([resp["chosen"], resp["rejected"]], [0, 1], ["chosen", "rejected"], bundled=True)
+        context, chosen, rejected = _hh_split(chosen_text, rejected_text, bundled=True)
+        _check_distinct([chosen, rejected], [0, 1], ["chosen", "rejected"], bundled=True)
         return [
             PreferenceRecord.from_pair(
-                context, resp["chosen"], resp["rejected"], category=label, source=source, uid=str(lineno)
+                context, chosen, rejected, category=label, source=source, uid=str(lineno)
             )
         ]
 
@@ -1247,18 +1365,20 @@ def load_data(
     skip_bad: bool = False,
     limit: int | None = None,
 ) -> RecordList:
-    """A bundled source or group by name (:func:`load_source`), else a user JSONL file (:func:`load_jsonl`).
+    """A bundled source or group by name (:func:`load_source`), else a user's file or ``datasets`` folder
+    (:func:`load_file`: JSONL, JSON, Parquet, ``folder[:split]``).
 
     Every command that takes ``--data`` goes through here, so a source name and a file path work alike.
     """
+    from dmoerm.data_files import resolve
+
     if str(name) in SOURCES:
         return load_source(str(name), data_dir, skip_bad=skip_bad, limit=limit)
-    path = Path(name)
-    if path.is_file():
-        return load_jsonl(path, skip_bad=skip_bad, limit=limit)
+    if resolve(name) is not None:
+        return load_file(name, skip_bad=skip_bad, limit=limit)
     raise FileNotFoundError(
         f"{name}: neither a bundled source ({', '.join(sorted(SOURCE_GROUPS))}, ... see dmoerm.data.SOURCES) "
-        "nor an existing JSONL file"
+        "nor an existing file (JSONL, JSON, Parquet) or datasets folder (FOLDER or FOLDER:SPLIT)"
     )
 
 

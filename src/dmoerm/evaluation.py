@@ -1190,7 +1190,8 @@ class EvalConfig:
     model: str
     """A model directory written by ``save_pretrained`` (either kind; :func:`dmoerm.model.load_model`)."""
     data: list[str]
-    """Bundled source names (``rmb/pairwise``, ``pandalm/test``, ...) or JSONL files in the documented schema."""
+    """Bundled source names (``rmb/pairwise``, ``pandalm/test``, ...) or files (JSONL, JSON, Parquet, a
+    ``datasets`` folder, ``folder:split``) in the documented schema or TRL's preference formats."""
     out: str | None = None
     """Folder for ``eval.json`` and ``eval.md``; None writes nothing (the table is still logged and returned)."""
     taxonomy: str | None = None
@@ -1238,25 +1239,35 @@ def load_eval_records(
     limit: int | None = None,
     skip_bad: bool = False,
 ) -> list[PreferenceRecord]:
-    """Preference records of every source or JSONL file in ``data``, categories mapped by ``taxonomy``; a file of
-    prompts without responses is an error naming it (``dmoerm eval`` and ``dmoerm eval-judge``)."""
+    """Preference records of every source or file in ``data``, categories mapped by ``taxonomy`` (None: left
+    as the files give them); a file of prompts without responses, or one with no record at all (empty,
+    blank lines only, every line skipped), is an error naming it (``dmoerm eval`` and ``dmoerm eval-judge``)."""
     from dmoerm.data import load_data
     from dmoerm.taxonomy import assign_categories
 
+    if isinstance(data, str) or not data:
+        raise ValueError(f"data: {data!r}; give a list of one or more sources or files")
     records: list[PreferenceRecord] = []
     for name in data:
         loaded = load_data(name, data_dir, skip_bad=skip_bad, limit=limit)
-        if loaded and not isinstance(loaded[0], PreferenceRecord):
+        if not loaded:
+            skipped = f" ({loaded.report.skipped} bad line(s) skipped)" if loaded.report.skipped else ""
+            raise ValueError(f"data: {name}: no records to evaluate{skipped}; is it empty or blank?")
+        if not isinstance(loaded[0], PreferenceRecord):
             raise ValueError(f"data: {name!r} holds prompts without responses; evaluation needs preferences")
-        records.extend(assign_categories(loaded, taxonomy))
+        records.extend(loaded if taxonomy is None else assign_categories(loaded, taxonomy))
     return records
 
 
 def run_eval(config: EvalConfig) -> EvalResult:
     """Load the model and the data, score every response, write ``eval.json``/``eval.md`` to ``config.out``."""
     from dmoerm.model import DMoERM, load_model
-    from dmoerm.taxonomy import load_taxonomy
+    from dmoerm.taxonomy import assign_categories, load_taxonomy
 
+    # The data first: a bad or empty file fails in a second, before the model loads.
+    records = load_eval_records(
+        config.data, None, config.data_dir, limit=config.limit, skip_bad=config.skip_bad
+    )
     model = load_model(config.model)
     if config.taxonomy is not None:
         taxonomy = load_taxonomy(config.taxonomy)
@@ -1264,9 +1275,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
         taxonomy = model.taxonomy
     else:
         taxonomy = load_taxonomy("default")
-    records = load_eval_records(
-        config.data, taxonomy, config.data_dir, limit=config.limit, skip_bad=config.skip_bad
-    )
+    records = assign_categories(records, taxonomy)
     result = evaluate(
         model,
         records,

@@ -29,6 +29,7 @@ from dmoerm.labelling.human import expert_agreement, plan_category_labels
 from dmoerm.model import DMoERM, RoutingConfig, capability_expert, new_dmoerm, rm_expert
 from dmoerm.reward_model import MODEL_FILE, RewardModel
 from dmoerm.taxonomy import assign_categories, load_taxonomy
+from dmoerm.tracking import Tracker, check_report_to
 from dmoerm.training.loop import TrainConfig, TrunkCache, pad_states, save_curves
 from dmoerm.training.phases import (
     WARM_START,
@@ -176,6 +177,9 @@ class PipelineConfig:
     are drawn per category as usual (same test records, per-category rows by the records' own categories);
     then every category's records go to one category ``pooled`` whose capability points are all the categories'
     points, each record judged on its own category's points and the labels pooled by point."""
+    report_to: str = "none"
+    """Experiment tracking of every stage's curves and numbers: ``none``, ``tensorboard`` or ``wandb``
+    (``dmoerm.tracking``; needs ``pip install 'dmoerm[track]'``; ``WANDB_MODE=offline`` needs no network)."""
 
     def __post_init__(self) -> None:
         if self.ensemble_size < 0:
@@ -188,6 +192,7 @@ class PipelineConfig:
             raise ValueError("warm_start: 'baseline' starts from the single reward model; set baseline: true")
         if self.trunk_cache_gb <= 0:
             raise ValueError(f"trunk_cache_gb: must be > 0, got {self.trunk_cache_gb}")
+        check_report_to(self.report_to)
 
     @classmethod
     def from_dict(cls, obj: dict) -> PipelineConfig:
@@ -434,6 +439,7 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(_to_yaml(config), encoding="utf-8")
     stages = _Stages(out / "state.json")
+    tracker = Tracker(config.report_to, out, config=asdict(config))
     timings: dict[str, float] = dict(stages.done.get("_timings", {}))
     t_start = time.perf_counter()
 
@@ -486,11 +492,12 @@ def run_pipeline(
     }
     curves = out / "curves"
 
-    def finish(stage: str, t0: float, info: dict | None = None) -> None:
+    def finish(stage: str, t0: float, info: dict | None = None, history: dict | None = None) -> None:
         _save_atomically(model, model_dir)
         timed(stage, t0)
         stages.finish(stage, info)
         stages.finish("_timings", timings)
+        tracker.log_stage(stage, info, history)
 
     # ----------------------------------------------------------------------------------- router
     if "router" not in stages and len(categories) == 1:
@@ -540,6 +547,7 @@ def run_pipeline(
                 "train_prompts": len(train_prompts),
                 "dev_prompts": len(dev_prompts),
             },
+            history=result.history,
         )
 
     # ----------------------------------------------------------------------------------- inner models
@@ -552,7 +560,7 @@ def run_pipeline(
     }
     members: list[RewardModel] = []
     if config.warm_start == "baseline":
-        members = _train_baselines(config, splits, categories, cache, stages, timings, progress)
+        members = _train_baselines(config, splits, categories, cache, stages, timings, progress, tracker)
         if WARM_START not in model.bank.heads:
             model.bank.import_expert(members[0].bank, RewardModel.EXPERT, WARM_START)
     if config.warm_start == "phase1" and "warm_start" not in stages:
@@ -567,7 +575,9 @@ def run_pipeline(
             progress=progress,
         )
         save_curves(res.history, curves / "warm_start.png", "warm start: every category's phase 1")
-        finish("warm_start", t0, {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps})
+        finish(
+            "warm_start", t0, {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps}, res.history
+        )
     for c in categories:
         stage = f"phase1/{c}"
         if stage not in stages:
@@ -584,7 +594,7 @@ def run_pipeline(
                 init_from=WARM_START if config.warm_start != "none" else None,
             )
             save_curves(res.history, curves / f"{c}_phase1.png", f"{c}: phase 1")
-            finish(stage, t0, {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps})
+            finish(stage, t0, {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps}, res.history)
 
         label_counts: dict[str, int] = {}  # kept labels per capability point, experts or not (the report)
         if config.labels.source != "none":
@@ -596,6 +606,7 @@ def run_pipeline(
                 timed(stage, t0)
                 stages.finish(stage, stats)
                 stages.finish("_timings", timings)
+                tracker.log_stage(stage, stats)
             labels = _read_category_labels(config, label_path, None if config.without_router else c, held_out)
             if config.without_router:  # every category's labels feed the one pooled inner model
                 labels = [dataclasses.replace(lab, category=c) for lab in labels]
@@ -640,7 +651,7 @@ def run_pipeline(
                         model, capability_expert(c, cap.name), plan.held_back.get(cap.name, []), cache
                     )
                     info = {"labels": len(plan.train[cap.name]), "source": plan.sources.get(cap.name)}
-                    finish(stage, t0, dict(info, steps=res.steps, held_back=held))
+                    finish(stage, t0, dict(info, steps=res.steps, held_back=held), res.history)
 
         stage = f"phase3/{c}"
         if stage not in stages:
@@ -653,11 +664,11 @@ def run_pipeline(
             )
             save_curves(res.history, curves / f"{c}_phase3.png", f"{c}: phase 3 aggregator")
             info = {"experts": model.aggregator_experts[c], "label_counts": label_counts}
-            finish(stage, t0, dict(info, best_dev_agreement=res.best_dev_agreement))
+            finish(stage, t0, dict(info, best_dev_agreement=res.best_dev_agreement), res.history)
 
     # ----------------------------------------------------------------------------------- baseline
     if config.baseline and not members:
-        members = _train_baselines(config, splits, categories, cache, stages, timings, progress)
+        members = _train_baselines(config, splits, categories, cache, stages, timings, progress, tracker)
     baseline = members[0] if members else None
 
     # ----------------------------------------------------------------------------------- evaluation
@@ -715,6 +726,8 @@ def run_pipeline(
     stages.finish(
         "eval", {"router_test_accuracy": router_right / max(1, len(test_recs)), "systems": list(results)}
     )
+    tracker.log_results(results, router_test_accuracy=stages.done["eval"]["router_test_accuracy"])
+    tracker.close()
     report = write_report(out)
     table = comparison_table(results, systems_as="columns")
     router_info = dict(
@@ -723,7 +736,9 @@ def run_pipeline(
     return PipelineResult(str(out), sizes, table, timings, router_info, str(report))
 
 
-def _train_baselines(config, splits, categories, cache, stages, timings, progress) -> list[RewardModel]:
+def _train_baselines(
+    config, splits, categories, cache, stages, timings, progress, tracker
+) -> list[RewardModel]:
     """The single reward model on phase 1 + phase 3 of every category (and, with ``ensemble_size``, its
     seeded siblings); finished ones are loaded. Returns the members, the baseline first."""
     out = Path(config.output_dir)
@@ -734,7 +749,7 @@ def _train_baselines(config, splits, categories, cache, stages, timings, progres
         name = "baseline" if i == 0 else f"baseline_seed{i}"
         t0 = time.perf_counter()
         torch.manual_seed(config.phase1.seed + i)  # each member's value head starts differently
-        member, _ = train_reward_model(
+        member, res = train_reward_model(
             train_recs,
             dev_recs,
             config.model,
@@ -748,6 +763,8 @@ def _train_baselines(config, splits, categories, cache, stages, timings, progres
             timings[name] = round(time.perf_counter() - t0, 2)
             stages.finish(name, {"train_records": len(train_recs)})
             stages.finish("_timings", timings)
+            if res is not None:  # None: trained by a run that stopped before recording it
+                tracker.log_stage(name, {"best_dev_agreement": res.best_dev_agreement}, res.history)
     return members
 
 
