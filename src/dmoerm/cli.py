@@ -293,12 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_scaling)
 
     p = sub.add_parser(
-        "export", help="write a Hugging Face folder: plain AutoModelForSequenceClassification or remote-code DMoERM"
+        "export",
+        help="write a Hugging Face folder: plain AutoModelForSequenceClassification or remote-code DMoERM",
     )
     p.add_argument("--model", required=True, help="a dmoerm model directory (single reward model or DMoERM)")
     p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--no-check", action="store_true", help="skip comparing the export's rewards with dmoerm's")
+    p.add_argument(
+        "--no-check", action="store_true", help="skip comparing the export's rewards with dmoerm's"
+    )
     p.set_defaults(handler=_export)
 
     p = sub.add_parser("report", help="(re)write report.md of a training run from its saved results")

@@ -69,10 +69,15 @@ def encode(tokenizer, conversation: Sequence[Message | dict], response: str, max
     prompt_text, suffix_text = render(tokenizer, conversation, response)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     suffix_ids = tokenizer(suffix_text, add_special_tokens=False)["input_ids"]
+    return cut(prompt_ids, suffix_ids, max_length)
+
+
+def cut(prompt_ids: Sequence[int], suffix_ids: Sequence[int], max_length: int) -> EncodedInput:
+    """The truncation of :func:`encode` on token ids (also used by the exported Hugging Face model): the
+    prompt's last :func:`prompt_window` tokens, then the response's end within the rest of the limit."""
     keep = prompt_window(len(prompt_ids), max_length)
-    prompt_ids = prompt_ids[len(prompt_ids) - keep :]
-    suffix_ids = suffix_ids[-(max_length - keep) :]
-    return EncodedInput(tuple(prompt_ids) + tuple(suffix_ids), len(prompt_ids))
+    prompt = tuple(prompt_ids[len(prompt_ids) - keep :])
+    return EncodedInput(prompt + tuple(suffix_ids[-(max_length - keep) :]), len(prompt))
 
 
 def encode_prompt(tokenizer, conversation: Sequence[Message | dict], max_length: int) -> EncodedInput:
@@ -81,10 +86,34 @@ def encode_prompt(tokenizer, conversation: Sequence[Message | dict], max_length:
     return EncodedInput(e.input_ids[: e.prompt_length], e.prompt_length)
 
 
-def encode_text(tokenizer, text: str, max_length: int) -> EncodedInput:
-    """An already rendered prompt+response string (OpenRLHF's API), left-truncated; prompt unknown (0)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:]
-    return EncodedInput(tuple(ids), 0)
+def assistant_header(tokenizer) -> str:
+    """The text the chat template puts before an assistant turn (``<|im_start|>assistant\n`` for ChatML)."""
+    from dmoerm.data import Message
+
+    with_header, _ = render(tokenizer, [Message("user", "x")], "y")
+    without = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    return with_header[len(without) :] if with_header.startswith(without) else ""
+
+
+def encode_rendered(tokenizer, texts: Sequence[str], max_length: int) -> list[EncodedInput]:
+    """Already rendered prompt+response strings (OpenRLHF's API, verl's ``/classify``): each is split at its
+    last assistant header, and its prompt keeps its :func:`prompt_window`, so a chat encodes as
+    :func:`encode` encodes it. A text over ``max_length`` tokens is refused (:class:`InputTooLongError`),
+    never cut: its start would be lost silently."""
+    from dmoerm.outputs import InputTooLongError
+
+    header = assistant_header(tokenizer)
+    out = []
+    for i, text in enumerate(texts):
+        split = text.rfind(header) + len(header) if header and header in text else 0
+        prompt_ids = tokenizer(text[:split], add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(text[split:], add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) + len(response_ids) > max_length:
+            raise InputTooLongError(
+                f"query[{i}]: {len(prompt_ids) + len(response_ids)} tokens, over the limit of {max_length}"
+            )
+        out.append(cut(prompt_ids, response_ids, max_length))
+    return out
 
 
 def collate(batch: Sequence[EncodedInput], pad_token_id: int) -> dict[str, torch.Tensor]:

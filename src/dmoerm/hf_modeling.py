@@ -76,13 +76,12 @@ def last_occurrence(tokens: list[int], pattern: list[int]) -> int:
 
 
 def truncate(tokens: list[int], prompt_length: int, max_length: int) -> tuple[list[int], int]:
-    """``dmoerm.encoding.encode``'s truncation on token ids: the response keeps its end (where the reward is read)
-    and at most ``max_length - min(prompt, max_length // 4)`` tokens; the prompt is cut from the left."""
-    prompt, response = tokens[:prompt_length], tokens[prompt_length:]
-    response = response[-(max_length - min(len(prompt), max_length // 4)) :]
-    budget = max_length - len(response)
-    prompt = prompt[-budget:] if budget > 0 else []
-    return prompt + response, len(prompt)
+    """``dmoerm.encoding.encode``'s truncation on token ids (``dmoerm.encoding.cut``): the prompt keeps its
+    window, the response its end (where the reward is read)."""
+    from dmoerm.encoding import cut
+
+    e = cut(tokens[:prompt_length], tokens[prompt_length:], max_length)
+    return list(e.input_ids), e.prompt_length
 
 
 def encoded_inputs(
@@ -91,8 +90,8 @@ def encoded_inputs(
     """Rows of input_ids [B, T] (left or right padded; attention_mask [B, T] 1 on real tokens) -> dmoerm inputs.
 
     The prompt of a row ends with the last occurrence of the assistant header, as in ``dmoerm.encoding.encode``
-    (whose prompt is the conversation rendered with the generation prompt); rows over ``max_length`` are
-    truncated as ``encode`` truncates.
+    (whose prompt is the conversation rendered with the generation prompt); rows are cut as ``encode`` cuts
+    them (the prompt's window, the response's end).
     """
     from dmoerm.encoding import EncodedInput
 
@@ -108,7 +107,7 @@ def encoded_inputs(
                 "the tokenizer's chat template (prompt messages + the assistant response) before tokenizing"
             )
         prompt_length = start + len(header)
-        if max_length is not None and len(tokens) > max_length:
+        if max_length is not None:  # encode cuts every row the same way, long or not
             tokens, prompt_length = truncate(tokens, prompt_length, max_length)
         out.append(EncodedInput(tuple(tokens), prompt_length))
     return out

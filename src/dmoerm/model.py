@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from dmoerm.data import Message
-from dmoerm.encoding import EncodedInput, collate, encode, length_buckets, render
+from dmoerm.encoding import EncodedInput, collate, encode, encode_rendered, length_buckets
 from dmoerm.experts import BackboneConfig, ExpertBank
 from dmoerm.outputs import RewardOutput
-from dmoerm.reward_model import InputTooLongError, RewardModel, read_model_file, write_model_file
+from dmoerm.reward_model import RewardModel, read_model_file, write_model_file
 from dmoerm.router import Router
 from dmoerm.taxonomy import Taxonomy
 
@@ -246,25 +246,14 @@ class DMoERM(nn.Module):
             [self.encode(c, r) for c, r in zip(conversations, responses, strict=True)], batch_size
         )
 
-    def _assistant_header(self) -> str:
-        with_header, _ = render(self.tokenizer, [Message("user", "x")], "y")
-        without = self.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
-        return with_header[len(without) :] if with_header.startswith(without) else ""
+    def score_texts_outputs(self, texts: list[str], batch_size: int = 16) -> list[RewardOutput]:
+        """Rendered prompt+response strings, with routing and capability scores
+        (:func:`~dmoerm.encoding.encode_rendered`: a chat scores as :meth:`score` scores it)."""
+        return self.score_inputs(encode_rendered(self.tokenizer, texts, self.max_length), batch_size)
 
     def score_texts(self, texts: list[str], batch_size: int = 16) -> list[float]:
-        """Rendered prompt+response strings: split at the last assistant header so the router sees the prompt."""
-        header = self._assistant_header()
-        inputs = []
-        for i, text in enumerate(texts):
-            cut = text.rfind(header) + len(header) if header and header in text else 0
-            prompt_ids = self.tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
-            response_ids = self.tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
-            if len(prompt_ids) + len(response_ids) > self.max_length:
-                raise InputTooLongError(
-                    f"query[{i}]: {len(prompt_ids) + len(response_ids)} tokens, over the limit of {self.max_length}"
-                )
-            inputs.append(EncodedInput(tuple(prompt_ids + response_ids), len(prompt_ids)))
-        return [o.reward for o in self.score_inputs(inputs, batch_size)]
+        """Rendered prompt+response strings -> rewards (:meth:`score_texts_outputs`)."""
+        return [o.reward for o in self.score_texts_outputs(texts, batch_size)]
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from dmoerm import __version__
 from dmoerm.data import Message
-from dmoerm.encoding import EncodedInput, collate, encode, encode_text, length_buckets
+from dmoerm.encoding import EncodedInput, collate, encode, encode_rendered, length_buckets
 from dmoerm.experts import BackboneConfig, ExpertBank
 from dmoerm.outputs import InputTooLongError, RewardOutput  # noqa: F401 (defined once in outputs; re-exported)
 
@@ -91,15 +91,9 @@ class RewardModel(nn.Module):
         return [RewardOutput(reward=float(r)) for r in self.rewards(inputs, batch_size)]
 
     def score_texts(self, texts: list[str], batch_size: int = 16) -> list[float]:
-        inputs = []
-        for i, text in enumerate(texts):
-            n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            if n > self.max_length:
-                raise InputTooLongError(
-                    f"query[{i}]: {n} tokens, over the model's limit of {self.max_length}"
-                )
-            inputs.append(encode_text(self.tokenizer, text, self.max_length))
-        return self.rewards(inputs, batch_size).tolist()
+        """Rendered prompt+response strings -> rewards (:func:`~dmoerm.encoding.encode_rendered`: a chat scores
+        as :meth:`score` scores it; over-long texts are refused)."""
+        return self.rewards(encode_rendered(self.tokenizer, texts, self.max_length), batch_size).tolist()
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Config JSON + adapter (PEFT layout) + value head, in safetensors."""

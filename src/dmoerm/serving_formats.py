@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from dmoerm.outputs import InputTooLongError, RewardOutput
+from dmoerm.outputs import RewardOutput
 
 __all__ = ["breakdown_keys", "extra_logs", "score_texts_outputs"]
 
@@ -39,36 +39,13 @@ __all__ = ["breakdown_keys", "extra_logs", "score_texts_outputs"]
 
 
 def score_texts_outputs(scorer: Any, texts: list[str], batch_size: int) -> list[RewardOutput]:
-    """Score rendered prompt+response strings with the breakdown where the scorer has one.
-
-    A scorer may offer ``score_texts_outputs(texts, batch_size)``; a DMoERM is split at the last assistant
-    header exactly as ``DMoERM.score_texts`` does (so the rewards are equal: tests check it); any other
-    scorer gives rewards only (``score_texts``).
-    """
+    """Score rendered prompt+response strings with the breakdown where the scorer has one
+    (``score_texts_outputs``, e.g. :meth:`dmoerm.model.DMoERM.score_texts_outputs`); any other scorer gives
+    rewards only (``score_texts``)."""
     own = getattr(scorer, "score_texts_outputs", None)
     if callable(own):
         return list(own(texts, batch_size=batch_size))
-    if all(hasattr(scorer, a) for a in ("score_inputs", "_assistant_header", "categories", "tokenizer")):
-        return _dmoerm_text_outputs(scorer, texts, batch_size)
     return [RewardOutput(reward=float(r)) for r in scorer.score_texts(texts, batch_size=batch_size)]
-
-
-def _dmoerm_text_outputs(model: Any, texts: list[str], batch_size: int) -> list[RewardOutput]:
-    # Mirrors DMoERM.score_texts (model.py), which returns the rewards only: the router sees the prompt, the
-    # text is never cut. Kept equal to it by tests/test_serving_model.py.
-    from dmoerm.encoding import EncodedInput
-
-    header = model._assistant_header()
-    inputs = []
-    for i, text in enumerate(texts):
-        cut = text.rfind(header) + len(header) if header and header in text else 0
-        prompt_ids = model.tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
-        response_ids = model.tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
-        n = len(prompt_ids) + len(response_ids)
-        if n > model.max_length:
-            raise InputTooLongError(f"query[{i}]: {n} tokens, over the limit of {model.max_length}")
-        inputs.append(EncodedInput(tuple(prompt_ids + response_ids), len(prompt_ids)))
-    return list(model.score_inputs(inputs, batch_size))
 
 
 # ----------------------------------------------------------------------------------------------------------
