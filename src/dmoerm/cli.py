@@ -275,9 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from dmoerm.config_check import RunStopped
+
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RunStopped) as e:
         # Bad input: one clear line naming the file/field, no traceback (use -v for one).
         if args.verbose:
             raise

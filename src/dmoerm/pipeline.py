@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from dmoerm.config_check import RunStopped
 from dmoerm.data import PreferenceRecord, load_data, save_jsonl, split_by_prompt, with_label_noise
 from dmoerm.encoding import EncodedInput, RankedItem, encode, encode_record
 from dmoerm.experts import BackboneConfig
@@ -112,12 +113,47 @@ class LabelsConfig:
     consistency, batch_size, ...)."""
     min_labels: int = 4
     """Capability points with fewer kept (untied) labels get no expert, with a log line."""
+    max_failed_share: float = 0.0
+    """Share of a category's judge questions that may fail (judge down after its retries) with the run going
+    on in a degraded state, recorded in state.json (``degraded``) and report.md. Above it the run stops with
+    an error; the failed questions are never cached and a rerun asks only them. 0 (default): any failure
+    stops the run."""
 
     def __post_init__(self) -> None:
         if self.source not in ("local", "openai", "file", "none"):
             raise ValueError(f"source: {self.source!r} is not one of local, openai, file, none")
         if self.source == "file" and not self.file:
             raise ValueError("file: source=file needs the label JSONL path")
+        if self.min_labels < 0:
+            raise ValueError(f"min_labels: must be >= 0, got {self.min_labels}")
+        if not 0.0 <= self.max_failed_share <= 1.0:
+            raise ValueError(f"max_failed_share: must be in [0, 1], got {self.max_failed_share}")
+        if self.source in ("local", "openai"):
+            judge_label_config(self, "labels.jsonl", "judge.cache.sqlite")  # judge options checked now
+
+
+_JUDGE_SET_BY_PIPELINE = ("backend", "data", "out", "taxonomy", "limit", "default_category", "capabilities")
+
+
+def judge_label_config(labels: LabelsConfig, out: str, cache: str):
+    """The :class:`~dmoerm.labelling.pipeline.LabelConfig` of the run's judge, every option of
+    ``labels.judge`` typed and checked (errors name ``judge.<field>``)."""
+    from dmoerm.config_check import ConfigError, build
+    from dmoerm.labelling.pipeline import LabelConfig
+
+    judge = dict(labels.judge)
+    secret = [k for k in judge if "key" in str(k).lower() and k != "api_key_env"]
+    if secret:  # never echo the value: it may be a credential
+        raise ConfigError(
+            f"judge.{secret[0]}: not an option; the API key is never configured (nor written to config.yaml): "
+            "put it in an environment variable and set judge.api_key_env to that variable's name"
+        )
+    taken = sorted(k for k in judge if k in _JUDGE_SET_BY_PIPELINE or k == "stats_out")
+    if taken:
+        raise ConfigError(f"judge: {', '.join(taken)} are set by the pipeline (labels.source and data)")
+    backend = "openai" if labels.source == "openai" else "local"
+    obj = {"cache": cache, **judge, "data": ["pipeline"], "out": out, "backend": backend}
+    return build(LabelConfig, obj, "judge")
 
 
 @dataclass
@@ -172,8 +208,7 @@ class PipelineConfig:
         applied on top, e.g. ``phase1.length_penalty=1.0`` or ``data.sources=[rmb/pairwise]``."""
         import yaml
 
-        text = Path(path).read_text(encoding="utf-8")
-        obj = (json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)) or {}
+        obj = _read_config_file(Path(path))
         for item in overrides:
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
@@ -182,33 +217,54 @@ class PipelineConfig:
             *parents, last = key.strip().split(".")
             for part in parents:
                 child = node.setdefault(part, {})
+                if child is None:  # an empty section in the file (``phase1:``)
+                    child = node[part] = {}
                 if not isinstance(child, dict):
                     raise ValueError(f"override {item!r}: {part!r} is a value, not a section")
                 node = child
-            node[last] = yaml.safe_load(value)
+            try:
+                node[last] = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ValueError(f"override {item!r}: the value is not valid YAML ({e})") from None
         try:
             return cls.from_dict(obj)
         except (ValueError, TypeError) as e:
-            where = f"{path} with overrides {list(overrides)}" if overrides else str(path)
+            shown = [_redacted(item) for item in overrides]
+            where = f"{path} with overrides {shown}" if overrides else str(path)
             raise ValueError(f"{where}: {e}") from None
 
 
 def _from_dict(cls, obj: dict, where: str):
+    from dmoerm.config_check import build
+
+    return build(cls, obj, "" if where == "config" else where, root=where)
+
+
+def _redacted(override: str) -> str:
+    """An override as errors show it: the value of a ``...key...=`` override (a credential?) hidden."""
+    key, sep, _ = override.partition("=")
+    return f"{key}=***" if sep and "key" in key.lower() and not key.endswith("api_key_env") else override
+
+
+def _read_config_file(path: Path) -> dict:
+    """The mapping of a YAML/JSON config file; a syntax error names the file and line."""
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ValueError(f"{path}{line}: not valid YAML ({problem})") from None
+    if obj is None:
+        return {}
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(obj).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(obj) - set(known))
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    kwargs = {}
-    for name, value in obj.items():
-        default = (
-            known[name].default_factory() if callable(known[name].default_factory) else known[name].default
-        )
-        if is_dataclass(default) and isinstance(value, dict):
-            value = _from_dict(type(default), value, f"{where}.{name}")
-        kwargs[name] = value
-    return cls(**kwargs)
+        raise ValueError(f"{path}: expected a mapping of sections (data:, model:, ...), got {type(obj).__name__}")
+    return obj
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -793,6 +849,8 @@ def write_report(run_dir: str | Path) -> Path:
     for c, n in sizes.items():
         p1, p3, lab = done.get(f"phase1/{c}", {}), done.get(f"phase3/{c}", {}), done.get(f"labels/{c}", {})
         kept = f"{lab['kept']}/{lab['questions']}" if "kept" in lab and "questions" in lab else "-"
+        if lab.get("degraded"):  # the user allowed failed judge questions (labels.max_failed_share)
+            kept += f" (degraded: {lab.get('failed')} failed)"
         experts = ", ".join(e.split("__", 1)[-1] for e in p3.get("experts", [])) or "-"
         lines.append(
             f"| {c} | {n['phase1']} | {n['labels']} | {n['phase3']} | {n['dev']} | {n['test']} | "
@@ -826,11 +884,12 @@ class _Labeller:
         """Judge the records' pairs per capability point of their category into ``path``; the stats."""
         if self.config.labels.source == "file":
             return {"source": self.config.labels.file}
-        from dmoerm.labelling.pipeline import LabelConfig, label_pairs, make_judge
+        from dmoerm.labelling.pipeline import label_pairs, make_judge
 
         backend = "openai" if self.config.labels.source == "openai" else "local"
-        opts = {"cache": str(self.folder / "judge.cache.sqlite"), **self.config.labels.judge}
-        self.judge_config = LabelConfig(data=["pipeline"], out=str(path), backend=backend, **opts)
+        self.judge_config = judge_label_config(
+            self.config.labels, str(path), str(self.folder / "judge.cache.sqlite")
+        )
         if backend == "local" and self.judge_config.model is None:
             backbone = self.config.model.backbone
             self.judge_config.model = None if backbone == "default" else backbone
@@ -847,7 +906,34 @@ class _Labeller:
             max_pairs_per_record=1,
             progress=self.progress,
         )
-        return stats.to_dict()
+        return self._check_failures(stats.to_dict(), path)
+
+    def _check_failures(self, stats: dict, path: Path) -> dict:
+        """Stop the run when more of the questions failed than ``labels.max_failed_share`` allows; mark the
+        stats ``degraded`` when some failed within it (a failed question is never cached: a rerun asks it)."""
+        failed, questions = stats.get("failed", 0), stats.get("questions", 0)
+        if not failed:
+            return stats
+        allowed = self.config.labels.max_failed_share
+        where = self.judge_config.base_url if self.judge_config.backend == "openai" else "the local judge"
+        if failed > allowed * questions:
+            raise RunStopped(
+                f"{path.stem}: {failed} of {questions} judge questions failed after their retries "
+                f"(judge at {where}); labelling is not marked finished. Rerun when the judge is back: only the "
+                f"failed questions are asked again (answers are cached in {self.folder / 'judge.cache.sqlite'}). "
+                f"To go on without them, set labels.max_failed_share (now {allowed}) to at least "
+                f"{failed / questions:.2f}."
+            )
+        logger.warning(
+            "%s: %d of %d judge questions failed (judge at %s); going on degraded as labels.max_failed_share "
+            "= %s allows",
+            path.stem,
+            failed,
+            questions,
+            where,
+            allowed,
+        )
+        return dict(stats, degraded=True)
 
 
 def _read_category_labels(config: PipelineConfig, path: Path, category: str | None, held_out: set[tuple]):
