@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dmoerm.config_check import RunStopped
+from dmoerm.config_check import RunStopped, check_instance
 from dmoerm.data import PreferenceRecord, load_data, save_jsonl, split_by_prompt, with_label_noise
 from dmoerm.encoding import EncodedInput, RankedItem, encode, encode_record
 from dmoerm.experts import BackboneConfig
@@ -269,20 +269,153 @@ def _read_config_file(path: Path) -> dict:
 
 # --------------------------------------------------------------------------------------------- stages
 class _Stages:
-    """Finished stages, persisted atomically in state.json."""
+    """Finished stages, persisted atomically in state.json, with the inputs (config fields) of each.
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.done: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+    A stage's inputs are recorded when it starts (its first ``stage not in stages`` test) and kept when it
+    finishes. With ``config``, opening the state checks every recorded stage against the config: a changed
+    input stops the run (:class:`RunStopped` naming the fields, old -> new, and the way out) before anything
+    is trained or rewritten.
+    """
+
+    def __init__(self, path: Path, config: PipelineConfig | None = None):
+        self.path, self.config = path, config
+        self.done: dict[str, dict] = _read_state(path)
+        self.inputs: dict[str, dict] = self.done.pop(_INPUTS, {})
+        if config is not None:
+            self._check_inputs()
 
     def __contains__(self, stage: str) -> bool:
-        return stage in self.done
+        if stage in self.done:
+            return True
+        if self.config is not None and stage not in self.inputs:  # about to start: record what it reads
+            self.inputs[stage] = stage_inputs(self.config, stage)
+            self._write()
+        return False
 
     def finish(self, stage: str, info: dict | None = None) -> None:
         self.done[stage] = info or {}
+        if self.config is not None and not stage.startswith("_") and stage != "eval":
+            self.inputs[stage] = stage_inputs(self.config, stage)
+        self._write()
+
+    def forget(self, stages: Sequence[str]) -> None:
+        """Mark ``stages`` not finished (their outputs are gone)."""
+        for stage in stages:
+            self.done.pop(stage, None)
+        self._write()
+
+    def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done, indent=2))
+        tmp.write_text(json.dumps({**self.done, _INPUTS: self.inputs}, indent=2))
         os.replace(tmp, self.path)
+
+    def _check_inputs(self) -> None:
+        for stage, old in self.inputs.items():
+            new = stage_inputs(self.config, stage)
+            if new == old:
+                continue
+            changed = [
+                f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k, _MISSING) != new.get(k, _MISSING)
+            ]
+            how = "finished" if stage in self.done else "started (its checkpoint holds them)"
+            raise RunStopped(
+                f"{self.path.parent}: stage {stage} {how} with other inputs than this config gives: "
+                f"{'; '.join(changed)}. Resuming would mix the two (and config.yaml would misdescribe the model). "
+                "Use a new --output-dir (or delete this one) to train with the new config, or set the old values "
+                "back to resume."
+            )
+
+
+_INPUTS = "_inputs"
+"""Key of state.json holding each recorded stage's inputs."""
+_MISSING = object()
+_ROUTER_DATA = ("router_sources", "router_dev_sources", "router_prompts", "router_dev_prompts")
+_STAGE_SECTIONS = {
+    "router": ("router",),
+    "phase1": ("phase1",),
+    "labels": ("labels",),
+    "phase2": ("phase1", "labels", "phase2"),
+    "phase3": ("phase1", "labels", "phase2", "phase3"),
+    "baseline": ("phase1",),
+}
+"""The config sections each kind of stage reads beside ``data`` and ``model`` (those of the stages it starts
+from included, so a change upstream names its field at every stage after it)."""
+_NOT_INPUTS = {"labels.max_failed_share", "labels.judge.progress", "labels.judge.concurrency"}
+"""Fields that change how a stage runs, not what it produces."""
+
+
+def stage_inputs(config: PipelineConfig, stage: str) -> dict:
+    """The config fields stage ``stage`` (``phase2/code/correctness``) depends on, flattened: ``{"phase1.epochs":
+    3, ...}``. Every stage reads the ``data`` and ``model`` sections; ``eval`` reruns each time (none)."""
+    kind = stage.split("/", 1)[0]
+    kind = "baseline" if kind.startswith("baseline") else kind
+    if kind not in _STAGE_SECTIONS:
+        return {}
+    data = asdict(config.data)
+    if kind != "router":
+        data = {k: v for k, v in data.items() if k not in _ROUTER_DATA}
+    sections = {"data": data, "model": asdict(config.model), "without_router": config.without_router}
+    for name in _STAGE_SECTIONS[kind]:
+        sections[name] = asdict(getattr(config, name))
+    if stage.startswith("baseline_seed"):
+        sections["phase1"]["seed"] += int(stage[len("baseline_seed") :])
+    flat = _flatten(sections)
+    return {k: v for k, v in flat.items() if k not in _NOT_INPUTS}
+
+
+def _flatten(obj: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _forget_lost_model_stages(stages: _Stages, model_dir: Path) -> None:
+    """Stages whose weights live in ``model_dir`` are not finished when it is gone: they train again (from
+    their last epoch checkpoint where one is left)."""
+    if (model_dir / MODEL_FILE).exists():
+        return
+    lost = [s for s in stages.done if s.split("/", 1)[0] in ("router", "phase1", "phase2", "phase3")]
+    if lost:
+        logger.warning(
+            "%s is missing but %s records %d finished stages in it (%s): training them again",
+            model_dir,
+            stages.path,
+            len(lost),
+            ", ".join(lost),
+        )
+        stages.forget(lost)
+
+
+def _load_run_model(model_dir: Path) -> DMoERM:
+    try:
+        return DMoERM.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise RunStopped(
+            f"{model_dir}: the run's model folder is damaged ({e}). Delete {model_dir} to train its stages again "
+            "(labels and finished checkpoints are kept)."
+        ) from None
+
+
+def _read_state(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError(f"expected a JSON object, got {type(state).__name__}")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunStopped(
+            f"{path}: damaged ({e}); it records which stages of this run are finished. Delete the run folder "
+            f"{path.parent} (or state.json and model/ in it) to train again from scratch."
+        ) from None
+    return state
 
 
 def _save_atomically(model, directory: Path) -> None:
@@ -456,10 +589,12 @@ def run_pipeline(
     """
     from dmoerm.evaluation import comparison_table, compute_metrics, response_token_lengths, write_eval
 
+    check_instance(config)  # the whole resolved config, typed, before any work
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(out / "state.json", config)  # stops here if a finished stage had other inputs
+    _forget_lost_model_stages(stages, out / "model")
     (out / "config.yaml").write_text(_to_yaml(config), encoding="utf-8")
-    stages = _Stages(out / "state.json")
     timings: dict[str, float] = dict(stages.done.get("_timings", {}))
     t_start = time.perf_counter()
 
@@ -495,7 +630,7 @@ def run_pipeline(
     model_dir = out / "model"
     cfg = config.model
     if (model_dir / MODEL_FILE).exists():
-        model = DMoERM.from_pretrained(model_dir)
+        model = _load_run_model(model_dir)
         model.routing = config.routing
         logger.info(
             "resuming from %s (finished: %s)",

@@ -50,6 +50,7 @@ class RouterTrainConfig:
     balance_classes: bool = True
     """Weight the cross-entropy by inverse class frequency (Auto-J and RMB categories are imbalanced)."""
     seed: int = 0
+    """Seed of the head's initial weights and of the batch order."""
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -87,7 +88,8 @@ def train_router(
     config: RouterTrainConfig,
     cache: TrunkCache,
 ) -> RouterResult:
-    """Train ``model.router`` (only) with cross-entropy on logits over (prompt input, category) examples."""
+    """Train ``model.router`` (only) with cross-entropy on logits over (prompt input, category) examples,
+    from initial weights drawn under ``config.seed``."""
     index = {c: i for i, c in enumerate(model.categories)}
     train = [(e, c) for e, c in train if c in index]
     dev = [(e, c) for e, c in dev if c in index]
@@ -98,6 +100,10 @@ def train_router(
     counts = torch.bincount(y, minlength=len(index)).float()
     weight = (counts.sum() / (len(index) * counts.clamp(min=1))) if config.balance_classes else None
     torch.manual_seed(config.seed)
+    # The head starts from weights drawn under the seed, not from whatever the process's RNG gave when the
+    # model was built: two runs with one config train the same router (same accuracy).
+    model.router.head.reset_parameters()
+    model.router.norm.reset_parameters()
     model.requires_grad_(False)
     model.router.requires_grad_(True)
     model.router.train()
