@@ -342,8 +342,25 @@ _STAGE_SECTIONS = {
 }
 """The config sections each kind of stage reads beside ``data`` and ``model`` (those of the stages it starts
 from included, so a change upstream names its field at every stage after it)."""
-_NOT_INPUTS = {"labels.max_failed_share", "labels.judge.progress", "labels.judge.concurrency"}
-"""Fields that change how a stage runs, not what it produces."""
+_NOT_INPUTS = {"labels.max_failed_share"} | {
+    f"labels.judge.{k}"
+    for k in (
+        "progress",
+        "concurrency",
+        "base_url",
+        "timeout_s",
+        "max_retries",
+        "backoff_base_s",
+        "backoff_max_s",
+        "requests_per_second",
+        "price_prompt_per_m",
+        "price_completion_per_m",
+        "batch_size",
+        "device",
+    )
+}
+"""Fields that change how a stage runs, not what it produces (a judge that moved to another URL after an
+outage may finish a started labelling stage)."""
 
 
 def stage_inputs(config: PipelineConfig, stage: str) -> dict:
@@ -1053,7 +1070,7 @@ class _Labeller:
         where = self.judge_config.base_url if self.judge_config.backend == "openai" else "the local judge"
         if failed > allowed * questions:
             raise RunStopped(
-                f"{path.stem}: {failed} of {questions} judge questions failed after their retries "
+                f"labels/{path.stem}: {failed} of {questions} judge questions failed after their retries "
                 f"(judge at {where}); labelling is not marked finished. Rerun when the judge is back: only the "
                 f"failed questions are asked again (answers are cached in {self.folder / 'judge.cache.sqlite'}). "
                 f"To go on without them, set labels.max_failed_share (now {allowed}) to at least "
