@@ -413,11 +413,31 @@ def _forget_lost_model_stages(stages: _Stages, model_dir: Path) -> None:
 def _load_run_model(model_dir: Path) -> DMoERM:
     try:
         return DMoERM.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # safetensors, JSON, PEFT and missing-file errors alike
+        damaged = _damaged_files(model_dir)
+        which = f"damaged: {', '.join(str(p) for p in damaged)}; " if damaged else ""
         raise RunStopped(
-            f"{model_dir}: the run's model folder is damaged ({e}). Delete {model_dir} to train its stages again "
-            "(labels and finished checkpoints are kept)."
+            f"{model_dir}: the run's model folder cannot be loaded ({which}{type(e).__name__}: {e}). Delete "
+            f"{model_dir} to train its stages again (labels and epoch checkpoints are kept)."
         ) from None
+
+
+def _damaged_files(folder: Path) -> list[Path]:
+    """The safetensors and JSON files under ``folder`` that do not parse."""
+    from safetensors import safe_open
+
+    bad = []
+    for path in sorted(folder.rglob("*")):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        f.get_tensor(key)
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except Exception:
+            bad.append(path)
+    return bad
 
 
 def _read_state(path: Path) -> dict:
