@@ -85,3 +85,48 @@ def test_a_started_stage_with_other_inputs_is_not_resumed(tmp_path):
     with pytest.raises(RunStopped, match=r"phase1/code started \(its checkpoint holds them\).*0\.001 -> 0\.0001"):
         _Stages(tmp_path / "state.json", other)
     assert _Stages(tmp_path / "state.json", config).inputs["phase1/code"]["phase1.learning_rate"] == 1e-3
+
+
+@pytest.mark.slow
+def test_restart_changed_retrains_the_changed_stage_and_every_stage_after_it(
+    tmp_path, tiny_backbone, monkeypatch
+):
+    from dmoerm.cli import main
+
+    overrides = {"labels": {"source": "none"}, "ensemble_size": 0}
+    obj = job_config_dict(tmp_path, tiny_backbone, **overrides)
+    run_pipeline(PipelineConfig.from_dict(obj), progress=False)
+    out = tmp_path / "run"
+    trained: list[str] = []
+    for name in ("train_router", "train_phase1", "train_phase3"):
+        real = run_pipeline.__globals__[name]
+
+        def spy(*a, _name=name, _real=real, **k):
+            trained.append(_name)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(f"dmoerm.pipeline.{name}", spy)
+
+    # phase 3 changed: only the two aggregators train again; phase 1, the router and the baseline are kept.
+    obj["phase3"] = {"epochs": 3, "batch_size": 8}
+    config = PipelineConfig.from_dict(obj)
+    with pytest.raises(RunStopped, match="--restart-changed"):
+        run_pipeline(config, progress=False)
+    config.resume = "restart"
+    run_pipeline(config, progress=False)
+    assert trained == ["train_phase3", "train_phase3"]
+    state = json.loads((out / "state.json").read_text())
+    assert state["_inputs"]["phase3/code"]["phase3.epochs"] == 3
+
+    # phase 1 changed, through the command line: phase 1, phase 3 and the baseline train again; the model
+    # folder is rebuilt (the router retrains from its seed), the written config describes the new model.
+    trained.clear()
+    path = tmp_path / "job.json"
+    obj["phase1"] = dict(obj["phase1"], learning_rate=1e-2)
+    path.write_text(json.dumps(obj))
+    baseline_before = (out / "baseline" / "train_result.json").read_text()
+    assert main(["train", "--config", str(path), "--restart-changed", "--no-progress"]) == 0
+    assert sorted(trained) == sorted(["train_router"] + ["train_phase1"] * 2 + ["train_phase3"] * 2)
+    assert (out / "baseline" / "train_result.json").read_text() != baseline_before
+    assert "learning_rate: 0.01" in (out / "config.yaml").read_text()
+    assert json.loads((out / "state.json").read_text())["_inputs"]["baseline"]["phase1.learning_rate"] == 1e-2

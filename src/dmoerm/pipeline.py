@@ -162,6 +162,10 @@ class PipelineConfig:
 
     output_dir: str = "runs/main"
     """Where the model, the baseline, labels, curves, the report and the resume state go."""
+    resume: str = "check"
+    """A rerun in ``output_dir`` whose config changed an input of a recorded stage: ``check`` stops with an
+    error naming the changed fields; ``restart`` trains that stage and every stage after it again (``dmoerm
+    train --restart-changed``); unchanged finished stages are kept either way."""
     model: BackboneConfig = field(default_factory=BackboneConfig)
     """Backbone, split and LoRA settings (shared by DMoERM and the single reward model)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -190,6 +194,8 @@ class PipelineConfig:
     points, each record judged on its own category's points and the labels pooled by point."""
 
     def __post_init__(self) -> None:
+        if self.resume not in ("check", "restart"):
+            raise ValueError(f"resume: {self.resume!r} is not one of check, restart")
         if self.ensemble_size < 0:
             raise ValueError(f"ensemble_size: must be >= 0, got {self.ensemble_size}")
         if self.ensemble_size > 1 and not self.baseline:
@@ -310,10 +316,12 @@ class _Stages:
         os.replace(tmp, self.path)
 
     def _check_inputs(self) -> None:
-        for stage, old in self.inputs.items():
-            new = stage_inputs(self.config, stage)
-            if new == old:
-                continue
+        changed = [s for s, old in self.inputs.items() if stage_inputs(self.config, s) != old]
+        if changed and self.config.resume == "restart":
+            self._restart(changed)
+            return
+        for stage in changed:
+            old, new = self.inputs[stage], stage_inputs(self.config, stage)
             changed = [
                 f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
                 for k in sorted(set(old) | set(new))
@@ -323,9 +331,40 @@ class _Stages:
             raise RunStopped(
                 f"{self.path.parent}: stage {stage} {how} with other inputs than this config gives: "
                 f"{'; '.join(changed)}. Resuming would mix the two (and config.yaml would misdescribe the model). "
-                "Use a new --output-dir (or delete this one) to train with the new config, or set the old values "
-                "back to resume."
+                "Use a new --output-dir (or delete this one) to train with the new config, rerun with "
+                "--restart-changed (resume: restart) to train this stage and every stage after it again, or set "
+                "the old values back to resume."
             )
+
+    def _restart(self, changed: Sequence[str]) -> None:
+        """Forget the changed stages and delete what they wrote; when an expert's training changed, the model
+        folder goes too (its other stages then retrain from their final epoch checkpoints: same weights)."""
+        out = self.path.parent
+        logger.warning("resume=restart: inputs changed for %s: training them again", ", ".join(changed))
+        for stage in changed:
+            for path in _stage_outputs(out, stage):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+            self.inputs.pop(stage)
+        self.forget(changed)
+        if any(s.split("/", 1)[0] in ("phase1", "phase2") for s in changed):
+            shutil.rmtree(out / "model", ignore_errors=True)
+
+
+def _stage_outputs(out: Path, stage: str) -> list[Path]:
+    """What stage ``stage`` writes besides the model folder (the paths :func:`run_pipeline` gives it)."""
+    parts = stage.split("/")
+    if parts[0] == "phase1":
+        return [out / "checkpoints" / f"phase1_{parts[1]}"]
+    if parts[0] == "phase2":
+        return [out / "checkpoints" / f"phase2_{parts[1]}_{parts[2]}"]
+    if parts[0] == "labels":
+        return [out / "labels" / f"{parts[1]}.jsonl"]
+    if parts[0].startswith("baseline"):
+        return [out / parts[0]]
+    return []
 
 
 _INPUTS = "_inputs"
