@@ -25,24 +25,39 @@ def test_numbers_written_as_1e_3_are_floats(job):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ('phase1.epochs="3"', r"phase1\.epochs: '3' is not allowed; expected an integer; write it without quotes"),
+        (
+            'phase1.epochs="3"',
+            r"phase1\.epochs: '3' is not allowed; expected an integer; write it without quotes",
+        ),
         ("phase1.batch_size=2.5", r"phase1\.batch_size: 2\.5 is not allowed; expected an integer"),
         ("phase1=3", r"phase1: 3 is not allowed; expected a section \(mapping\) with fields learning_rate"),
         ("baseline=yes_please", r"baseline: 'yes_please' is not allowed; expected a boolean"),
         ("labels.min_labels=-1", r"labels\.min_labels: must be >= 0, got -1"),
         ("ensemble_size=2.5", r"ensemble_size: 2\.5 is not allowed; expected an integer"),
-        ("data.sources=/path/file.jsonl", r"data\.sources: '/path/file\.jsonl' is not allowed; expected a list of "
-         r"strings; write a list, e\.g\. \[/path/file\.jsonl\]"),
+        (
+            "data.sources=/path/file.jsonl",
+            r"data\.sources: '/path/file\.jsonl' is not allowed; expected a list of "
+            r"strings; write a list, e\.g\. \[/path/file\.jsonl\]",
+        ),
         ("data.sources=[1]", r"data\.sources\[0\]: 1 is not allowed; expected a string"),
         ("phase1.learning_rate=fast", r"phase1\.learning_rate: 'fast' is not allowed; expected a number"),
-        ("data.categories=code", r"data\.categories: 'code' is not allowed; expected a list of strings; write a list"),
+        (
+            "data.categories=code",
+            r"data\.categories: 'code' is not allowed; expected a list of strings; write a list",
+        ),
         ("labels.judge.bogus=1", r"labels\.judge: unknown field\(s\) bogus"),
         ("labels.judge.batch_size=x", r"labels\.judge\.batch_size: 'x' is not allowed; expected an integer"),
         ("labels.judge.dtype=int8", r"labels\.judge\.dtype: 'int8' is not one of float32"),
         ("labels.max_failed_share=2", r"labels\.max_failed_share: must be in \[0, 1\], got 2"),
         ("model.lora_rank=0", r"model\.lora_rank: must be >= 1, got 0"),
-        ("model.lora_target_modules=[q_proj, 3]", r"model\.lora_target_modules: .* expected a list of strings or a"),
-        ("router.seed=null", r"router\.seed: None is not allowed; expected an integer; null is not allowed here"),
+        (
+            "model.lora_target_modules=[q_proj, 3]",
+            r"model\.lora_target_modules: .* expected a list of strings or a",
+        ),
+        (
+            "router.seed=null",
+            r"router\.seed: None is not allowed; expected an integer; null is not allowed here",
+        ),
     ],
 )
 def test_bad_values_name_the_field_the_value_and_what_is_allowed(job, override, message):
@@ -54,7 +69,9 @@ def test_openai_judge_needs_a_model_and_an_inline_key_is_refused_without_echoing
     with pytest.raises(ValueError, match=r"labels\.judge\.model: the openai backend needs"):
         PipelineConfig.from_file(job, ["labels.source=openai"])
     with pytest.raises(ValueError, match=r"labels\.judge\.api_key: not an option.*api_key_env") as e:
-        PipelineConfig.from_file(job, ["labels.source=openai", "labels.judge.model=m", "labels.judge.api_key=sk-123"])
+        PipelineConfig.from_file(
+            job, ["labels.source=openai", "labels.judge.model=m", "labels.judge.api_key=sk-123"]
+        )
     assert "sk-123" not in str(e.value)
 
 

@@ -71,8 +71,11 @@ def test_an_outage_stops_the_run_and_the_next_run_asks_only_the_failed_questions
 ):
     config = _config(tmp_path, tiny_backbone, judge_server.url, "run")
     judge_server.script = ["500"] * 10_000  # the judge is down
-    with pytest.raises(RunStopped, match=r"labels/code: 12 of 12 judge questions failed after their retries "
-                       rf"\(judge at {judge_server.url}\); labelling is not marked finished.*only the failed"):
+    with pytest.raises(
+        RunStopped,
+        match=r"labels/code: 12 of 12 judge questions failed after their retries "
+        rf"\(judge at {judge_server.url}\); labelling is not marked finished.*only the failed",
+    ):
         run_pipeline(config, progress=False)
     out = tmp_path / "run"
     state = json.loads((out / "state.json").read_text())
@@ -89,8 +92,12 @@ def test_an_outage_stops_the_run_and_the_next_run_asks_only_the_failed_questions
     asked = judge_server.answers
     run_pipeline(config, progress=False)
     state = json.loads((out / "state.json").read_text())
-    assert state["labels/code"]["failed"] == 0 and state["labels/code"]["asked"] == 2  # exactly the failed one
-    assert state["labels/code"]["cached"] == 0 and "degraded" not in state["labels/code"]  # the rest were written
+    assert (
+        state["labels/code"]["failed"] == 0 and state["labels/code"]["asked"] == 2
+    )  # exactly the failed one
+    assert (
+        state["labels/code"]["cached"] == 0 and "degraded" not in state["labels/code"]
+    )  # the rest were written
     assert state["labels/chat"]["failed"] == 0 and state["labels/chat"]["kept"] > 0
     assert judge_server.answers - asked == 2 + state["labels/chat"]["asked"]
     assert "phase3/code" in state and "degraded" not in (out / "report.md").read_text()

@@ -19,7 +19,9 @@ def test_stage_inputs_name_the_fields_each_stage_reads():
     assert stage_inputs(config, "router")["router.epochs"] == 60
     assert "phase1.epochs" not in stage_inputs(config, "router")
     phase1 = stage_inputs(config, "phase1/code")
-    assert phase1["data.seed"] == 0 and phase1["model.lora_rank"] == 16 and "data.router_prompts" not in phase1
+    assert (
+        phase1["data.seed"] == 0 and phase1["model.lora_rank"] == 16 and "data.router_prompts" not in phase1
+    )
     assert {"phase1.epochs", "labels.source", "phase2.epochs", "phase3.epochs"} <= set(
         stage_inputs(config, "phase3/code")
     )
@@ -30,11 +32,14 @@ def test_stage_inputs_name_the_fields_each_stage_reads():
 
 @pytest.mark.slow
 def test_a_rerun_with_changed_inputs_stops_naming_them_and_a_lost_model_is_retrained(
-    tmp_path, tiny_backbone, monkeypatch, caplog
+    tmp_path, tiny_backbone, monkeypatch, caplog, capfd
 ):
     overrides = {"labels": {"source": "none"}, "baseline": False}
     config = job_config(tmp_path, tiny_backbone, **overrides)
+    capfd.readouterr()
     first = run_pipeline(config, progress=False)
+    bars = capfd.readouterr().err
+    assert "it/s" not in bars and "%|" not in bars, bars  # progress=False (--no-progress): no bar at all
     out = tmp_path / "run"
     written = (out / "config.yaml").read_text()
     state = json.loads((out / "state.json").read_text())
@@ -47,7 +52,9 @@ def test_a_rerun_with_changed_inputs_stops_naming_them_and_a_lost_model_is_retra
 
     with pytest.raises(RunStopped, match=r"stage router finished with other inputs.*data\.seed: 0 -> 1"):
         run_pipeline(changed("data", seed=1), progress=False)
-    with pytest.raises(RunStopped, match=r"stage router finished .*model\.lora_rank: 16 -> 4.*new --output-dir"):
+    with pytest.raises(
+        RunStopped, match=r"stage router finished .*model\.lora_rank: 16 -> 4.*new --output-dir"
+    ):
         run_pipeline(changed("model", lora_rank=4), progress=False)
     with pytest.raises(RunStopped, match=r"stage phase3/code finished .*phase3\.epochs: 2 -> 3"):
         run_pipeline(changed("phase3", epochs=3), progress=False)
@@ -82,7 +89,9 @@ def test_a_started_stage_with_other_inputs_is_not_resumed(tmp_path):
     assert "phase1/code" not in stages  # starts it: its inputs are recorded before any checkpoint exists
     other = PipelineConfig(output_dir=str(tmp_path))
     other.phase1.learning_rate = 1e-4
-    with pytest.raises(RunStopped, match=r"phase1/code started \(its checkpoint holds them\).*0\.001 -> 0\.0001"):
+    with pytest.raises(
+        RunStopped, match=r"phase1/code started \(its checkpoint holds them\).*0\.001 -> 0\.0001"
+    ):
         _Stages(tmp_path / "state.json", other)
     assert _Stages(tmp_path / "state.json", config).inputs["phase1/code"]["phase1.learning_rate"] == 1e-3
 

@@ -27,8 +27,9 @@ CONFIG = TrainConfig(epochs=2, learning_rate=5e-3, batch_size=4, early_stopping_
 def _phase1(model, ckpt, config=CONFIG):
     recs = length_records(16, seed=3, category="code")
     items = [encode_record(model.tokenizer, r, model.max_length) for r in recs]
-    return train_phase1(model, "code", items[:12], items[12:], config, TrunkCache(), checkpoint_dir=ckpt,
-                        progress=False)
+    return train_phase1(
+        model, "code", items[:12], items[12:], config, TrunkCache(), checkpoint_dir=ckpt, progress=False
+    )
 
 
 class _Planted:
@@ -127,7 +128,9 @@ def test_adapter_keys_must_match_exactly(tiny_backbone, tmp_path):
     state = load_file(weights)
     first = sorted(state)[0]
     save_file({k: v for k, v in state.items() if k != first}, weights)
-    with pytest.raises(ValueError, match=r"adapters/code__rm: adapter code__rm does not match the model: missing"):
+    with pytest.raises(
+        ValueError, match=r"adapters/code__rm: adapter code__rm does not match the model: missing"
+    ):
         ExpertBank.load(tmp_path / "bank")
     save_file({**state, "base_model.model.bogus.lora_A.weight": torch.zeros(2, 2)}, weights)
     with pytest.raises(ValueError, match=r"unexpected \['base_model\.model\.bogus"):

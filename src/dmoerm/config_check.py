@@ -55,7 +55,9 @@ def _describe(tp: Any) -> str:
 
 
 def _fail(path: str, value: Any, tp: Any, hint: str = "") -> ConfigError:
-    shown = repr(value) if not isinstance(value, (dict, list)) or len(repr(value)) < 80 else type(value).__name__
+    shown = (
+        repr(value) if not isinstance(value, (dict, list)) or len(repr(value)) < 80 else type(value).__name__
+    )
     return ConfigError(f"{path}: {shown} is not allowed; expected {_describe(tp)}{hint}")
 
 

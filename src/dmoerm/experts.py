@@ -265,7 +265,9 @@ class ExpertBank(nn.Module):
             for name in names:
                 sub = directory / "adapters" / name if name != "default" else directory / "adapters"
                 if not sub.is_dir():
-                    raise ValueError(f"{directory}: adapter {name} is listed in experts.json but {sub} is missing")
+                    raise ValueError(
+                        f"{directory}: adapter {name} is listed in experts.json but {sub} is missing"
+                    )
                 try:
                     result = set_peft_model_state_dict(
                         bank.peft_model, load_peft_weights(str(sub)), adapter_name=name

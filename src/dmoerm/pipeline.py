@@ -17,7 +17,7 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -269,7 +269,9 @@ def _read_config_file(path: Path) -> dict:
     if obj is None:
         return {}
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a mapping of sections (data:, model:, ...), got {type(obj).__name__}")
+        raise ValueError(
+            f"{path}: expected a mapping of sections (data:, model:, ...), got {type(obj).__name__}"
+        )
     return obj
 
 
@@ -430,6 +432,16 @@ def _flatten(obj: dict, prefix: str = "") -> dict:
         else:
             out[key] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def _hide_library_bars() -> None:
+    """Turn off the progress bars of Hugging Face libraries in this process (loading weights, downloads):
+    ``progress=False`` means no bar at all, not only ours."""
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def _forget_lost_model_stages(stages: _Stages, model_dir: Path) -> None:
@@ -666,6 +678,8 @@ def run_pipeline(
     from dmoerm.evaluation import comparison_table, compute_metrics, response_token_lengths, write_eval
 
     check_instance(config)  # the whole resolved config, typed, before any work
+    if not progress:
+        _hide_library_bars()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(out / "state.json", config)  # stops here if a finished stage had other inputs
@@ -766,7 +780,7 @@ def run_pipeline(
         )
         dev_prompts += [(it.inputs[0], c) for c in categories for it in items["dev"][c]]
         logger.info("router: %d training and %d dev prompts", len(train_prompts), len(dev_prompts))
-        result = train_router(model, train_prompts, dev_prompts, config.router, cache)
+        result = train_router(model, train_prompts, dev_prompts, config.router, cache, progress=progress)
         save_curves(result.history, curves / "router.png", "router (cross-entropy)")
         finish(
             "router",

@@ -301,9 +301,7 @@ def process_accelerator():
 
 def _autocast(accelerator, mixed_precision: str):
     """bf16 autocast of the top layers when ``mixed_precision`` is ``bf16``; a no-op context otherwise."""
-    return torch.autocast(
-        accelerator.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"
-    )
+    return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -313,7 +311,9 @@ a run folder from someone else cannot execute code)."""
 _META = "dmoerm_checkpoint"
 
 
-def save_checkpoint(path: Path, params, optimizer, scheduler, epoch: int, result, best, bad_evals: int) -> None:
+def save_checkpoint(
+    path: Path, params, optimizer, scheduler, epoch: int, result, best, bad_evals: int
+) -> None:
     """Write the resume state atomically (one file: a kill leaves the previous epoch's intact)."""
     from safetensors.torch import save_file
 
@@ -433,7 +433,9 @@ def train_expert(
     start_epoch, best_state, bad_evals = 0, None, 0
     ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     if ckpt is not None and (ckpt.parent / "checkpoint.pt").exists():
-        logger.warning("%s: ignoring checkpoint.pt of an older version (pickles are never loaded)", ckpt.parent)
+        logger.warning(
+            "%s: ignoring checkpoint.pt of an older version (pickles are never loaded)", ckpt.parent
+        )
     if ckpt is not None and ckpt.exists():
         start_epoch, result, best_state, bad_evals = load_checkpoint(ckpt, params, optimizer, scheduler)
         logger.info("%s: resumed from %s at epoch %d", expert, ckpt, start_epoch)

@@ -87,6 +87,7 @@ def train_router(
     dev: Sequence[tuple[EncodedInput, str]],
     config: RouterTrainConfig,
     cache: TrunkCache,
+    progress: bool = True,
 ) -> RouterResult:
     """Train ``model.router`` (only) with cross-entropy on logits over (prompt input, category) examples,
     from initial weights drawn under ``config.seed``."""
@@ -95,7 +96,9 @@ def train_router(
     dev = [(e, c) for e, c in dev if c in index]
     if not train:
         raise ValueError("router: no training prompt has one of the model's categories")
-    x = prompt_features(model, [e for e, _ in train], cache, desc="router trunk")  # [N, H]
+    x = prompt_features(
+        model, [e for e, _ in train], cache, desc="router trunk" if progress else None
+    )  # [N, H]
     y = torch.tensor([index[c] for _, c in train])  # [N]
     counts = torch.bincount(y, minlength=len(index)).float()
     weight = (counts.sum() / (len(index) * counts.clamp(min=1))) if config.balance_classes else None
