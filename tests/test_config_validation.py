@@ -95,6 +95,17 @@ def test_train_prints_the_error_and_exits_2_before_any_work(job, tmp_path, capsy
     assert rc == 2
     assert "labels.judge: unknown field(s) bogus" in caplog.text
     assert not (tmp_path / "run").exists()  # nothing written, not even config.yaml
+    key = [
+        "--set",
+        "labels.source=openai",
+        "--set",
+        "labels.judge.model=m",
+        "--set",
+        "labels.judge.api_key=sk-9",
+    ]
+    assert main(["train", "--config", str(job), *key]) == 2
+    assert "labels.judge.api_key: not an option" in caplog.text and "sk-9" not in caplog.text
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_built_config_is_type_checked_again_and_ints_become_floats():

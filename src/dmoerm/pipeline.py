@@ -290,6 +290,13 @@ class _Stages:
         self.done: dict[str, dict] = _read_state(path)
         self.inputs: dict[str, dict] = self.done.pop(_INPUTS, {})
         if config is not None:
+            unchecked = [s for s in self.done if s not in self.inputs and stage_inputs(config, s)]
+            if unchecked:
+                logger.warning(
+                    "%s records no inputs for %s (an older run): resumed without checking them",
+                    path,
+                    ", ".join(unchecked),
+                )
             self._check_inputs()
 
     def __contains__(self, stage: str) -> bool:
