@@ -7,6 +7,7 @@ Each takes its data and returns what it trained; they change only the parameters
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,19 @@ def prompt_features(
     return torch.stack(feats)
 
 
+def _seeded_router_init(router, seed: int) -> None:
+    """Draw the router's head afresh under ``seed``, not from whatever the process's RNG gave when the model
+    was built, so two runs of one config train the same router. A generator of its own leaves the global RNG
+    (which later experts' initial weights draw from) as it was."""
+    gen = torch.Generator().manual_seed(seed)
+    head = router.head
+    bound = 1.0 / math.sqrt(head.in_features)  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    with torch.no_grad():
+        head.weight.copy_(torch.rand(head.weight.shape, generator=gen) * 2 * bound - bound)
+        head.bias.copy_(torch.rand(head.bias.shape, generator=gen) * 2 * bound - bound)
+    router.norm.reset_parameters()
+
+
 def train_router(
     model: DMoERM,
     train: Sequence[tuple[EncodedInput, str]],
@@ -102,11 +116,8 @@ def train_router(
     y = torch.tensor([index[c] for _, c in train])  # [N]
     counts = torch.bincount(y, minlength=len(index)).float()
     weight = (counts.sum() / (len(index) * counts.clamp(min=1))) if config.balance_classes else None
+    _seeded_router_init(model.router, config.seed)
     torch.manual_seed(config.seed)
-    # The head starts from weights drawn under the seed, not from whatever the process's RNG gave when the
-    # model was built: two runs with one config train the same router (same accuracy).
-    model.router.head.reset_parameters()
-    model.router.norm.reset_parameters()
     model.requires_grad_(False)
     model.router.requires_grad_(True)
     model.router.train()
