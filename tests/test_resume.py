@@ -10,7 +10,8 @@ import shutil
 import pytest
 
 from dmoerm.config_check import RunStopped
-from dmoerm.pipeline import PipelineConfig, run_pipeline, stage_inputs
+from dmoerm.pipeline import PipelineConfig, run_pipeline
+from dmoerm.run_state import StageState, stage_inputs
 from helpers import job_config, job_config_dict
 
 
@@ -82,18 +83,16 @@ def test_a_rerun_with_changed_inputs_stops_naming_them_and_a_lost_model_is_retra
 
 
 def test_a_started_stage_with_other_inputs_is_not_resumed(tmp_path):
-    from dmoerm.pipeline import _Stages
-
     config = PipelineConfig(output_dir=str(tmp_path))
-    stages = _Stages(tmp_path / "state.json", config)
+    stages = StageState(tmp_path / "state.json", config)
     assert "phase1/code" not in stages  # starts it: its inputs are recorded before any checkpoint exists
     other = PipelineConfig(output_dir=str(tmp_path))
     other.phase1.learning_rate = 1e-4
     with pytest.raises(
         RunStopped, match=r"phase1/code started \(its checkpoint holds them\).*0\.001 -> 0\.0001"
     ):
-        _Stages(tmp_path / "state.json", other)
-    assert _Stages(tmp_path / "state.json", config).inputs["phase1/code"]["phase1.learning_rate"] == 1e-3
+        StageState(tmp_path / "state.json", other)
+    assert StageState(tmp_path / "state.json", config).inputs["phase1/code"]["phase1.learning_rate"] == 1e-3
 
 
 @pytest.mark.slow

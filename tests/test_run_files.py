@@ -142,7 +142,7 @@ def test_adapter_keys_must_match_exactly(tiny_backbone, tmp_path):
 
 def test_a_damaged_router_file_in_a_run_names_it(tiny_backbone, tmp_path):
     from dmoerm.config_check import RunStopped
-    from dmoerm.pipeline import _load_run_model
+    from dmoerm.run_state import load_run_model
 
     model = make_model(tiny_backbone)
     model.save_pretrained(tmp_path / "model")
@@ -150,7 +150,7 @@ def test_a_damaged_router_file_in_a_run_names_it(tiny_backbone, tmp_path):
     router = tmp_path / "model" / "router.safetensors"
     router.write_bytes(router.read_bytes()[:40])
     with pytest.raises(RunStopped, match=r"damaged: .*model/router\.safetensors.*Delete .*model to train"):
-        _load_run_model(tmp_path / "model")
+        load_run_model(tmp_path / "model")
 
 
 def test_a_damaged_judge_cache_names_the_file(tmp_path):
