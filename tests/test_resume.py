@@ -61,6 +61,12 @@ def test_a_rerun_with_changed_inputs_stops_naming_them_and_a_lost_model_is_retra
         run_pipeline(changed("phase3", epochs=3), progress=False)
     with pytest.raises(RunStopped, match=r"data\.phase1_records: 12 -> 10"):
         run_pipeline(changed("data", phase1_records=10), progress=False)
+    data = tmp_path / "prefs.jsonl"  # the same path, other records
+    before = data.read_bytes()
+    data.write_bytes(before + before.splitlines(keepends=True)[0])  # one record more
+    with pytest.raises(RunStopped, match=r"data\.sources\[0\] sha256: '[0-9a-f]{16}' -> '[0-9a-f]{16}'"):
+        run_pipeline(config, progress=False)
+    data.write_bytes(before)
     assert (out / "config.yaml").read_text() == written  # never rewritten to describe another model
 
     # A deleted model/ with state.json intact: its stages train again (a log line says so), the rest resume.

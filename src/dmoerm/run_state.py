@@ -8,6 +8,7 @@ deleted ``model/`` makes its stages unfinished; damaged files name themselves an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -174,7 +175,32 @@ def stage_inputs(config, stage: str) -> dict:
     if stage.startswith("baseline_seed"):
         sections["phase1"]["seed"] += int(stage[len("baseline_seed") :])
     flat = _flatten(sections)
+    files = list(enumerate(config.data.sources))
+    if kind in ("labels", "phase2", "phase3") and config.labels.source == "file" and config.labels.file:
+        files.append(("labels.file", config.labels.file))
+    for where, name in files:  # a data file edited in place is a changed input too
+        digest = _file_digest(Path(name))
+        if digest is not None:
+            flat[f"data.sources[{where}] sha256" if where != "labels.file" else "labels.file sha256"] = digest
     return {k: v for k, v in flat.items() if k not in _NOT_INPUTS}
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str | None:
+    """sha256 of a local file (cached by path, size and modification time); None for a bundled source name."""
+    if not path.is_file():
+        return None
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]
 
 
 def _flatten(obj: dict, prefix: str = "") -> dict:
