@@ -42,6 +42,7 @@ class _Planted:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 def test_checkpoint_is_safetensors_with_json_and_a_planted_pickle_is_never_loaded(tiny_backbone, tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -60,6 +61,7 @@ def test_checkpoint_is_safetensors_with_json_and_a_planted_pickle_is_never_loade
     assert again.steps == result.steps and again.history == result.history
 
 
+@pytest.mark.slow
 def test_a_resumed_checkpoint_trains_on_like_an_uninterrupted_run(tiny_backbone, tmp_path, monkeypatch):
     config = TrainConfig(epochs=3, learning_rate=5e-3, batch_size=4, early_stopping_patience=0)
     reference = _phase1(model := make_model(tiny_backbone), None, config)
@@ -84,6 +86,7 @@ def test_a_resumed_checkpoint_trains_on_like_an_uninterrupted_run(tiny_backbone,
             assert torch.allclose(ref[n], p, atol=1e-6), n
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_names_the_file_and_what_to_do(tiny_backbone, tmp_path):
     ckpt = tmp_path / "ckpt"
     _phase1(make_model(tiny_backbone), ckpt)
@@ -93,6 +96,7 @@ def test_a_damaged_checkpoint_names_the_file_and_what_to_do(tiny_backbone, tmp_p
         _phase1(make_model(tiny_backbone), ckpt)
 
 
+@pytest.mark.slow
 def test_mixed_precision_may_differ_per_phase_in_one_process(tiny_backbone, tmp_path):
     import dataclasses
 
