@@ -563,7 +563,9 @@ def test_judge_as_evaluator_rewards_and_metrics(tmp_path, monkeypatch):
     # The strict rule: a position-1 bias stronger than the signal makes both orders disagree: all ties.
     strict = judge_rewards(BiasedJudge(bias=3.0), records, consistency="strict", progress=False)
     assert strict == [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0, 0.0]]
-    assert judge_rewards(BiasedJudge(bias=0.0), records[:1], consistency="strict", progress=False) == [[1.0, -1.0]]
+    assert judge_rewards(BiasedJudge(bias=0.0), records[:1], consistency="strict", progress=False) == [
+        [1.0, -1.0]
+    ]
 
     data = tmp_path / "pairs.jsonl"
     save_jsonl(records, data)

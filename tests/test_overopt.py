@@ -59,7 +59,9 @@ def test_samples_are_cached_and_a_rerun_generates_nothing(tmp_path, tiny_backbon
         raise AssertionError("the generator was loaded although every sample is cached")
 
     monkeypatch.setattr("dmoerm.sampling._load_generator", no_model)
-    assert generate_samples(convs, 3, cache, generator=tiny_backbone, max_new_tokens=6, progress=False) == first
+    assert (
+        generate_samples(convs, 3, cache, generator=tiny_backbone, max_new_tokens=6, progress=False) == first
+    )
     # Fewer samples are a prefix of the cached ones; other sampling settings are not served from the cache.
     assert generate_samples(convs, 2, cache, generator=tiny_backbone, max_new_tokens=6, progress=False) == [
         row[:2] for row in first

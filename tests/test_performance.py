@@ -226,7 +226,9 @@ def test_last_token_path_equals_the_full_top_under_both_paddings_with_gradients(
     """Issue 6: the last layer computed for the last position only equals the full top (values and LoRA
     gradients), right- and left-padded, for one expert and for a mixed-adapter batch."""
     torch.manual_seed(0)
-    cfg = BackboneConfig(backbone=tiny_backbone, num_top_layers=top_layers, trunk_dtype="float32", max_length=64)
+    cfg = BackboneConfig(
+        backbone=tiny_backbone, num_top_layers=top_layers, trunk_dtype="float32", max_length=64
+    )
     bank = ExpertBank(cfg, init_lora_weights=False)
     for name in NAMES:
         bank.add_expert(name)

@@ -87,7 +87,7 @@ def test_pipeline_resumes_after_a_crash_in_a_later_phase(tmp_path, tiny_backbone
 
 
 def test_config_errors_name_the_field(tmp_path):
-    with pytest.raises(ValueError, match=r"config\.data: unknown field\(s\) phase_one"):
+    with pytest.raises(ValueError, match=r"^data: unknown field\(s\) phase_one"):
         PipelineConfig.from_dict({"data": {"phase_one": 3}})
     with pytest.raises(ValueError, match="label_records"):
         PipelineConfig.from_dict({"data": {"phase1_records": 4, "label_records": 8}})
@@ -97,7 +97,7 @@ def test_config_errors_name_the_field(tmp_path):
         PipelineConfig.from_dict({"labels": {"source": "gpt"}})
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  test_records: 0\n")
-    with pytest.raises(ValueError, match=r"bad\.yaml: test_records"):
+    with pytest.raises(ValueError, match=r"bad\.yaml: data\.test_records: must be >= 1"):
         PipelineConfig.from_file(bad)
 
 

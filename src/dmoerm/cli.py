@@ -112,6 +112,8 @@ def _train(args: argparse.Namespace) -> int:
     config = PipelineConfig.from_file(args.config, args.set or ())
     if args.output_dir:
         config.output_dir = args.output_dir
+    if args.restart_changed:
+        config.resume = "restart"
     result = run_pipeline(config, progress=not args.no_progress)
     sys.stdout.write(result.summary())
     return 0
@@ -226,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one config field (YAML value), e.g. --set phase1.length_penalty=1.0; repeatable",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--restart-changed",
+        action="store_true",
+        help="resuming with a config that changed a finished stage's inputs: train that stage and every stage "
+        "after it again (default: stop with an error naming the changed fields)",
+    )
     p.set_defaults(handler=_train)
 
     from dmoerm.evaluation import EvalConfig
@@ -317,9 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from dmoerm.config_check import RunStopped
+
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RunStopped) as e:
         # Bad input: one clear line naming the file/field, no traceback (use -v for one).
         if args.verbose:
             raise

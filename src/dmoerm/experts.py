@@ -287,7 +287,24 @@ class ExpertBank(nn.Module):
 
             for name in names:
                 sub = directory / "adapters" / name if name != "default" else directory / "adapters"
-                set_peft_model_state_dict(bank.peft_model, load_peft_weights(str(sub)), adapter_name=name)
+                if not sub.is_dir():
+                    raise ValueError(
+                        f"{directory}: adapter {name} is listed in experts.json but {sub} is missing"
+                    )
+                try:
+                    result = set_peft_model_state_dict(
+                        bank.peft_model, load_peft_weights(str(sub)), adapter_name=name
+                    )
+                except RuntimeError as e:  # a shape mismatch: another LoRA rank or backbone
+                    raise ValueError(f"{sub}: adapter {name} does not fit this backbone ({e})") from None
+                # PEFT loads leniently (strict=False): a key mismatch would leave a silent zero-LoRA expert.
+                missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+                if result.unexpected_keys or missing:
+                    raise ValueError(
+                        f"{sub}: adapter {name} does not match the model: "
+                        f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                        f"unexpected {result.unexpected_keys[:5]}{' ...' if len(result.unexpected_keys) > 5 else ''}"
+                    )
         else:
             state = load_file(directory / "top_layers.safetensors")
             decoder = bank.backbone.decoder

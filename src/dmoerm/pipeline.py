@@ -11,23 +11,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from dmoerm.config_check import RunStopped, check_instance
 from dmoerm.data import PreferenceRecord, load_data, save_jsonl, split_by_prompt, with_label_noise
 from dmoerm.encoding import EncodedInput, RankedItem, encode, encode_record
 from dmoerm.experts import BackboneConfig
 from dmoerm.labelling.human import expert_agreement, plan_category_labels
 from dmoerm.model import DMoERM, RoutingConfig, capability_expert, new_dmoerm, rm_expert
 from dmoerm.reward_model import MODEL_FILE, RewardModel
+from dmoerm.run_state import StageState, forget_lost_model_stages, hide_library_bars, load_run_model
 from dmoerm.taxonomy import assign_categories, load_taxonomy
 from dmoerm.tracking import Tracker, check_report_to
 from dmoerm.training.loop import TrainConfig, TrunkCache, pad_states, save_curves
@@ -126,6 +127,11 @@ class LabelsConfig:
     held_back_share: float = 0.2
     """Share of each capability point's labels (by prompt) held back to measure its expert's agreement with
     labels of its own capability (in state.json and the report)."""
+    max_failed_share: float = 0.0
+    """Share of a category's judge questions that may fail (judge down after its retries) with the run going
+    on in a degraded state, recorded in state.json (``degraded``) and report.md. Above it the run stops with
+    an error; the failed questions are never cached and a rerun asks only them. 0 (default): any failure
+    stops the run."""
 
     def __post_init__(self) -> None:
         if self.source not in ("local", "openai", "file", "none"):
@@ -134,6 +140,45 @@ class LabelsConfig:
             raise ValueError("file: source=file needs the label JSONL path")
         if not 0.0 <= self.held_back_share < 1.0:
             raise ValueError(f"held_back_share: {self.held_back_share} must be in [0, 1)")
+
+        if self.min_labels < 1:
+            raise ValueError(f"min_labels: must be >= 1, got {self.min_labels}")
+        if not 0.0 <= self.max_failed_share <= 1.0:
+            raise ValueError(f"max_failed_share: must be in [0, 1], got {self.max_failed_share}")
+        if self.source in ("local", "openai"):
+            judge_label_config(self, "labels.jsonl", "judge.cache.sqlite")  # judge options checked now
+
+
+_JUDGE_SET_BY_PIPELINE = ("backend", "data", "out", "taxonomy", "limit", "default_category", "capabilities")
+
+
+def judge_label_config(labels: LabelsConfig, out: str, cache: str):
+    """The :class:`~dmoerm.labelling.pipeline.LabelConfig` of the run's judge, every option of
+    ``labels.judge`` typed and checked (errors name ``judge.<field>``)."""
+    from dmoerm.config_check import ConfigError, build
+    from dmoerm.labelling.pipeline import LabelConfig
+
+    judge = dict(labels.judge)
+    secret = [k for k in judge if "key" in str(k).lower() and k != "api_key_env"]
+    if secret:  # never echo the value: it may be a credential
+        raise ConfigError(
+            f"judge.{secret[0]}: not an option; the API key is never configured (nor written to config.yaml): "
+            "put it in an environment variable and set judge.api_key_env to that variable's name"
+        )
+    taken = sorted(k for k in judge if k in _JUDGE_SET_BY_PIPELINE or k == "stats_out")
+    if taken:
+        raise ConfigError(f"judge: {', '.join(taken)} are set by the pipeline (labels.source and data)")
+    backend = "openai" if labels.source == "openai" else "local"
+    # The paper's rule by default: a label is kept only when both orders name the same response.
+    obj = {
+        "cache": cache,
+        "consistency": "strict",
+        **judge,
+        "data": ["pipeline"],
+        "out": out,
+        "backend": backend,
+    }
+    return build(LabelConfig, obj, "judge")
 
 
 WARM_STARTS = ("none", "phase1", "baseline")
@@ -145,6 +190,10 @@ class PipelineConfig:
 
     output_dir: str = "runs/main"
     """Where the model, the baseline, labels, curves, the report and the resume state go."""
+    resume: str = "check"
+    """A rerun in ``output_dir`` whose config changed an input of a recorded stage: ``check`` stops with an
+    error naming the changed fields; ``restart`` trains that stage and every stage after it again (``dmoerm
+    train --restart-changed``); unchanged finished stages are kept either way."""
     model: BackboneConfig = field(default_factory=BackboneConfig)
     """Backbone, split and LoRA settings (shared by DMoERM and the single reward model)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -182,6 +231,8 @@ class PipelineConfig:
     (``dmoerm.tracking``; needs ``pip install 'dmoerm[track]'``; ``WANDB_MODE=offline`` needs no network)."""
 
     def __post_init__(self) -> None:
+        if self.resume not in ("check", "restart"):
+            raise ValueError(f"resume: {self.resume!r} is not one of check, restart")
         if self.ensemble_size < 0:
             raise ValueError(f"ensemble_size: must be >= 0, got {self.ensemble_size}")
         if self.ensemble_size > 1 and not self.baseline:
@@ -205,8 +256,7 @@ class PipelineConfig:
         applied on top, e.g. ``phase1.length_penalty=1.0`` or ``data.sources=[rmb/pairwise]``."""
         import yaml
 
-        text = Path(path).read_text(encoding="utf-8")
-        obj = (json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)) or {}
+        obj = _read_config_file(Path(path))
         for item in overrides:
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
@@ -215,53 +265,59 @@ class PipelineConfig:
             *parents, last = key.strip().split(".")
             for part in parents:
                 child = node.setdefault(part, {})
+                if child is None:  # an empty section in the file (``phase1:``)
+                    child = node[part] = {}
                 if not isinstance(child, dict):
                     raise ValueError(f"override {item!r}: {part!r} is a value, not a section")
                 node = child
-            node[last] = yaml.safe_load(value)
+            try:
+                node[last] = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ValueError(f"override {item!r}: the value is not valid YAML ({e})") from None
         try:
             return cls.from_dict(obj)
         except (ValueError, TypeError) as e:
-            where = f"{path} with overrides {list(overrides)}" if overrides else str(path)
+            shown = [_redacted(item) for item in overrides]
+            where = f"{path} with overrides {shown}" if overrides else str(path)
             raise ValueError(f"{where}: {e}") from None
 
 
 def _from_dict(cls, obj: dict, where: str):
+    from dmoerm.config_check import build
+
+    return build(cls, obj, "" if where == "config" else where, root=where)
+
+
+def _redacted(override: str) -> str:
+    """An override as errors show it: the value of a ``...key...=`` override (a credential?) hidden."""
+    key, sep, _ = override.partition("=")
+    return f"{key}=***" if sep and "key" in key.lower() and not key.endswith("api_key_env") else override
+
+
+def _read_config_file(path: Path) -> dict:
+    """The mapping of a YAML/JSON config file; a syntax error names the file and line."""
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ValueError(f"{path}{line}: not valid YAML ({problem})") from None
+    if obj is None:
+        return {}
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(obj).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(obj) - set(known))
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    kwargs = {}
-    for name, value in obj.items():
-        default = (
-            known[name].default_factory() if callable(known[name].default_factory) else known[name].default
+        raise ValueError(
+            f"{path}: expected a mapping of sections (data:, model:, ...), got {type(obj).__name__}"
         )
-        if is_dataclass(default) and isinstance(value, dict):
-            value = _from_dict(type(default), value, f"{where}.{name}")
-        kwargs[name] = value
-    return cls(**kwargs)
+    return obj
 
 
 # --------------------------------------------------------------------------------------------- stages
-class _Stages:
-    """Finished stages, persisted atomically in state.json."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.done: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
-
-    def __contains__(self, stage: str) -> bool:
-        return stage in self.done
-
-    def finish(self, stage: str, info: dict | None = None) -> None:
-        self.done[stage] = info or {}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done, indent=2))
-        os.replace(tmp, self.path)
-
-
 def _save_atomically(model, directory: Path) -> None:
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -435,10 +491,14 @@ def run_pipeline(
     """
     from dmoerm.evaluation import comparison_table, compute_metrics, response_token_lengths, write_eval
 
+    check_instance(config)  # the whole resolved config, typed, before any work
+    if not progress:
+        hide_library_bars()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stages = StageState(out / "state.json", config)  # stops here if a finished stage had other inputs
+    forget_lost_model_stages(stages, out / "model")
     (out / "config.yaml").write_text(_to_yaml(config), encoding="utf-8")
-    stages = _Stages(out / "state.json")
     tracker = Tracker(config.report_to, out, config=asdict(config))
     timings: dict[str, float] = dict(stages.done.get("_timings", {}))
     t_start = time.perf_counter()
@@ -475,7 +535,7 @@ def run_pipeline(
     model_dir = out / "model"
     cfg = config.model
     if (model_dir / MODEL_FILE).exists():
-        model = DMoERM.from_pretrained(model_dir)
+        model = load_run_model(model_dir)
         model.routing = config.routing
         logger.info(
             "resuming from %s (finished: %s)",
@@ -536,7 +596,7 @@ def run_pipeline(
         )
         dev_prompts += [(it.inputs[0], c) for c in categories for it in items["dev"][c]]
         logger.info("router: %d training and %d dev prompts", len(train_prompts), len(dev_prompts))
-        result = train_router(model, train_prompts, dev_prompts, config.router, cache)
+        result = train_router(model, train_prompts, dev_prompts, config.router, cache, progress=progress)
         save_curves(result.history, curves / "router.png", "router (cross-entropy)")
         finish(
             "router",
@@ -878,6 +938,8 @@ def write_report(run_dir: str | Path) -> Path:
     for c, n in sizes.items():
         p1, p3, lab = done.get(f"phase1/{c}", {}), done.get(f"phase3/{c}", {}), done.get(f"labels/{c}", {})
         kept = f"{lab['kept']}/{lab['questions']}" if "kept" in lab and "questions" in lab else "-"
+        if lab.get("degraded"):  # the user allowed failed judge questions (labels.max_failed_share)
+            kept += f" (degraded: {lab.get('failed')} failed)"
         counts = p3.get("label_counts", {})
         experts = (
             ", ".join(
@@ -958,16 +1020,12 @@ class _Labeller:
         """Judge the records' pairs per capability point of their category into ``path``; the stats."""
         if self.config.labels.source == "file":
             return {"source": self.config.labels.file}
-        from dmoerm.labelling.pipeline import LabelConfig, label_pairs, make_judge
+        from dmoerm.labelling.pipeline import label_pairs, make_judge
 
         backend = "openai" if self.config.labels.source == "openai" else "local"
-        # The paper's rule by default: a label is kept only when both orders name the same response.
-        opts = {
-            "cache": str(self.folder / "judge.cache.sqlite"),
-            "consistency": "strict",
-            **self.config.labels.judge,
-        }
-        self.judge_config = LabelConfig(data=["pipeline"], out=str(path), backend=backend, **opts)
+        self.judge_config = judge_label_config(
+            self.config.labels, str(path), str(self.folder / "judge.cache.sqlite")
+        )
         if backend == "local" and self.judge_config.model is None:
             backbone = self.config.model.backbone
             self.judge_config.model = None if backbone == "default" else backbone
@@ -984,7 +1042,34 @@ class _Labeller:
             max_pairs_per_record=1,
             progress=self.progress,
         )
-        return stats.to_dict()
+        return self._check_failures(stats.to_dict(), path)
+
+    def _check_failures(self, stats: dict, path: Path) -> dict:
+        """Stop the run when more of the questions failed than ``labels.max_failed_share`` allows; mark the
+        stats ``degraded`` when some failed within it (a failed question is never cached: a rerun asks it)."""
+        failed, questions = stats.get("failed", 0), stats.get("questions", 0)
+        if not failed:
+            return stats
+        allowed = self.config.labels.max_failed_share
+        where = self.judge_config.base_url if self.judge_config.backend == "openai" else "the local judge"
+        if failed > allowed * questions:
+            raise RunStopped(
+                f"labels/{path.stem}: {failed} of {questions} judge questions failed after their retries "
+                f"(judge at {where}); labelling is not marked finished. Rerun when the judge is back: only the "
+                f"failed questions are asked again (answers are cached in {self.folder / 'judge.cache.sqlite'}). "
+                f"To go on without them, set labels.max_failed_share (now {allowed}) to at least "
+                f"{failed / questions:.2f}."
+            )
+        logger.warning(
+            "%s: %d of %d judge questions failed (judge at %s); going on degraded as labels.max_failed_share "
+            "= %s allows",
+            path.stem,
+            failed,
+            questions,
+            where,
+            allowed,
+        )
+        return dict(stats, degraded=True)
 
 
 def _read_category_labels(config: PipelineConfig, path: Path, category: str | None, held_out: set[tuple]):

@@ -8,6 +8,7 @@ labelling run, and a ``kill -9`` loses only the answers that were still in fligh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -48,19 +49,39 @@ class JudgeCache:
         self._conn = sqlite3.connect(
             str(self.path) if self.path else ":memory:", check_same_thread=False, isolation_level=None
         )
-        if self.path is not None:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute(_SCHEMA)
+        try:
+            if self.path is not None:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute(_SCHEMA)
+            self._conn.execute("SELECT COUNT(*) FROM answers").fetchone()
+        except sqlite3.DatabaseError as e:
+            self._conn.close()
+            raise self._damaged(e) from None
+
+    def _damaged(self, e: sqlite3.DatabaseError) -> ValueError:
+        return ValueError(
+            f"{self.path}: not a readable judge cache (SQLite: {e}); delete it (with its -wal and -shm files) and "
+            "rerun: its answers are asked again, labels already written are kept"
+        )
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """The connection under the lock; a damaged database file raises an error naming it."""
+        with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.DatabaseError as e:
+                raise self._damaged(e) from None
 
     def get(self, key: str) -> dict | None:
-        with self._lock:
+        with self._locked():
             row = self._conn.execute("SELECT payload FROM answers WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else None
 
     def get_many(self, keys: list[str]) -> dict[str, dict]:
         out: dict[str, dict] = {}
-        with self._lock:
+        with self._locked():
             for i in range(0, len(keys), 500):
                 chunk = keys[i : i + 500]
                 q = f"SELECT key, payload FROM answers WHERE key IN ({','.join('?' * len(chunk))})"
@@ -71,7 +92,7 @@ class JudgeCache:
     def put(self, key: str, judge: str, payload: dict) -> None:
         """Store one answer and commit at once (autocommit mode)."""
         data = json.dumps(payload, ensure_ascii=False)
-        with self._lock:
+        with self._locked():
             self._conn.execute(
                 "INSERT OR REPLACE INTO answers (key, judge, created, payload) VALUES (?, ?, ?, ?)",
                 (key, judge, time.time(), data),
@@ -79,7 +100,7 @@ class JudgeCache:
 
     def put_many(self, rows: list[tuple[str, str, dict]]) -> None:
         """Store several answers in one transaction (a local judge's batch)."""
-        with self._lock:
+        with self._locked():
             self._conn.execute("BEGIN")
             try:
                 self._conn.executemany(

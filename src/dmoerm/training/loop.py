@@ -7,6 +7,7 @@ Training runs through Hugging Face ``accelerate``: the same code runs on several
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -280,8 +281,106 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+_ACCELERATOR = None
+
+
+def process_accelerator():
+    """The process's one ``Accelerator``, built on first use.
+
+    accelerate keeps one state per process, so a second ``Accelerator`` with other settings (phase 1 in bf16,
+    phase 2 in float32) fails; every training run shares this one and sets its own gradient accumulation, and
+    mixed precision is an autocast around each forward pass (:func:`_autocast`).
+    """
+    global _ACCELERATOR
+    if _ACCELERATOR is None:
+        from accelerate import Accelerator
+
+        _ACCELERATOR = Accelerator(cpu=not torch.cuda.is_available())
+    return _ACCELERATOR
+
+
+def _autocast(accelerator, mixed_precision: str):
+    """bf16 autocast of the top layers when ``mixed_precision`` is ``bf16``; a no-op context otherwise."""
+    return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+CHECKPOINT_FILE = "checkpoint.safetensors"
+"""A training run's resume state: tensors in safetensors, everything else as JSON in its metadata (no pickle:
+a run folder from someone else cannot execute code)."""
+_META = "dmoerm_checkpoint"
+
+
+def save_checkpoint(
+    path: Path, params, optimizer, scheduler, epoch: int, result, best, bad_evals: int
+) -> None:
+    """Write the resume state atomically (one file: a kill leaves the previous epoch's intact)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+    if best is not None:
+        tensors.update({f"best.{i}": p.detach().cpu().contiguous() for i, p in enumerate(best)})
+    opt = optimizer.state_dict()
+    opt_state: dict[str, dict] = {}
+    for idx, entry in opt["state"].items():
+        opt_state[str(idx)] = {}
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                opt_state[str(idx)][name] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    version, internal, gauss = random.getstate()
+    meta = {
+        "epoch": epoch,
+        "result": asdict(result),
+        "bad_evals": bad_evals,
+        "has_best": best is not None,
+        "optimizer": {"state": opt_state, "param_groups": opt["param_groups"]},
+        "scheduler": scheduler.state_dict(),
+        "rng_python": [version, list(internal), gauss],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={_META: json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, params, optimizer, scheduler) -> tuple[int, TrainResult, list | None, int]:
+    """Restore params, optimizer, scheduler and RNGs from :func:`save_checkpoint`'s file; (epoch, result,
+    best state, bad evaluations). A damaged file raises ``ValueError`` naming it and what to do."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[_META])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        n = len(params)
+        loaded = [tensors[f"param.{i}"] for i in range(n)]
+        if f"param.{n}" in tensors or any(a.shape != b.shape for a, b in zip(loaded, params)):
+            raise ValueError("its parameters do not match this expert's (another model or LoRA rank?)")
+        best = [tensors[f"best.{i}"] for i in range(n)] if meta["has_best"] else None
+        state = {}
+        for idx, rest in meta["optimizer"]["state"].items():
+            entry = dict(rest)
+            prefix = f"optim.{idx}."
+            entry.update({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            state[int(idx)] = entry
+        with torch.no_grad():
+            for p, v in zip(params, loaded, strict=True):
+                p.copy_(v.to(p.device, p.dtype))
+        optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        scheduler.load_state_dict(meta["scheduler"])
+        version, internal, gauss = meta["rng_python"]
+        random.setstate((version, tuple(internal), gauss))
+        torch.set_rng_state(tensors["rng.torch"])
+        result = TrainResult(**meta["result"])
+        return meta["epoch"], result, best, meta["bad_evals"]
+    except Exception as e:  # safetensors raises its own errors for a cut or garbled file
+        raise ValueError(
+            f"{path}: cannot resume from this training checkpoint ({type(e).__name__}: {e}); delete it to train "
+            "this stage again from its first epoch"
+        ) from None
 
 
 def train_expert(
@@ -304,15 +403,10 @@ def train_expert(
     the trainable weights, optimizer, scheduler and position are saved after each epoch, and a rerun resumes
     from there. The weights with the best dev agreement are restored at the end.
     """
-    from accelerate import Accelerator
-
     if not train:
         raise ValueError(f"{expert}: no training items")
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
-        cpu=not torch.cuda.is_available(),
-    )
+    accelerator = process_accelerator()
+    accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
     torch.manual_seed(config.seed)
     bank.requires_grad_(False)
     params = bank.expert_parameters(expert)
@@ -338,21 +432,13 @@ def train_expert(
 
     result = TrainResult()
     start_epoch, best_state, bad_evals = 0, None, 0
-    ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        for p, v in zip(params, state["params"], strict=True):
-            p.data.copy_(v)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, result, best_state, bad_evals = (
-            state["epoch"],
-            state["result"],
-            state["best"],
-            state["bad_evals"],
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+    if ckpt is not None and (ckpt.parent / "checkpoint.pt").exists():
+        logger.warning(
+            "%s: ignoring checkpoint.pt of an older version (pickles are never loaded)", ckpt.parent
         )
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
+    if ckpt is not None and ckpt.exists():
+        start_epoch, result, best_state, bad_evals = load_checkpoint(ckpt, params, optimizer, scheduler)
         logger.info("%s: resumed from %s at epoch %d", expert, ckpt, start_epoch)
 
     def evaluate() -> None:
@@ -396,7 +482,7 @@ def train_expert(
             if batch["pairs"].numel() == 0:
                 continue
             with accelerator.accumulate(model):
-                with accelerator.autocast():
+                with _autocast(accelerator, config.mixed_precision):
                     rewards = model(batch["states"], batch["attention_mask"], expert)  # [N]
                 loss = ranking_loss(rewards.float(), batch["pairs"], batch["weights"])
                 if config.length_penalty > 0:
@@ -431,22 +517,7 @@ def train_expert(
             result.stopped_early = stop = True
             logger.info("%s: early stop after epoch %d", expert, epoch + 1)
         if ckpt is not None and accelerator.is_main_process:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save(
-                {
-                    "params": [p.detach().clone() for p in params],
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "result": result,
-                    "best": best_state,
-                    "bad_evals": bad_evals,
-                    "rng": _rng_state(),
-                },
-                tmp,
-            )
-            os.replace(tmp, ckpt)
+            save_checkpoint(ckpt, params, optimizer, scheduler, epoch + 1, result, best_state, bad_evals)
     if best_state is not None:
         with torch.no_grad():
             for p, v in zip(params, best_state, strict=True):

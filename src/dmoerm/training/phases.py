@@ -7,6 +7,7 @@ Each takes its data and returns what it trained; they change only the parameters
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class RouterTrainConfig:
     balance_classes: bool = True
     """Weight the cross-entropy by inverse class frequency (Auto-J and RMB categories are imbalanced)."""
     seed: int = 0
+    """Seed of the head's initial weights and of the batch order."""
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -80,23 +82,41 @@ def prompt_features(
     return torch.stack(feats)
 
 
+def _seeded_router_init(router, seed: int) -> None:
+    """Draw the router's head afresh under ``seed``, not from whatever the process's RNG gave when the model
+    was built, so two runs of one config train the same router. A generator of its own leaves the global RNG
+    (which later experts' initial weights draw from) as it was."""
+    gen = torch.Generator().manual_seed(seed)
+    head = router.head
+    bound = 1.0 / math.sqrt(head.in_features)  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    with torch.no_grad():
+        head.weight.copy_(torch.rand(head.weight.shape, generator=gen) * 2 * bound - bound)
+        head.bias.copy_(torch.rand(head.bias.shape, generator=gen) * 2 * bound - bound)
+    router.norm.reset_parameters()
+
+
 def train_router(
     model: DMoERM,
     train: Sequence[tuple[EncodedInput, str]],
     dev: Sequence[tuple[EncodedInput, str]],
     config: RouterTrainConfig,
     cache: TrunkCache,
+    progress: bool = True,
 ) -> RouterResult:
-    """Train ``model.router`` (only) with cross-entropy on logits over (prompt input, category) examples."""
+    """Train ``model.router`` (only) with cross-entropy on logits over (prompt input, category) examples,
+    from initial weights drawn under ``config.seed``."""
     index = {c: i for i, c in enumerate(model.categories)}
     train = [(e, c) for e, c in train if c in index]
     dev = [(e, c) for e, c in dev if c in index]
     if not train:
         raise ValueError("router: no training prompt has one of the model's categories")
-    x = prompt_features(model, [e for e, _ in train], cache, desc="router trunk")  # [N, H]
+    x = prompt_features(
+        model, [e for e, _ in train], cache, desc="router trunk" if progress else None
+    )  # [N, H]
     y = torch.tensor([index[c] for _, c in train])  # [N]
     counts = torch.bincount(y, minlength=len(index)).float()
     weight = (counts.sum() / (len(index) * counts.clamp(min=1))) if config.balance_classes else None
+    _seeded_router_init(model.router, config.seed)
     torch.manual_seed(config.seed)
     model.requires_grad_(False)
     model.router.requires_grad_(True)
