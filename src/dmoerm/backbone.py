@@ -203,7 +203,42 @@ class SplitBackbone(nn.Module):
             decoder.layers, decoder.norm, decoder.config.num_hidden_layers = layers, norm, n
 
     def trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask [B, T] -> hidden states after the trunk [B, T, H] (trunk_dtype)."""
+        """input_ids, attention_mask [B, T] -> hidden states after the trunk [B, T, H] (trunk_dtype; 0 at pads).
+
+        Batch-invariant: each row runs alone, as a batch of one without its padding, so a row's states depend
+        on its own tokens only, never on what shares its batch. A bf16 (and, to ~1e-7, a float32) GEMM's
+        accumulation order follows the shapes it is given: in a padded batch the same chat scored -0.656 alone
+        and -0.596 beside a longer one (issue 14). Grouping rows of equal length is not enough either (three
+        copies of one sequence in a batch differ from it alone). Identical rows are computed once. Per row,
+        the states equal what a padded batch computes up to the trunk dtype's rounding; on this CPU the cost
+        is within noise of padded batches (benchmarks/bench_invariance.py, docs/invariance.md).
+        """
+        b, t = attention_mask.shape
+        real = attention_mask.bool()  # [B, T]
+        out: torch.Tensor | None = None
+        done: dict[tuple[int, ...], torch.Tensor] = {}
+        for row in range(b):
+            ids = input_ids[row][real[row]]  # [n] the row's real tokens, under left or right padding
+            if ids.numel() == 0:
+                continue
+            key = tuple(ids.tolist())
+            state = done.get(key)
+            if state is None:
+                ones = torch.ones((1, ids.numel()), dtype=attention_mask.dtype, device=ids.device)
+                done[key] = state = self.trunk_batched(ids.unsqueeze(0), ones)[0]  # [n, H]
+            if out is None:
+                out = state.new_zeros((b, t, state.shape[-1]))
+            out[row, real[row]] = state
+        if out is None:  # every row empty
+            out = torch.zeros((b, t, self.hidden_size), dtype=self.trunk_dtype, device=input_ids.device)
+        return out
+
+    def trunk_batched(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The trunk over a padded batch in one decoder call: [B, T] -> [B, T, H] (trunk_dtype).
+
+        Not batch-invariant (a row's states change with the batch's shape); :meth:`trunk` calls it on one
+        unpadded row at a time. Kept for comparison (benchmarks/bench_invariance.py).
+        """
         with self._run_layers(0, self.split, final_norm=False) as decoder:
             out = decoder(
                 input_ids=input_ids,
