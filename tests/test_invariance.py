@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import build_tiny_backbone
 from dmoerm.aggregator import Aggregator
 from dmoerm.data import Message
 from dmoerm.encoding import collate
@@ -17,7 +18,6 @@ from dmoerm.experts import BackboneConfig, ExpertBank
 from dmoerm.model import DMoERM, capability_expert, rm_expert
 from dmoerm.reward_model import RewardModel
 from dmoerm.training.loop import TrunkCache
-from conftest import build_tiny_backbone
 from helpers import WORDS, tiny_taxonomy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -147,6 +147,8 @@ class PipelineConfig:
     members normalised on the dev set); 0 or 1 for none."""
     trunk_cache_gb: float = 6.0
     """Memory bound of the trunk-state cache."""
+    trunk_cache_dir: str | None = None
+    """Folder of the on-disk trunk-state cache shared between runs; None keeps states in memory only."""
     without_router: bool = False
     """The "without router" ablation (issue 5): one inner model for every category, no router. The splits
     are drawn per category as usual (same test records, per-category rows by the records' own categories);
@@ -448,7 +450,11 @@ def run_pipeline(
         )
     else:
         model = new_dmoerm(cfg, taxonomy, categories, config.routing)
-    cache = cache if cache is not None else TrunkCache(int(config.trunk_cache_gb * (1 << 30)))
+    cache = (
+        cache
+        if cache is not None
+        else TrunkCache(int(config.trunk_cache_gb * (1 << 30)), config.trunk_cache_dir)
+    )
     tok, n = model.tokenizer, model.max_length
     items = {
         name: {c: [encode_record(tok, r, n) for r in getattr(splits, name)[c]] for c in categories}
