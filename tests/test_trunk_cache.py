@@ -143,3 +143,17 @@ def test_the_pipeline_config_names_the_cache_folder(tmp_path, tiny_backbone, mon
     with pytest.raises(Stop):
         pipeline.run_pipeline(config, progress=False)
     assert seen == [(int(config.trunk_cache_gb * (1 << 30)), str(tmp_path / "states"))]
+
+
+def test_a_failed_write_is_a_warning_and_the_run_goes_on(bank, inputs, tmp_path, caplog, monkeypatch):
+    """A full disk or read-only folder must not stop training: states are still returned, from memory."""
+    TrunkCache(directory=tmp_path).get(bank, inputs[:1])  # creates the database
+    cache = TrunkCache(directory=tmp_path)
+    path = tmp_path / DB_NAME
+    monkeypatch.setattr(cache.store, "_open", lambda: sqlite3.connect(f"file:{path}?mode=ro", uri=True))
+    with caplog.at_level(logging.WARNING, logger="dmoerm.training.trunk_store"):
+        states = cache.get(bank, inputs)
+    assert "trunk cache write failed" in caplog.text and str(path) in caplog.text
+    for a, b in zip(states, _fresh(bank, inputs), strict=True):
+        assert torch.equal(a, b)
+    assert len(TrunkCache(directory=tmp_path).store) == 1  # nothing half-written
