@@ -212,8 +212,9 @@ class SplitBackbone(nn.Module):
         accumulation order follows the shapes it is given: in a padded batch the same chat scored -0.656 alone
         and -0.596 beside a longer one (issue 14). Grouping rows of equal length is not enough either (three
         copies of one sequence in a batch differ from it alone). Identical rows are computed once. Per row,
-        the states equal what a padded batch computes up to the trunk dtype's rounding; on this CPU the cost
-        is within noise of padded batches (benchmarks/bench_invariance.py, docs/invariance.md).
+        the states equal what a padded batch computes up to the trunk dtype's rounding. Cost on this CPU:
+        0.83x of padded batches on RMB chats (no padding, repeats once) to 1.26x on full batches of distinct
+        256-token chats (each call reads every trunk weight once); docs/invariance.md.
         """
         b, t = attention_mask.shape
         real = attention_mask.bool()  # [B, T]
@@ -240,7 +241,7 @@ class SplitBackbone(nn.Module):
         layers below the split, in the trunk dtype), the decoder's config, the split, the dtype, the torch and
         transformers versions and the per-row method. Equal identities give bit-equal states for equal
         tokens on one kind of device (the trunk cache's key, with the device type). Computed once (about
-        0.2 s for SmolLM2-135M) and kept while the dtype and split stay: the trunk is frozen."""
+        0.3 s for SmolLM2-135M) and kept while the dtype and split stay: the trunk is frozen."""
         memo = getattr(self, "_identity", None)
         if memo is not None and memo[0] == (self.trunk_dtype, self.split):
             return memo[1]
