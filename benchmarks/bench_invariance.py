@@ -8,16 +8,19 @@ head (seeded; the same weights in every variant). Trunk variants:
   ``SplitBackbone.trunk_batched``).
 - ``per-row bf16``: each distinct row alone, unpadded (``SplitBackbone.trunk`` now).
 - ``equal-length bf16``: rows grouped only when their lengths are equal (no padding, but batches of several).
+- ``fixed-shape bf16``: shape-stable buckets: every call is ``--batch-size`` rows of ``--max-length`` tokens
+  (rows right-padded to the limit, the batch filled with one-token dummy rows), so every kernel always sees one
+  shape.
 - ``batched fp32`` / ``per-row fp32``: the same with a float32 trunk.
 
 Times are CPU seconds of the process (``time.process_time``, one torch thread), robust to a shared machine.
-For each: trunk throughput (real tokens/s, median of ``--rounds`` interleaved rounds) and the largest reward
+For each: trunk throughput (real tokens/s, median of ``--rounds`` interleaved rounds), the largest reward
 difference of a chat scored alone versus inside mixed batches (``--probes`` chats, each beside longer and shorter
-ones; for ``equal-length`` beside chats of its own length too). The top layers (float32) and value head are the
-same in every variant; ``top layer only`` feeds one set of per-row states alone and padded to the top, which
-isolates the float32 top layer's own batch dependence. Then the scoring cost with the per-row trunk versus the
-batched one, for the single RM and DMoERM (``bench_scoring.py``'s models: ``code``, K = 5 experts), and a second
-pass with a warm on-disk trunk cache versus a cold one.
+ones and beside chats of its own length), and the CPU time of scoring one chat alone (a lone request). The top
+layers (float32) and value head are the same in every variant; ``top layer only`` feeds one set of per-row states
+alone and padded to the top, which isolates the float32 top layer's own batch dependence. Then the scoring
+cost with the per-row trunk versus the batched one, for the single RM and DMoERM (``bench_scoring.py``'s models:
+``code``, K = 5 experts), and a second pass with a warm on-disk trunk cache versus a cold one.
 
     .venv/bin/python benchmarks/bench_invariance.py                  # 64 chats, 256 tokens, 3 rounds
     .venv/bin/python benchmarks/bench_invariance.py --chats 16 --rounds 1 --no-scoring   # quick look
@@ -44,7 +47,14 @@ def _clock() -> float:
     return time.process_time()
 
 
-VARIANTS = ("batched bf16", "per-row bf16", "equal-length bf16", "batched fp32", "per-row fp32")
+VARIANTS = (
+    "batched bf16",
+    "per-row bf16",
+    "equal-length bf16",
+    "fixed-shape bf16",
+    "batched fp32",
+    "per-row fp32",
+)
 
 
 def _args(argv):
@@ -118,35 +128,54 @@ def _equal_length(backbone, input_ids, attention_mask):
     return out
 
 
-def _trunk_fn(banks, variant: str):
+def _fixed_shape(backbone, input_ids, attention_mask, rows: int, width: int):
+    """Calls of exactly [rows, width]: [B, T] -> [B, T, H] (T <= width)."""
+    import torch
+
+    b, t = input_ids.shape
+    out = []
+    for start in range(0, b, rows):
+        ids = input_ids.new_zeros((rows, width))
+        mask = attention_mask.new_zeros((rows, width))
+        mask[:, 0] = 1  # dummy rows: one token, so no row is fully masked
+        chunk = slice(start, min(start + rows, b))
+        n = chunk.stop - chunk.start
+        ids[:n, :t], mask[:n, :t] = input_ids[chunk], attention_mask[chunk]
+        out.append(backbone.trunk_batched(ids, mask)[:n, :t])
+    return torch.cat(out)
+
+
+def _trunk_fn(banks, variant: str, args):
     bank = banks["fp32" if variant.endswith("fp32") else "bf16"]
     backbone = bank.backbone
     if variant.startswith("batched"):
         return bank, backbone.trunk_batched
     if variant.startswith("per-row"):
         return bank, backbone.trunk
+    if variant.startswith("fixed-shape"):
+        return bank, lambda ids, mask: _fixed_shape(backbone, ids, mask, args.batch_size, args.max_length)
     return bank, lambda ids, mask: _equal_length(backbone, ids, mask)
 
 
-def _trunk_pass(banks, variant, inputs, batch_size):
+def _trunk_pass(banks, variant, inputs, args):
     import torch
 
     from dmoerm.encoding import collate, length_buckets
 
-    bank, trunk = _trunk_fn(banks, variant)
+    bank, trunk = _trunk_fn(banks, variant, args)
     with torch.no_grad():
-        for idx in length_buckets([len(e.input_ids) for e in inputs], batch_size):
+        for idx in length_buckets([len(e.input_ids) for e in inputs], args.batch_size):
             batch = collate([inputs[i] for i in idx], bank.tokenizer.pad_token_id)
             trunk(batch["input_ids"], batch["attention_mask"])
 
 
-def _rewards(banks, variant, batch):
+def _rewards(banks, variant, batch, args):
     """Rewards [B] of one batch of encoded inputs, trunk by ``variant``, the shared float32 top and head."""
     import torch
 
     from dmoerm.encoding import collate
 
-    bank, trunk = _trunk_fn(banks, variant)
+    bank, trunk = _trunk_fn(banks, variant, args)
     b = collate(batch, bank.tokenizer.pad_token_id)
     with torch.no_grad():
         states = trunk(b["input_ids"], b["attention_mask"])
@@ -174,14 +203,17 @@ def _probe_batches(inputs, probes: int):
     return out
 
 
-def _max_difference(banks, variant, probe_batches) -> float:
-    worst = 0.0
+def _max_difference(banks, variant, probe_batches, args) -> tuple[float, float]:
+    """(largest |reward alone - reward in a batch|, median CPU s of scoring one probe alone)."""
+    worst, lone = 0.0, []
     for probe, batches in probe_batches:
-        alone = float(_rewards(banks, variant, [probe])[0])
+        t = _clock()
+        alone = float(_rewards(banks, variant, [probe], args)[0])
+        lone.append(_clock() - t)
         for batch in batches:
-            together = float(_rewards(banks, variant, batch)[batch.index(probe)])
+            together = float(_rewards(banks, variant, batch, args)[batch.index(probe)])
             worst = max(worst, abs(together - alone))
-    return worst
+    return worst, statistics.median(lone)
 
 
 def _top_only_difference(bank, probe_batches) -> float:
@@ -205,17 +237,19 @@ def _top_only_difference(bank, probe_batches) -> float:
 def _trunk_section(args, banks, inputs):
     tokens = sum(len(e.input_ids) for e in inputs)
     for variant in VARIANTS:  # warm-up
-        _trunk_pass(banks, variant, inputs[:2], args.batch_size)
+        _trunk_pass(banks, variant, inputs[:2], args)
     times = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
         for variant in order:
             t = _clock()
-            _trunk_pass(banks, variant, inputs, args.batch_size)
+            _trunk_pass(banks, variant, inputs, args)
             times[variant].append(_clock() - t)
         print(f"round {r + 1}: " + ", ".join(f"{v} {times[v][-1]:.1f}s" for v in VARIANTS), flush=True)
     probe_batches = _probe_batches(inputs, args.probes)
-    diffs = {v: _max_difference(banks, v, probe_batches) for v in VARIANTS}
+    diffs, lone = {}, {}
+    for v in VARIANTS:
+        diffs[v], lone[v] = _max_difference(banks, v, probe_batches, args)
     top_only = _top_only_difference(banks["bf16"], probe_batches)
     med = {v: statistics.median(times[v]) for v in VARIANTS}
     base = med["batched bf16"]
@@ -223,9 +257,13 @@ def _trunk_section(args, banks, inputs):
     print(f"\ntrunk over {len(inputs)} chats ({tokens} tokens); reward alone vs {checks} mixed batches:")
     print(
         f"{'variant':<18} {'median cpu s':>12} {'tokens/s':>9} {'time / batched bf16':>20} {'max |reward diff|':>18}"
+        f" {'one chat alone, s':>18}"
     )
     for v in VARIANTS:
-        print(f"{v:<18} {med[v]:>12.2f} {tokens / med[v]:>9.0f} {med[v] / base:>19.2f}x {diffs[v]:>18.2e}")
+        print(
+            f"{v:<18} {med[v]:>12.2f} {tokens / med[v]:>9.0f} {med[v] / base:>19.2f}x {diffs[v]:>18.2e}"
+            f" {lone[v]:>18.3f}"
+        )
     print(
         f"{'top layer only':<18} {'':>12} {'':>9} {'':>20} {top_only:>18.2e}   (fp32 top on per-row states)"
     )
