@@ -221,6 +221,8 @@ class PipelineConfig:
     still sees no record its inner model trained on. ``baseline``: the single reward model (phase 1 + phase 3
     of every category; trained once, before the inner models, and reused). Either way the category's phase 1
     then specialises it, keeping the start when specialising does not beat it on dev."""
+    trunk_cache_dir: str | None = None
+    """Folder of the on-disk trunk-state cache shared between runs; None keeps states in memory only."""
     without_router: bool = False
     """The "without router" ablation (issue 5): one inner model for every category, no router. The splits
     are drawn per category as usual (same test records, per-category rows by the records' own categories);
@@ -544,7 +546,11 @@ def run_pipeline(
         )
     else:
         model = new_dmoerm(cfg, taxonomy, categories, config.routing)
-    cache = cache if cache is not None else TrunkCache(int(config.trunk_cache_gb * (1 << 30)))
+    cache = (
+        cache
+        if cache is not None
+        else TrunkCache(int(config.trunk_cache_gb * (1 << 30)), config.trunk_cache_dir)
+    )
     tok, n = model.tokenizer, model.max_length
     items = {
         name: {c: [encode_record(tok, r, n) for r in getattr(splits, name)[c]] for c in categories}

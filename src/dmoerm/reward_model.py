@@ -39,7 +39,8 @@ def read_model_file(directory: str | Path) -> dict:
 def rewards_of(
     bank: ExpertBank, expert: str, inputs: Sequence[EncodedInput], batch_size: int
 ) -> torch.Tensor:
-    """Expert rewards of encoded inputs, in their order: [N]. Batches are length-bucketed."""
+    """Expert rewards of encoded inputs, in their order: [N]. Batches are length-bucketed; a reward does not
+    depend on the batch (the trunk runs each row alone, the float32 top differs by rounding only)."""
     out = torch.empty(len(inputs))
     pad = bank.tokenizer.pad_token_id
     with torch.no_grad():

@@ -125,7 +125,7 @@ def run_scaling(config: ScalingConfig, progress: bool = True) -> dict:
         run_dir = out / name
         pc = PipelineConfig.from_file(config.base_config, [*overrides, f"output_dir={run_dir}"])
         if cache is None:  # one trunk cache for the whole study: every run shares the backbone and data
-            cache = TrunkCache(int(pc.trunk_cache_gb * (1 << 30)))
+            cache = TrunkCache(int(pc.trunk_cache_gb * (1 << 30)), pc.trunk_cache_dir)
         t0 = time.perf_counter()
         logger.info("scaling: run %s", name)
         run_pipeline(pc, progress=progress, cache=cache)
