@@ -11,7 +11,10 @@ on 127.0.0.1:
    output before looking, so echoing it back does not count as naming the field.
 2. **kills**: ``dmoerm train`` on a tiny job, SIGKILLed once ``k`` stages are recorded in ``state.json``, then
    rerun; it survived when the rerun exits 0 and its test-set rewards (DMoERM and single RM on
-   ``splits/test.jsonl``) and ``eval/*/eval.json`` agreements equal an uninterrupted run's.
+   ``splits/test.jsonl``) and ``eval/*/eval.json`` agreements equal an uninterrupted run's. A second
+   uninterrupted run (``--control``) shows what differs between two runs anyway; the weight files a resume
+   changes by more than 1e-4 are listed, and "survived but for nondeterminism" counts the resumes that change
+   only what the control changes too.
 3. **server**: ``dmoerm serve`` on the uninterrupted run's model, ~150 requests (good, bad JSON, wrong
    fields, over-long text, lone surrogates, concurrent clients); counts status codes; no 5xx allowed.
 4. **batch invariance**: the run's models loaded with a bf16 trunk (and as trained, float32): each of 20 chats
@@ -19,7 +22,8 @@ on 127.0.0.1:
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src .venv/bin/python benchmarks/probe_reliability.py --out runs/probe
 
-prints a summary table and writes ``<out>/probe.json``. About 3 minutes on 2 CPU cores. The findings are
+prints a summary table and writes ``<out>/probe.json``. About 3-4 minutes on 2 shared CPU cores (35 CLI
+subprocesses, 6 tiny training runs, two at a time). The findings are
 measured, never asserted: the exit code is 0 whatever they are (1 only if the probe itself cannot run).
 """
 
@@ -118,6 +122,8 @@ class CaseResult:
     seconds: float
     message: str
     """The last error line (or the output's last line) of the run."""
+    started_work: bool
+    """Training or labelling had begun before the command stopped (a config checked late)."""
 
 
 def _line_pattern(path: Path, line: int) -> str:
@@ -304,8 +310,9 @@ def judge(case: Case, returncode: int | None, output: str, seconds: float = 0.0)
     names = all(re.search(p, judged) for p in case.expect)
     message = (errors[-1] if errors else (output.strip().splitlines() or [""])[-1]).strip()
     handled = returncode not in (0, None) and not traceback and names
+    started = bool(re.search(r" INFO dmoerm\.(training|labelling|router)", output))
     return CaseResult(
-        case.name, case.kind, handled, returncode, traceback, names, round(seconds, 1), message[:300]
+        case.name, case.kind, handled, returncode, traceback, names, round(seconds, 1), message[:300], started
     )
 
 
@@ -315,13 +322,14 @@ def probe_bad_inputs(work: Path, files: dict[str, Path], jobs: int, timeout: flo
     with ThreadPoolExecutor(jobs) as pool:
         results = list(pool.map(lambda c: run_cli_case(c, timeout), cases))
     for r in results:
-        status = "ok " if r.handled else "BAD"
+        status = ("late" if r.started_work else "ok  ") if r.handled else "BAD "
         why = "" if r.handled else f" (rc={r.returncode}, traceback={r.traceback}, names={r.names_location})"
         print(f"  {status} {r.name:40s} {r.seconds:5.1f}s{why}  {r.message[:150]}", flush=True)
     return {
         "tried": len(results),
         "handled": sum(r.handled for r in results),
         "unhandled": [r.name for r in results if not r.handled],
+        "handled_after_work_began": [r.name for r in results if r.handled and r.started_work],
         "cases": [asdict(r) for r in results],
     }
 
@@ -541,7 +549,7 @@ def server_requests(n_good: int) -> list[tuple[str, str, str, object]]:
             b'{"items": [{"conversation": [{"role": "user", "content": "\\udfff x"}], "response": "ok"}]}',
         ),
         ("/score", {"items": [{"conversation": chat, "response": "x"}] * 600}),
-        ("/get_reward", {"query": "not a list"}),
+        ("/get_reward", {"query": {"not": "a list"}}),
         ("/get_reward", {"query": [1, 2]}),
         ("/get_reward", {"query": ["word " * 400]}),
         ("/get_reward", {"query": ["x" * 5_000_000]}),
@@ -556,6 +564,7 @@ def server_requests(n_good: int) -> list[tuple[str, str, str, object]]:
     reqs += [("bad", "GET", "/score", None), ("any", "POST", "/score", {"items": []})]
     reqs += [("good", "GET", "/health", None), ("good", "GET", "/stats", None)]
     reqs += [("good", "POST", "/pooling", {"model": "rm", "input": "hello there"})]
+    reqs += [("good", "POST", "/get_reward", {"query": "one string: documented as a list of one"})]
     return reqs
 
 
@@ -746,12 +755,15 @@ def summary(result: dict) -> str:
                 f"{r['max_abs_diff']:.3g} ({r['route_flips']} route flips)",
             )
         )
-    rows.append(("probe wall time", f"{result['seconds']:.0f} s"))
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in result.get("seconds_per_part", {}).items())
+    rows.append(("probe wall time", f"{result['seconds']:.0f} s ({parts})"))
     width = max(len(r[0]) for r in rows)
     lines = [f"| {'check':{width}s} | result |", f"|{'-' * (width + 2)}|--------|"]
     lines += [f"| {a:{width}s} | {v} |" for a, v in rows]
     if b and b["unhandled"]:
         lines.append("\nunhandled bad inputs: " + "; ".join(b["unhandled"]))
+    if b and b["handled_after_work_began"]:
+        lines.append("handled, but after training began: " + "; ".join(b["handled_after_work_began"]))
     if s and s["unexpected"]:
         lines.append("server answers not as expected: " + "; ".join(s["unexpected"]))
     return "\n".join(lines)
@@ -790,23 +802,33 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     files = setup(work)
     result: dict = {"command": " ".join(sys.argv)}
+    seconds: dict[str, float] = {}
     if "bad" in parts:
+        t1 = time.perf_counter()
         result["bad_inputs"] = probe_bad_inputs(work, files, args.jobs, args.case_timeout)
+        seconds["bad inputs"] = round(time.perf_counter() - t1, 1)
     if parts & {"kills", "server", "invariance"}:
         # The uninterrupted run is the reference of the kills and the model of the server and invariance parts.
+        t1 = time.perf_counter()
         points = [int(x) for x in args.kill_points.split(",") if x] if "kills" in parts else []
         kills = probe_kills(
             work, files, points, args.tolerance, control="kills" in parts and args.control, jobs=args.jobs
         )
         if "kills" in parts:
             result["kills"] = kills
+        seconds["train runs and kills"] = round(time.perf_counter() - t1, 1)
     ref = work / "kills" / "uninterrupted"
     if "server" in parts:
+        t1 = time.perf_counter()
         result["server"] = probe_server(work, str(ref / "model"), args.requests, args.clients)
+        seconds["server"] = round(time.perf_counter() - t1, 1)
     if "invariance" in parts:
         paths = {"model": str(ref / "model"), "baseline": str(ref / "baseline")}
+        t1 = time.perf_counter()
         result["batch_invariance"] = probe_batch_invariance(work, files, paths, args.chats)
+        seconds["batch invariance"] = round(time.perf_counter() - t1, 1)
     result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["seconds_per_part"] = seconds
     (out / "probe.json").write_text(json.dumps(result, indent=2, default=str))
     print("\n" + summary(result))
     print(f"\nwrote {out / 'probe.json'}")
