@@ -280,7 +280,7 @@ class SplitBackbone(nn.Module):
         and -0.596 beside a longer one (issue 14). Grouping rows of equal length is not enough either (three
         copies of one sequence in a batch differ from it alone). Identical rows are computed once. Per row,
         the states equal what a padded batch computes up to the trunk dtype's rounding. Cost on this CPU:
-        0.83x of padded batches on RMB chats (no padding, repeats once) to 1.26x on full batches of distinct
+        0.86x of padded batches on RMB chats (no padding, repeats once) to 1.3x on full batches of distinct
         256-token chats (each call reads every trunk weight once); docs/invariance.md.
         """
         b, t = attention_mask.shape

@@ -71,8 +71,10 @@ class TrunkStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         try:
             conn = self._open()
+        except sqlite3.OperationalError:
+            raise  # locked or unopenable, not damaged: the caller warns and goes on from memory
         except sqlite3.DatabaseError as e:
-            # Only a cache: keep the bad file for inspection and start an empty one.
+            # Not a database or malformed. Only a cache: keep the bad file for inspection, start an empty one.
             aside = self.path.with_name(f"{DB_NAME}.corrupt-{int(time.time())}")
             logger.warning(
                 "%s: unreadable trunk cache (%s); moved to %s, starting empty", self.path, e, aside
