@@ -203,3 +203,12 @@ def test_warm_start_names_are_checked():
         PipelineConfig(warm_start="yes")
     with pytest.raises(ValueError, match="set baseline: true"):
         PipelineConfig(warm_start="baseline", baseline=False)
+
+
+def test_a_damaged_model_file_is_named_when_loading(trained, tmp_path):
+    model, _, _, _ = trained
+    model.save_pretrained(tmp_path / "m")
+    router = tmp_path / "m" / "router.safetensors"
+    router.write_bytes(router.read_bytes()[:40])  # truncated, as a killed copy leaves it
+    with pytest.raises(ValueError, match=r"damaged: .*router\.safetensors"):
+        load_model(tmp_path / "m")

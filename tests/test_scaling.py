@@ -29,7 +29,12 @@ def test_scaling_study_runs_nested_sizes_on_one_test_set(tmp_path, tiny_backbone
         ablations={"cold start": ["warm_start=none"]},
         ood_sources=[str(ood)],
     )
-    assert [name for name, _ in config.runs()] == ["n4_seed0", "n4_seed1", "n8_seed0", "ablation_cold_start"]
+    assert [name for name, _ in config.runs()] == [
+        "n4_seed0",
+        "n4_seed1",
+        "n8_seed0",
+        "ablation_cold_start_n8",
+    ]
     summary = run_scaling(config, progress=False)
     study = tmp_path / "study"
     sizes = {name: json.loads((study / name / "sizes.json").read_text()) for name in ("n4_seed0", "n8_seed0")}
@@ -43,7 +48,7 @@ def test_scaling_study_runs_nested_sizes_on_one_test_set(tmp_path, tiny_backbone
     entry = summary["runs"]["n8_seed0"]
     assert set(entry["test"]) >= {"DMoERM", "single RM"}
     assert set(entry["ood"][next(iter(entry["ood"]))]) == {"DMoERM", "single RM"}
-    assert "ablation_cold_start" in summary["runs"]
+    assert "ablation_cold_start_n8" in summary["runs"]
     report = (study / "scaling.md").read_text()
     assert "| 4 |" in report and "| 8 |" in report and "cold_start" in report
     assert (study / "scaling_test.png").stat().st_size > 1000

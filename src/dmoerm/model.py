@@ -319,13 +319,25 @@ class DMoERM(nn.Module):
 
 
 def load_model(directory: str | Path) -> RewardModel | DMoERM:
-    """Load any dmoerm model directory (a single reward model or a DMoERM)."""
+    """Load any dmoerm model directory (a single reward model or a DMoERM); a damaged file (a truncated
+    safetensors, unreadable JSON) is a ValueError naming it."""
+    from dmoerm.run_state import _damaged_files
+
     kind = read_model_file(directory)["kind"]
-    if kind == "single":
-        return RewardModel.from_pretrained(directory)
-    if kind == "dmoerm":
-        return DMoERM.from_pretrained(directory)
-    raise ValueError(f"{directory}: unknown model kind {kind!r}")
+    if kind not in ("single", "dmoerm"):
+        raise ValueError(f"{directory}: unknown model kind {kind!r}")
+    try:
+        return (
+            RewardModel.from_pretrained(directory) if kind == "single" else DMoERM.from_pretrained(directory)
+        )
+    except Exception as e:
+        damaged = _damaged_files(Path(directory))
+        if not damaged:
+            raise
+        raise ValueError(
+            f"{directory}: cannot be loaded; damaged: {', '.join(str(p) for p in damaged)} "
+            f"({type(e).__name__}: {e}). Export or train the model again."
+        ) from e
 
 
 def new_dmoerm(

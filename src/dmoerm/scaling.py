@@ -50,6 +50,8 @@ class ScalingConfig:
     [warm_start=none]``)."""
     ablation_sizes: list[int] | None = None
     """Sizes the ablations run at (first seed); None runs them at the largest size only."""
+    ablation_sizes_of: dict[str, list[int]] = field(default_factory=dict)
+    """Ablation name -> its own sizes, instead of ``ablation_sizes`` (e.g. the old recipe at every size)."""
     ood_sources: list[str] = field(default_factory=lambda: list(OOD_SOURCES))
     """Bundled human-labelled sets no run trains on, scored by every run's DMoERM and single RM."""
 
@@ -80,16 +82,17 @@ class ScalingConfig:
 
     def runs(self) -> list[tuple[str, list[str]]]:
         """(run name, overrides) of every run in the order they run: by size, each size's seeds then its
-        ablations (so the small sizes' comparisons are finished first)."""
-        at = sorted(self.ablation_sizes or [max(self.sizes)])
+        ablations (``ablation_<name>_n<size>``), so the small sizes' comparisons are finished first."""
+        default = sorted(self.ablation_sizes or [max(self.sizes)])
+        at = {name: sorted(self.ablation_sizes_of.get(name, default)) for name in self.ablations}
         out = []
-        for n in sorted(set(self.sizes) | set(at)):
+        for n in sorted(set(self.sizes).union(*at.values())):
             if n in self.sizes:
                 for seed in self.seeds if n <= self.seeds_up_to else self.seeds[:1]:
                     out.append((f"n{n}_seed{seed}", self._size(n) + _seeded(seed)))
-            if n in at:
-                for name, extra in self.ablations.items():
-                    run = f"ablation_{_slug(name)}" + (f"_n{n}" if len(at) > 1 else "")
+            for name, extra in self.ablations.items():
+                if n in at[name]:
+                    run = f"ablation_{_slug(name)}_n{n}"
                     out.append((run, self._size(n) + _seeded(self.seeds[0]) + list(extra)))
         return out
 
