@@ -212,3 +212,13 @@ def test_a_damaged_model_file_is_named_when_loading(trained, tmp_path):
     router.write_bytes(router.read_bytes()[:40])  # truncated, as a killed copy leaves it
     with pytest.raises(ValueError, match=r"damaged: .*router\.safetensors"):
         load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_an_empty_training_file_is_named(tmp_path, tiny_backbone, text):
+    config = job_config(tmp_path, tiny_backbone)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(text)
+    config.data.sources = [str(empty)]
+    with pytest.raises(ValueError, match=r"data.sources: .*empty\.jsonl: no preference records"):
+        run_pipeline(config, progress=False)

@@ -404,7 +404,10 @@ def load_preferences(config: DataConfig, taxonomy) -> list[PreferenceRecord]:
     """Load every preference source and map its labels onto the taxonomy's categories."""
     out: list[PreferenceRecord] = []
     for name in config.sources:
-        out.extend(assign_categories(load_data(name, config.data_dir), taxonomy))
+        records = load_data(name, config.data_dir)
+        if not records:
+            raise ValueError(f"data.sources: {name}: no preference records; is the file empty or blank?")
+        out.extend(assign_categories(records, taxonomy))
     return out
 
 
