@@ -13,7 +13,7 @@ from helpers import job_config_dict, length_records
 
 
 @pytest.mark.slow
-def test_scaling_study_runs_nested_sizes_on_one_test_set(tmp_path, tiny_backbone):
+def test_scaling_study_runs_nested_sizes_on_one_test_set(tmp_path, tiny_backbone, caplog):
     base = job_config_dict(tmp_path, tiny_backbone, baseline=True, labels={"source": "none"})
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     ood = tmp_path / "ood.jsonl"
@@ -35,7 +35,8 @@ def test_scaling_study_runs_nested_sizes_on_one_test_set(tmp_path, tiny_backbone
         "n8_seed0",
         "ablation_cold_start_n8",
     ]
-    summary = run_scaling(config, progress=False)
+    with caplog.at_level("INFO", logger="dmoerm.scaling"):
+        summary = run_scaling(config, progress=False)
     study = tmp_path / "study"
     sizes = {name: json.loads((study / name / "sizes.json").read_text()) for name in ("n4_seed0", "n8_seed0")}
     assert sizes["n4_seed0"]["code"]["phase1"] == 4 and sizes["n8_seed0"]["code"]["phase1"] == 8
@@ -49,6 +50,10 @@ def test_scaling_study_runs_nested_sizes_on_one_test_set(tmp_path, tiny_backbone
     assert set(entry["test"]) >= {"DMoERM", "single RM"}
     assert set(entry["ood"][next(iter(entry["ood"]))]) == {"DMoERM", "single RM"}
     assert "ablation_cold_start_n8" in summary["runs"]
+    # The ablation's single RM is the size's own (same inputs), copied, not retrained: identical weights.
+    a, b = (study / n / "baseline" / "heads.safetensors" for n in ("n8_seed0", "ablation_cold_start_n8"))
+    assert a.read_bytes() == b.read_bytes()
+    assert "ablation_cold_start_n8 reuses the single RM of n8_seed0" in caplog.text
     report = (study / "scaling.md").read_text()
     assert "| 4 |" in report and "| 8 |" in report and "cold_start" in report
     assert (study / "scaling_test.png").stat().st_size > 1000

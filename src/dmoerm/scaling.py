@@ -124,9 +124,15 @@ def run_scaling(config: ScalingConfig, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling_config.json").write_text(json.dumps(asdict(config), indent=2))
     cache = None
+    first_of_size: dict[int, tuple[Path, object]] = {}  # size -> (run folder, config) of its first seed
     for name, overrides in config.runs():
         run_dir = out / name
         pc = PipelineConfig.from_file(config.base_config, [*overrides, f"output_dir={run_dir}"])
+        size = pc.data.phase1_records
+        if name.startswith("ablation_") and size in first_of_size:
+            _reuse_baseline(run_dir, *first_of_size[size], pc)
+        elif size not in first_of_size:
+            first_of_size[size] = (run_dir, pc)
         if cache is None:  # one trunk cache for the whole study: every run shares the backbone and data
             cache = TrunkCache(int(pc.trunk_cache_gb * (1 << 30)), pc.trunk_cache_dir)
         t0 = time.perf_counter()
@@ -139,6 +145,25 @@ def run_scaling(config: ScalingConfig, progress: bool = True) -> dict:
     summary = summarize(out, config)
     write_scaling_report(summary, out)
     return summary
+
+
+def _reuse_baseline(run_dir: Path, source_dir: Path, source_config, config) -> None:
+    """Copy the single RM of ``source_dir`` into ``run_dir`` when both runs give it the very same inputs (data,
+    model, phase 1: :func:`dmoerm.run_state.stage_inputs`): an ablation of DMoERM's levers does not change the
+    baseline, and retraining it would cost each ablation as much as the run itself."""
+    import shutil
+
+    from dmoerm.reward_model import MODEL_FILE
+    from dmoerm.run_state import stage_inputs
+
+    source, target = source_dir / "baseline", run_dir / "baseline"
+    if target.exists() or not (source / MODEL_FILE).exists():
+        return
+    if stage_inputs(config, "baseline") != stage_inputs(source_config, "baseline"):
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, target)
+    logger.info("scaling: %s reuses the single RM of %s (same inputs)", run_dir.name, source_dir.name)
 
 
 def _score_ood(run_dir: Path, sources: Sequence[str], data_dir, cache) -> None:
