@@ -23,7 +23,7 @@ import torch
 
 from dmoerm.config_check import RunStopped, check_instance
 from dmoerm.data import PreferenceRecord, load_data, save_jsonl, split_by_prompt, with_label_noise
-from dmoerm.encoding import EncodedInput, RankedItem, encode, encode_record
+from dmoerm.encoding import EncodedInput, RankedItem, encode_prompt, encode_record
 from dmoerm.experts import BackboneConfig
 from dmoerm.labelling.human import expert_agreement, plan_category_labels
 from dmoerm.model import DMoERM, RoutingConfig, capability_expert, new_dmoerm, rm_expert
@@ -412,13 +412,7 @@ def load_preferences(config: DataConfig, taxonomy) -> list[PreferenceRecord]:
 
 
 def _prompt_inputs(tokenizer, records, max_length: int) -> list[tuple[EncodedInput, str]]:
-    out = []
-    for r in records:
-        if r.category is None:
-            continue
-        e = encode(tokenizer, r.conversation, "x", max_length)
-        out.append((EncodedInput(e.input_ids[: e.prompt_length], e.prompt_length), r.category))
-    return out
+    return [(encode_prompt(tokenizer, r.conversation, max_length), r.category) for r in records if r.category]
 
 
 def score_cached(
@@ -950,15 +944,9 @@ def write_report(run_dir: str | Path) -> Path:
         if lab.get("degraded"):  # the user allowed failed judge questions (labels.max_failed_share)
             kept += f" (degraded: {lab.get('failed')} failed)"
         counts = p3.get("label_counts", {})
-        experts = (
-            ", ".join(
-                e.split("__", 1)[-1]
-                + (f" ({counts[e.split('__', 1)[-1]]})" if e.split("__", 1)[-1] in counts else "")
-                for e in p3.get("experts", [])
-            )
-            or "-"
-        )
-        dropped = [f"{k} ({v})" for k, v in counts.items() if f"{c}__{k}" not in p3.get("experts", [])]
+        names = [e.split("__", 1)[-1] for e in p3.get("experts", [])]
+        experts = ", ".join(n + (f" ({counts[n]})" if n in counts else "") for n in names) or "-"
+        dropped = [f"{k} ({v})" for k, v in counts.items() if k not in names]
         if dropped:
             experts += "; too few labels: " + ", ".join(dropped)
         lines.append(

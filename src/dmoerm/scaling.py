@@ -176,26 +176,30 @@ def _score_ood(run_dir: Path, sources: Sequence[str], data_dir, cache) -> None:
     from dmoerm.pipeline import _flat, eval_folder, score_cached
 
     systems = {"DMoERM": run_dir / "model", "single RM": run_dir / "baseline"}
-    for source in sources:
-        records = None
-        for system, path in systems.items():
-            target = run_dir / "ood" / eval_folder(source) / eval_folder(system)
-            if (target / "eval.json").exists() or not path.exists():
-                continue
-            model = load_model(path)
-            if records is None:
-                records = [r for r in load_data(source, data_dir) if len(r.pairs()) > 0]
-            flat, where = _flat([encode_record(model.tokenizer, r, model.max_length) for r in records])
+    records: dict[str, list] = {}  # source -> its records with untied pairs, loaded once
+    for system, path in systems.items():
+        todo = [
+            s
+            for s in sources
+            if not (run_dir / "ood" / eval_folder(s) / eval_folder(system) / "eval.json").exists()
+        ]
+        if not todo or not path.exists():
+            continue
+        model = load_model(path)  # once per system, for every source
+        for source in todo:
+            if source not in records:
+                records[source] = [r for r in load_data(source, data_dir) if len(r.pairs()) > 0]
+            recs = records[source]
+            flat, where = _flat([encode_record(model.tokenizer, r, model.max_length) for r in recs])
             rewards, _, _ = score_cached(model, flat, cache)
-            tokens = response_token_lengths(model.tokenizer, records)
             result = compute_metrics(
                 [rewards[w].tolist() for w in where],
-                records,
-                categories=[source] * len(records),
-                token_lengths=tokens,
+                recs,
+                categories=[source] * len(recs),
+                token_lengths=response_token_lengths(model.tokenizer, recs),
                 system=system,
             )
-            write_eval(result, target)
+            write_eval(result, run_dir / "ood" / eval_folder(source) / eval_folder(system))
 
 
 def _point(result) -> dict:
@@ -275,8 +279,7 @@ def write_scaling_report(summary: dict, out: Path) -> Path:
             cells = []
             for key in ("agreement", "shorter_better"):
                 for s in systems:
-                    _, m, p = _by_size(summary, config, s, key, ood)
-                    sizes = _by_size(summary, config, s, key, ood)[0]
+                    sizes, m, p = _by_size(summary, config, s, key, ood)
                     i = sizes.index(n) if n in sizes else None
                     cells.append("-" if i is None else f"{m[i]:.1f} [{', '.join(f'{v:.1f}' for v in p[i])}]")
             ref = _reference(summary, n, ood)
