@@ -120,7 +120,7 @@ def test_a_built_config_is_type_checked_again_and_ints_become_floats():
 
 
 def test_build_works_for_other_config_dataclasses():
-    from dmoerm.experiments import OverOptConfig
+    from dmoerm.evaluation.overopt import OverOptConfig
 
     with pytest.raises(ConfigError, match=r"overopt: unknown field\(s\) nope"):
         build(OverOptConfig, {"nope": 1}, root="overopt")

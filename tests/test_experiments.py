@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dmoerm.data import Message
-from dmoerm.experiments import FineGrainedConfig, judge_vs_human, run_finegrained
+from dmoerm.evaluation.finegrained import FineGrainedConfig, judge_vs_human, run_finegrained
 from dmoerm.labelling.schema import CapabilityLabel
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from dmoerm.data import Message, with_label_noise
 from dmoerm.evaluation import bon_kl
-from dmoerm.experiments import OverOptConfig, run_overopt
+from dmoerm.evaluation.overopt import OverOptConfig, run_overopt
 from dmoerm.pipeline import DataConfig, build_splits
 from dmoerm.sampling import generate_samples
 from helpers import job_config_dict, length_records

@@ -151,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _finegrained(args: argparse.Namespace) -> int:
-    from dmoerm.experiments import FineGrainedConfig, finegrained_markdown, run_finegrained
+    from dmoerm.evaluation.finegrained import FineGrainedConfig, finegrained_markdown, run_finegrained
 
     results = run_finegrained(config_from_args(FineGrainedConfig, args))
     sys.stdout.write(finegrained_markdown(results))
@@ -167,7 +167,7 @@ def _eval_judge(args: argparse.Namespace) -> int:
 
 
 def _overopt(args: argparse.Namespace) -> int:
-    from dmoerm.experiments import OverOptConfig, overopt_markdown, run_overopt
+    from dmoerm.evaluation.overopt import OverOptConfig, overopt_markdown, run_overopt
 
     results = run_overopt(config_from_args(OverOptConfig, args))
     sys.stdout.write(overopt_markdown(results))
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, NormalizeModelConfig)
     p.set_defaults(handler=_normalize)
 
-    from dmoerm.experiments import FineGrainedConfig
+    from dmoerm.evaluation.finegrained import FineGrainedConfig
 
     p = sub.add_parser(
         "finegrained", help="phase 2 on FineGrainedRLHF human aspect labels vs the local judge's labels"
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, FineGrainedConfig)
     p.set_defaults(handler=_finegrained)
 
-    from dmoerm.experiments import OverOptConfig
+    from dmoerm.evaluation.overopt import OverOptConfig
 
     p = sub.add_parser(
         "overopt", help="best-of-n over-optimisation: noisy proxies (DMoERM, single, ensembles) vs a gold RM"
