@@ -430,3 +430,17 @@ def test_split_real_records_disjoint(data_dir: Path) -> None:
     recs = load_source("rmb/pairwise_helpfulness", data_dir, limit=1000)
     s = split_by_prompt(recs, {"train": 0.9, "test": 0.1})
     assert not {r.prompt_key for r in s["train"]} & {r.prompt_key for r in s["test"]}
+
+
+def test_prompt_key_is_the_records_hash_and_conversation_key_the_exact_turns() -> None:
+    from dmoerm.data import conversation_key, prompt_key
+
+    conv = (Message("system", "Be brief."), Message("user", "Hi"))
+    padded = (Message("system", "Be brief. "), Message("user", "\nHi"))
+    rec = PreferenceRecord.from_pair(conv, "a", "b")
+    assert prompt_key(conv) == rec.prompt_key == PromptRecord(conv).prompt_key
+    # The stored form (splits depend on it): SHA-1 of role\x1fcontent turns joined by \x1e.
+    assert prompt_key(conv) == "ca7f689517cd365dc16f6f6fff2d683a7de7655c"
+    assert prompt_key(padded) == prompt_key(conv)  # stripped turns: the same split
+    assert conversation_key(conv) == (("system", "Be brief."), ("user", "Hi"))
+    assert conversation_key(padded) != conversation_key(conv)  # held-out sets compare the turns as they are

@@ -15,13 +15,13 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dmoerm.data import conversation_key
 from dmoerm.evaluation.results import load_eval
 from dmoerm.labelling.schema import CapabilityLabel, read_labels, write_labels
 from dmoerm.pipeline import (
     PipelineConfig,
     build_splits,
     load_preferences,
-    prompt_key,
     run_pipeline,
 )
 from dmoerm.taxonomy import load_taxonomy
@@ -131,13 +131,13 @@ def expert_agreement(model, labels: list[CapabilityLabel], cache: TrunkCache) ->
 def judge_vs_human(judge: list[CapabilityLabel], human: list[CapabilityLabel]) -> dict[str, dict]:
     """Per aspect: how many human labels the judge kept a label for, and how often they agree."""
     verdict = {
-        (prompt_key(j.conversation), j.response_a, j.response_b, j.capability): j.winner for j in judge
+        (conversation_key(j.conversation), j.response_a, j.response_b, j.capability): j.winner for j in judge
     }
     out: dict[str, dict] = {}
     for h in human:
         row = out.setdefault(h.capability, {"human": 0, "kept": 0, "agree": 0})
         row["human"] += 1
-        w = verdict.get((prompt_key(h.conversation), h.response_a, h.response_b, h.capability))
+        w = verdict.get((conversation_key(h.conversation), h.response_a, h.response_b, h.capability))
         if w in ("a", "b"):
             row["kept"] += 1
             row["agree"] += w == h.winner
@@ -169,11 +169,11 @@ def _judge_labels(config: FineGrainedConfig, taxonomy, human: list[CapabilityLab
         max_length=config.judge_max_length,
     )
     label_pairs(pairs, taxonomy, make_judge(cfg), raw, consistency=cfg.consistency, progress=True)
-    asked = {(prompt_key(h.conversation), h.response_a, h.response_b, h.capability) for h in human}
+    asked = {(conversation_key(h.conversation), h.response_a, h.response_b, h.capability) for h in human}
     kept = [
         j
         for j in read_labels(raw)
-        if (prompt_key(j.conversation), j.response_a, j.response_b, j.capability) in asked
+        if (conversation_key(j.conversation), j.response_a, j.response_b, j.capability) in asked
     ]
     write_labels(kept, path)
     return path
@@ -190,11 +190,11 @@ def run_finegrained(config: FineGrainedConfig, progress: bool = True) -> dict:
     reference = config.pipeline("human", human_path, baseline=True)
     records = [r for r in load_preferences(reference.data, taxonomy) if r.category == CATEGORY]
     splits = build_splits(records, [CATEGORY], reference.data)
-    labelled = {prompt_key(r.conversation) for r in splits.labels[CATEGORY]}
-    tested = {prompt_key(r.conversation) for r in splits.test[CATEGORY]}
+    labelled = {conversation_key(r.conversation) for r in splits.labels[CATEGORY]}
+    tested = {conversation_key(r.conversation) for r in splits.test[CATEGORY]}
     aspects = finegrained_aspect_labels(records)
-    train_labels = [lab for lab in aspects if prompt_key(lab.conversation) in labelled]
-    test_labels = [lab for lab in aspects if prompt_key(lab.conversation) in tested]
+    train_labels = [lab for lab in aspects if conversation_key(lab.conversation) in labelled]
+    test_labels = [lab for lab in aspects if conversation_key(lab.conversation) in tested]
     write_labels(train_labels, human_path)
     logger.info(
         "finegrained: %d human aspect labels on %d phase-1 questions, %d on %d test questions",

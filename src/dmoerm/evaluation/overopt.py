@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dmoerm.data import conversation_key
 from dmoerm.encoding import encode, encode_record
 from dmoerm.evaluation.best_of_n import BonCurve, bon_curve, plot_bon_curves
 from dmoerm.evaluation.ensembles import combine_rewards
@@ -27,7 +28,6 @@ from dmoerm.pipeline import (
     build_splits,
     eval_folder,
     load_preferences,
-    prompt_key,
     run_pipeline,
     score_cached,
     standardized_scores,
@@ -173,8 +173,8 @@ def _train_gold(
     splits = build_splits(records, categories, gold_data)
     gold_train = [r for c in categories for r in splits.phase1[c] + splits.phase3[c]]
     dev = [r for c in categories for r in splits.dev[c]]
-    tested = {prompt_key(r.conversation) for c in categories for r in splits.test[c]}
-    if tested & {prompt_key(r.conversation) for r in gold_train}:
+    tested = {conversation_key(r.conversation) for c in categories for r in splits.test[c]}
+    if tested & {conversation_key(r.conversation) for r in gold_train}:
         raise RuntimeError("gold model: a test prompt is in its training data (split bug)")
     gold, _ = train_reward_model(
         gold_train,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from dmoerm.data import Message, PreferenceRecord, default_data_dir, load_source
+from dmoerm.data import PreferenceRecord, conversation_key, default_data_dir, load_source
 from dmoerm.labelling.schema import CapabilityLabel
 from dmoerm.taxonomy import JUDGE, LABEL_SOURCES, Taxonomy
 
@@ -40,11 +40,6 @@ HUMAN_SOURCES: dict[str, str] = {
 (a :func:`dmoerm.data.load_source` name)."""
 
 assert set(HUMAN_SOURCES) == set(LABEL_SOURCES) - {JUDGE}, "every taxonomy label source needs a reader here"
-
-
-def conversation_key(conversation: Sequence[Message]) -> tuple:
-    """The pipeline's prompt key (``dmoerm.pipeline.prompt_key``): ``((role, content), ...)``."""
-    return tuple((m.role, m.content) for m in conversation)
 
 
 def _excluded(record: PreferenceRecord, exclude: Collection) -> bool:
