@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from dmoerm.data import Message, PreferenceRecord
+from dmoerm.labelling.agreement import quality_report
+from dmoerm.labelling.aspects import aspect_score_labels, finegrained_aspect_labels
 from dmoerm.labelling.cache import JudgeCache, request_key
 from dmoerm.labelling.judge import Judge, JudgeRequest, JudgeStats, Verdict, combine_orders
 from dmoerm.labelling.pairs import LabelPair, iter_pairs
 from dmoerm.labelling.pipeline import LabelConfig, label_pairs
 from dmoerm.labelling.prompts import OVERALL, PromptBuilder, detect_language, extract_json_object
-from dmoerm.labelling.agreement import quality_report
-from dmoerm.labelling.aspects import aspect_score_labels, finegrained_aspect_labels
 from dmoerm.labelling.schema import read_labels
 from dmoerm.taxonomy import Capability, Category, Taxonomy
 
