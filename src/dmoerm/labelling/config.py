@@ -49,8 +49,8 @@ class JudgeBase:
     model: str | None = None
     """Local: folder/hub id, None for the bundled SmolLM2-135M-Instruct. API: the served model name."""
     cache: str | None = None
-    """SQLite judge cache file. A command's configuration defaults it beside its output; in an
-    :class:`ApiJudgeConfig` / :class:`LocalJudgeConfig` None keeps the answers in memory only."""
+    """SQLite judge cache; None for the command's default path (beside its output). In an
+    :class:`ApiJudgeConfig` or :class:`LocalJudgeConfig`, None keeps the answers in memory only."""
     answer_labels: str = "12"
     """How positions are named in prompts: ``12`` ("1"/"2") or ``AB`` ("A"/"B")."""
 
@@ -211,7 +211,10 @@ class JudgeConfig(_LocalOptions, _ApiOptions, JudgeBase):
     def cache_path(self) -> str:
         """The judge cache file (subclasses give the default)."""
         if self.cache is None:
-            raise ValueError("cache: no judge cache path configured")
+            raise ValueError(
+                "cache: no judge cache path configured; give a SQLite file (or ':memory:' to keep the answers "
+                "in memory only)"
+            )
         return self.cache
 
     def judge_config(self) -> ApiJudgeConfig | LocalJudgeConfig:
