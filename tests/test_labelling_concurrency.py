@@ -62,8 +62,8 @@ def test_concurrency_questions_are_in_flight_at_once(slow_server, tmp_path):
     elapsed = time.perf_counter() - t
     assert slow_server.answers == 32 and stats.asked == 32 and stats.kept == 16  # 16 pairs x 2 orders
     assert slow_server.max_inflight == 8  # the limit, and all of it used
-    # 32 x 0.2 s = 6.4 s one at a time; 8 at a time is 4 rounds of 0.2 s
-    assert 0.8 <= elapsed < 6.4 / 4, elapsed
+    # 32 x 0.2 s = 6.4 s one at a time (measured 7.5 s); 8 at a time is 4 rounds of 0.2 s
+    assert 0.8 <= elapsed < 6.4 / 2, elapsed  # measured 1.3 s here (2 shared CPU cores)
 
 
 def test_identical_questions_in_flight_reach_the_server_once(slow_server, tmp_path):
