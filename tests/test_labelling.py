@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from dmoerm.data import Message, PreferenceRecord
+from dmoerm.labelling.agreement import quality_report
+from dmoerm.labelling.aspects import aspect_score_labels, finegrained_aspect_labels
 from dmoerm.labelling.cache import JudgeCache, request_key
 from dmoerm.labelling.judge import Judge, JudgeRequest, JudgeStats, Verdict, combine_orders
-from dmoerm.labelling.pipeline import LabelConfig, LabelPair, iter_pairs, label_pairs
+from dmoerm.labelling.pairs import LabelPair, iter_pairs
+from dmoerm.labelling.pipeline import LabelConfig, label_pairs
 from dmoerm.labelling.prompts import OVERALL, PromptBuilder, detect_language, extract_json_object
-from dmoerm.labelling.quality import aspect_score_labels, finegrained_aspect_labels, quality_report
 from dmoerm.labelling.schema import read_labels
 from dmoerm.taxonomy import Capability, Category, Taxonomy
 
@@ -388,7 +390,8 @@ def test_config_from_namespace():
 def test_importing_has_no_side_effects():
     code = (
         "import sys, dmoerm.labelling, dmoerm.labelling.local, dmoerm.labelling.api, dmoerm.labelling.quality, "
-        "dmoerm.labelling.pipeline; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+        "dmoerm.labelling.pipeline, dmoerm.labelling.config, dmoerm.labelling.agreement, dmoerm.labelling.aspects, "
+        "dmoerm.labelling.judge_eval, dmoerm.labelling.pairs; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -512,7 +515,7 @@ def test_quality_config_defaults_and_fields_are_simple_types():
 
 def test_make_judge_passes_every_option(tmp_path):
     from dmoerm.labelling.api import OpenAIJudge
-    from dmoerm.labelling.pipeline import make_judge
+    from dmoerm.labelling.config import make_judge
 
     cfg = LabelConfig(data=["x"], out=str(tmp_path / "l.jsonl"), backend="openai", model="m",
                       backoff_base_s=0.5, backoff_max_s=2.0, answer_labels="AB")  # fmt: skip
@@ -548,7 +551,7 @@ def test_load_quality_sets_from_the_bundled_data():
 def test_judge_as_evaluator_rewards_and_metrics(tmp_path, monkeypatch):
     """Issue 5 (d): the judge's both-orders verdicts become rewards that dmoerm eval's metrics read."""
     from dmoerm.data import PreferenceRecord, save_jsonl
-    from dmoerm.labelling.quality import JudgeEvalConfig, judge_rewards, run_judge_eval
+    from dmoerm.labelling.judge_eval import JudgeEvalConfig, judge_rewards, run_judge_eval
 
     long, short = "a long and careful answer", "short"
     records = [
@@ -569,7 +572,7 @@ def test_judge_as_evaluator_rewards_and_metrics(tmp_path, monkeypatch):
 
     data = tmp_path / "pairs.jsonl"
     save_jsonl(records, data)
-    monkeypatch.setattr("dmoerm.labelling.pipeline.make_judge", lambda cfg: BiasedJudge())
+    monkeypatch.setattr("dmoerm.labelling.config.make_judge", lambda cfg: BiasedJudge())
     result = run_judge_eval(JudgeEvalConfig(data=[str(data)], out=str(tmp_path / "ev"), progress=False))
     # 1 right + 0 wrong of record 1-2, and 3 of 3 pairs of the ranked list.
     assert result.overall.agreement.n == 5 and result.overall.agreement.value == pytest.approx(4 / 5)

@@ -25,7 +25,8 @@ from dmoerm.data import Message, PreferenceRecord
 from dmoerm.labelling.api import OpenAIJudge
 from dmoerm.labelling.cache import JudgeCache
 from dmoerm.labelling.judge import JudgeError
-from dmoerm.labelling.pipeline import LabelConfig, LabelPair, label_pairs, run_label
+from dmoerm.labelling.pairs import LabelPair
+from dmoerm.labelling.pipeline import LabelConfig, label_pairs, run_label
 from dmoerm.labelling.schema import read_labels
 from dmoerm.taxonomy import Capability, Category, Taxonomy
 
@@ -311,7 +312,7 @@ def test_api_key_never_written(server, tmp_path, caplog):
         backoff_base_s=0.001,
         progress=False,
     )
-    from dmoerm.labelling.pipeline import make_judge
+    from dmoerm.labelling.config import make_judge
 
     judge = make_judge(cfg)
     assert SECRET not in repr(judge) and SECRET not in judge.identity

@@ -11,7 +11,8 @@ from dmoerm.data import Message
 from dmoerm.labelling.cache import JudgeCache
 from dmoerm.labelling.judge import JudgeRequest
 from dmoerm.labelling.local import LocalJudge
-from dmoerm.labelling.pipeline import LabelPair, label_pairs
+from dmoerm.labelling.pairs import LabelPair
+from dmoerm.labelling.pipeline import label_pairs
 from dmoerm.labelling.prompts import PromptBuilder
 from dmoerm.labelling.schema import read_labels
 from dmoerm.taxonomy import Capability, Category, Taxonomy

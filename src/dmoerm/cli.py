@@ -136,7 +136,8 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _label_quality(args: argparse.Namespace) -> int:
-    from dmoerm.labelling.quality import QualityConfig, report_markdown, run_quality
+    from dmoerm.labelling.agreement import report_markdown
+    from dmoerm.labelling.quality import QualityConfig, run_quality
 
     report = run_quality(config_from_args(QualityConfig, args))
     sys.stdout.write(report_markdown(report))
@@ -159,7 +160,7 @@ def _finegrained(args: argparse.Namespace) -> int:
 
 
 def _eval_judge(args: argparse.Namespace) -> int:
-    from dmoerm.labelling.quality import JudgeEvalConfig, run_judge_eval
+    from dmoerm.labelling.judge_eval import JudgeEvalConfig, run_judge_eval
 
     result = run_judge_eval(config_from_args(JudgeEvalConfig, args))
     sys.stdout.write(result.to_markdown())
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, EvalConfig)
     p.set_defaults(handler=_eval)
 
-    from dmoerm.labelling.quality import JudgeEvalConfig
+    from dmoerm.labelling.judge_eval import JudgeEvalConfig
 
     p = sub.add_parser(
         "eval-judge", help="an LLM judge as a zero-shot evaluator (both orders), same metrics as eval"

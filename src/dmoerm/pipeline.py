@@ -146,17 +146,18 @@ class LabelsConfig:
         if not 0.0 <= self.max_failed_share <= 1.0:
             raise ValueError(f"max_failed_share: must be in [0, 1], got {self.max_failed_share}")
         if self.source in ("local", "openai"):
-            judge_label_config(self, "labels.jsonl", "judge.cache.sqlite")  # judge options checked now
+            judge_label_config(self, "judge.cache.sqlite")  # judge options checked now
 
 
 _JUDGE_SET_BY_PIPELINE = ("backend", "data", "out", "taxonomy", "limit", "default_category", "capabilities")
 
 
-def judge_label_config(labels: LabelsConfig, out: str, cache: str):
-    """The :class:`~dmoerm.labelling.pipeline.LabelConfig` of the run's judge, every option of
-    ``labels.judge`` typed and checked (errors name ``judge.<field>``)."""
+def judge_label_config(labels: LabelsConfig, cache: str, backbone: str | None = None):
+    """The :class:`~dmoerm.labelling.pipeline.LabelJudgeConfig` of the run's judge, every option of
+    ``labels.judge`` typed and checked (errors name ``judge.<field>``). A local judge without a ``model`` is the
+    run's ``backbone`` (None or ``default``: the bundled one)."""
     from dmoerm.config_check import ConfigError, build
-    from dmoerm.labelling.pipeline import LabelConfig
+    from dmoerm.labelling.pipeline import LabelJudgeConfig
 
     judge = dict(labels.judge)
     secret = [k for k in judge if "key" in str(k).lower() and k != "api_key_env"]
@@ -170,15 +171,10 @@ def judge_label_config(labels: LabelsConfig, out: str, cache: str):
         raise ConfigError(f"judge: {', '.join(taken)} are set by the pipeline (labels.source and data)")
     backend = "openai" if labels.source == "openai" else "local"
     # The paper's rule by default: a label is kept only when both orders name the same response.
-    obj = {
-        "cache": cache,
-        "consistency": "strict",
-        **judge,
-        "data": ["pipeline"],
-        "out": out,
-        "backend": backend,
-    }
-    return build(LabelConfig, obj, "judge")
+    obj = {"cache": cache, "consistency": "strict", **judge, "backend": backend}
+    if backend == "local" and obj.get("model") is None and backbone != "default":
+        obj["model"] = backbone
+    return build(LabelJudgeConfig, obj, "judge")
 
 
 WARM_STARTS = ("none", "phase1", "baseline")
@@ -1011,34 +1007,19 @@ class _Labeller:
 
     def __init__(self, config: PipelineConfig, taxonomy, folder: Path, progress: bool):
         self.config, self.taxonomy, self.folder, self.progress = config, taxonomy, folder, progress
-        self.judge = None
+        self.labeller = None
 
     def __call__(self, records: Sequence[PreferenceRecord], path: Path) -> dict:
         """Judge the records' pairs per capability point of their category into ``path``; the stats."""
         if self.config.labels.source == "file":
             return {"source": self.config.labels.file}
-        from dmoerm.labelling.pipeline import label_pairs, make_judge
+        from dmoerm.labelling.pipeline import Labeller
 
-        backend = "openai" if self.config.labels.source == "openai" else "local"
-        self.judge_config = judge_label_config(
-            self.config.labels, str(path), str(self.folder / "judge.cache.sqlite")
-        )
-        if backend == "local" and self.judge_config.model is None:
-            backbone = self.config.model.backbone
-            self.judge_config.model = None if backbone == "default" else backbone
-        if self.judge is None:
-            self.judge = make_judge(self.judge_config)
-        stats = label_pairs(
-            list(records),
-            self.taxonomy,
-            self.judge,
-            path,
-            consistency=self.judge_config.consistency,
-            min_margin=self.judge_config.min_margin,
-            language=self.judge_config.language,
-            max_pairs_per_record=1,
-            progress=self.progress,
-        )
+        if self.labeller is None:
+            cache = str(self.folder / "judge.cache.sqlite")
+            judge_config = judge_label_config(self.config.labels, cache, self.config.model.backbone)
+            self.labeller = Labeller(judge_config, self.taxonomy, progress=self.progress)
+        stats = self.labeller.label(list(records), path, max_pairs_per_record=1)
         return self._check_failures(stats.to_dict(), path)
 
     def _check_failures(self, stats: dict, path: Path) -> dict:
@@ -1048,7 +1029,8 @@ class _Labeller:
         if not failed:
             return stats
         allowed = self.config.labels.max_failed_share
-        where = self.judge_config.base_url if self.judge_config.backend == "openai" else "the local judge"
+        judge = self.labeller.config
+        where = judge.base_url if judge.backend == "openai" else "the local judge"
         if failed > allowed * questions:
             raise RunStopped(
                 f"labels/{path.stem}: {failed} of {questions} judge questions failed after their retries "

@@ -148,7 +148,9 @@ def judge_vs_human(judge: list[CapabilityLabel], human: list[CapabilityLabel]) -
 
 def _judge_labels(config: FineGrainedConfig, taxonomy, human: list[CapabilityLabel], out: Path) -> Path:
     """The local judge's labels of exactly the human-labelled (pair, aspect)s, both orders, cached."""
-    from dmoerm.labelling.pipeline import LabelConfig, LabelPair, label_pairs, make_judge
+    from dmoerm.labelling.config import make_judge
+    from dmoerm.labelling.pairs import LabelPair
+    from dmoerm.labelling.pipeline import LabelConfig, label_pairs
 
     path = out / "labels_judge.jsonl"
     raw = out / "labels_judge_all.jsonl"
@@ -181,7 +183,7 @@ def _judge_labels(config: FineGrainedConfig, taxonomy, human: list[CapabilityLab
 
 def run_finegrained(config: FineGrainedConfig, progress: bool = True) -> dict:
     """Run (or resume) the experiment; write ``results.json`` and ``report.md``; return the results."""
-    from dmoerm.labelling.quality import finegrained_aspect_labels
+    from dmoerm.labelling.aspects import finegrained_aspect_labels
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

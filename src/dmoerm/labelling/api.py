@@ -143,6 +143,8 @@ class OpenAIJudge(Judge):
         self._rate_lock: asyncio.Lock | None = None
         self._next_start = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[str, asyncio.Future] = {}
+        """Cache key -> the answer of the identical question now in flight (asked once, shared)."""
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r}, mode={self.mode!r})"
@@ -181,6 +183,7 @@ class OpenAIJudge(Judge):
             )
             self._sem = asyncio.Semaphore(self.concurrency)
             self._rate_lock = asyncio.Lock()
+            self._pending = {}
             self._loop = loop
         return self._client
 
@@ -280,9 +283,8 @@ class OpenAIJudge(Judge):
     async def _ask(self, messages: list[dict], parse, expected: int = 1) -> tuple[object, dict, bool]:
         """Ask one prompt (cache first). Returns (parsed or None, payload, cached).
 
-        ``parse(raw)`` returns the parsed answer (a choice, or a dict of choices in JSON mode) or a falsy
-        value; an answer is complete when it has ``expected`` entries (dicts) or is truthy. Incomplete answers
-        are re-asked ``malformed_retries`` times; the most complete one is kept.
+        A prompt identical to one in flight is not sent again: it waits for that answer (counted ``cached``
+        and ``shared``), so duplicate questions reach the server once even before the cache has the answer.
         """
         key = request_key(self.identity, messages)
         if self.cache is not None:
@@ -290,6 +292,38 @@ class OpenAIJudge(Judge):
             if hit is not None:
                 self.stats.cached += 1
                 return (parse(hit["raw"]) if "raw" in hit else None), hit, True
+        pending = self._pending.get(key)
+        if pending is not None:
+            parsed, payload = await asyncio.shield(pending)  # shield: a cancelled waiter leaves the asker be
+            if "error" in payload:  # the shared request failed: so did this question (not cached)
+                self.stats.failed += expected
+                return parsed, payload, False
+            self.stats.cached += 1
+            self.stats.shared += 1
+            return parsed, payload, True
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[key] = fut
+        try:
+            result = await self._ask_server(key, messages, parse, expected)
+        except Exception as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        except BaseException:  # cancelled: so are the questions waiting for this one
+            fut.cancel()
+            raise
+        finally:
+            self._pending.pop(key, None)
+        fut.set_result(result)
+        return (*result, False)
+
+    async def _ask_server(self, key: str, messages: list[dict], parse, expected: int) -> tuple[object, dict]:
+        """Send one prompt (re-asking malformed answers) and cache the answer. Returns (parsed or None, payload).
+
+        ``parse(raw)`` returns the parsed answer (a choice, or a dict of choices in JSON mode) or a falsy
+        value; an answer is complete when it has ``expected`` entries (dicts) or is truthy. Incomplete answers
+        are re-asked ``malformed_retries`` times; the most complete one is kept.
+        """
 
         def size(p: object) -> int:
             return (len(p) if isinstance(p, dict) else 1) if p else 0
@@ -302,7 +336,7 @@ class OpenAIJudge(Judge):
             except _Retryable as e:
                 self.stats.failed += expected
                 logger.warning("request failed after %d retries: %s", self.max_retries, e)
-                return None, {"error": f"failed: {e.kind}"}, False
+                return None, {"error": f"failed: {e.kind}"}
             self._count_usage(data)
             try:
                 choice = data["choices"][0]
@@ -325,7 +359,7 @@ class OpenAIJudge(Judge):
             payload["malformed"] = True
         if self.cache is not None:
             self.cache.put(key, self.name, payload)
-        return parsed, payload, False
+        return parsed, payload
 
     def _probabilities(self, payload: dict, choice: str) -> tuple[float, float | None]:
         """(p_first, margin) from the answer token's top log-probabilities, else hard from the choice."""

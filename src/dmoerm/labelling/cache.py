@@ -4,6 +4,10 @@ Rows are keyed by ``sha256(judge identity, full prompt)``. The judge identity is
 answer-changing parameter, never a credential; the stored payload is the answer (raw text, parsed
 probabilities, token usage), never the request headers. WAL mode lets a reader (a report) run beside a
 labelling run, and a ``kill -9`` loses only the answers that were still in flight.
+
+Several processes may share one cache file: each write is one short transaction, a writer that finds the
+file locked waits up to :data:`BUSY_TIMEOUT_S` (SQLite's busy timeout) instead of failing, and rows are only
+ever inserted or replaced by an answer to the same prompt, so any interleaving leaves a consistent file.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_S = 30.0
+"""How long a read or write waits for another process's write lock before it fails (a write holds it for
+one row, or one local batch: milliseconds)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
@@ -47,7 +55,10 @@ class JudgeCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(
-            str(self.path) if self.path else ":memory:", check_same_thread=False, isolation_level=None
+            str(self.path) if self.path else ":memory:",
+            check_same_thread=False,
+            isolation_level=None,
+            timeout=BUSY_TIMEOUT_S,
         )
         try:
             if self.path is not None:
@@ -59,7 +70,12 @@ class JudgeCache:
             self._conn.close()
             raise self._damaged(e) from None
 
-    def _damaged(self, e: sqlite3.DatabaseError) -> ValueError:
+    def _damaged(self, e: sqlite3.DatabaseError) -> Exception:
+        if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
+            return TimeoutError(
+                f"{self.path}: the judge cache stayed locked for more than {BUSY_TIMEOUT_S:g} s (SQLite: {e}); "
+                "another process is writing to it: rerun when it is done (nothing was lost)"
+            )
         return ValueError(
             f"{self.path}: not a readable judge cache (SQLite: {e}); delete it (with its -wal and -shm files) and "
             "rerun: its answers are asked again, labels already written are kept"
@@ -101,7 +117,7 @@ class JudgeCache:
     def put_many(self, rows: list[tuple[str, str, dict]]) -> None:
         """Store several answers in one transaction (a local judge's batch)."""
         with self._locked():
-            self._conn.execute("BEGIN")
+            self._conn.execute("BEGIN IMMEDIATE")  # take the write lock now (waits up to the busy timeout)
             try:
                 self._conn.executemany(
                     "INSERT OR REPLACE INTO answers (key, judge, created, payload) VALUES (?, ?, ?, ?)",

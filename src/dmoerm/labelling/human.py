@@ -5,7 +5,7 @@ a bundled human set mapped onto it:
 
 * ``finegrained/relevance``, ``finegrained/factuality``, ``finegrained/completeness``: FineGrainedRLHF QA
   feedback (Wu et al. 2023); the annotator's corrected answer beats the original on each aspect in which the
-  original had an error (:func:`dmoerm.labelling.quality.finegrained_aspect_labels`);
+  original had an error (:func:`dmoerm.labelling.aspects.finegrained_aspect_labels`);
 * ``llmbar``: LLMBar natural + adversarial, the gold instruction-following label (output 1 or 2);
 * ``hh_rlhf/harmless``: Anthropic hh-rlhf harmless-base test, the human "more harmless" choice.
 
@@ -68,7 +68,7 @@ def _better_worse(
 ) -> list[tuple[PreferenceRecord, str, str]]:
     """(record, better response, worse response) per human judgement of ``source``."""
     if source.startswith("finegrained/"):
-        from dmoerm.labelling.quality import finegrained_aspect_labels
+        from dmoerm.labelling.aspects import finegrained_aspect_labels
 
         aspect = source.split("/", 1)[1]
         by_prompt = {r.conversation: r for r in records}

@@ -73,7 +73,7 @@ class JudgeStats:
     asked: int = 0
     """Questions answered by the backend (HTTP calls or local forward rows), retries not counted."""
     cached: int = 0
-    """Questions served from the cache."""
+    """Questions served from the cache (or, ``shared`` of them, by an identical question in flight)."""
     malformed: int = 0
     """Questions whose answer stayed unparseable after every retry."""
     failed: int = 0
@@ -84,6 +84,8 @@ class JudgeStats:
     completion_tokens: int = 0
     cost: float = 0.0
     """In the currency of the configured prices (per 1M tokens)."""
+    shared: int = 0
+    """Of ``cached``: questions answered by an identical question that was in flight (asked once)."""
 
     def copy(self) -> JudgeStats:
         return JudgeStats(
@@ -95,6 +97,7 @@ class JudgeStats:
             self.prompt_tokens,
             self.completion_tokens,
             self.cost,
+            self.shared,
         )
 
     def minus(self, before: JudgeStats) -> JudgeStats:
@@ -109,6 +112,7 @@ class JudgeStats:
             self.prompt_tokens - before.prompt_tokens,
             self.completion_tokens - before.completion_tokens,
             self.cost - before.cost,
+            self.shared - before.shared,
         )
 
 
