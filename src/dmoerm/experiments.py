@@ -193,7 +193,7 @@ def run_finegrained(config: FineGrainedConfig, progress: bool = True) -> dict:
     reference = config.pipeline("human", human_path, baseline=True)
     records = [r for r in load_preferences(reference.data, taxonomy) if r.category == CATEGORY]
     splits = build_splits(records, [CATEGORY], reference.data)
-    labelled = {prompt_key(r.conversation) for r in splits.labels[CATEGORY]}
+    labelled = {prompt_key(r.conversation) for r in splits.to_label[CATEGORY]}
     tested = {prompt_key(r.conversation) for r in splits.test[CATEGORY]}
     aspects = finegrained_aspect_labels(records)
     train_labels = [lab for lab in aspects if prompt_key(lab.conversation) in labelled]
@@ -352,7 +352,8 @@ def run_overopt(config: OverOptConfig, progress: bool = True) -> dict:
 
     from dmoerm.evaluation import bon_curve, combine_rewards, compute_metrics, load_eval, plot_bon_curves
     from dmoerm.model import DMoERM
-    from dmoerm.pipeline import _flat, eval_folder, standardized_scores
+    from dmoerm.pipeline import eval_folder, standardized_scores
+    from dmoerm.pipeline.evaluate import _flat
     from dmoerm.reward_model import RewardModel
     from dmoerm.sampling import generate_samples
     from dmoerm.training.single import train_reward_model
