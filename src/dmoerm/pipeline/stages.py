@@ -55,15 +55,19 @@ class RunContext:
     """What every stage shares: the config, the run folder and its resume state, the tracker, the trunk cache."""
 
     config: PipelineConfig
+    """The resolved config (``config.yaml``)."""
     out: Path
     """The run folder (``config.output_dir``)."""
     stages: StageState
+    """Finished stages and their fingerprints (``state.json``)."""
     tracker: Tracker
+    """Experiment tracking of every stage's numbers and curves (``config.report_to``)."""
     cache: TrunkCache
     """Frozen trunk states, shared by every stage (and by runs on the same backbone)."""
     timings: dict[str, float]
     """Seconds per stage, recorded in state.json's ``_timings`` and the report."""
     progress: bool = True
+    """Progress bars of training and labelling."""
 
     def record(self, stage: str, t0: float, info=None, history=None, model=None, track: bool = True) -> None:
         """Mark ``stage`` finished: ``model`` saved first (when the stage trained it), its time and ``info``
@@ -88,6 +92,7 @@ class RunData:
     categories: list[str]
     """Categories with an inner model, in training order."""
     splits: Splits
+    """Per-category records of every phase (pooled in the "without router" ablation)."""
     held_out: set[tuple]
     """Prompt keys of phase 3, dev and test: no capability label on them trains an expert."""
 
