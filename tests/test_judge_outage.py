@@ -57,7 +57,7 @@ def _one_question(config: PipelineConfig) -> tuple[str, str]:
     capability point."""
     taxonomy = load_taxonomy(config.data.taxonomy)
     splits = build_splits(load_preferences(config.data, taxonomy), ["code", "chat"], config.data)
-    return (splits.labels["code"][0].conversation[-1].content, "terms of correctness?")
+    return (splits.to_label["code"][0].conversation[-1].content, "terms of correctness?")
 
 
 def _cached_answers(run) -> int:

@@ -128,5 +128,5 @@ def test_overopt_runs_end_to_end_and_resumes(tmp_path, tiny_backbone, monkeypatc
     monkeypatch.setattr("dmoerm.training.single.train_expert", boom)
     monkeypatch.setattr("dmoerm.sampling._load_generator", boom)
     for name in ("train_router", "train_phase1", "train_phase3"):
-        monkeypatch.setattr(f"dmoerm.pipeline.{name}", boom)
+        monkeypatch.setattr(f"dmoerm.pipeline.stages.{name}", boom)
     assert run_overopt(config, progress=False)["curves"] == curves

@@ -52,7 +52,7 @@ def test_pipeline_runs_end_to_end_and_a_rerun_skips_finished_stages(tmp_path, ti
         raise AssertionError("a finished stage ran again")
 
     for name in ("train_router", "train_phase1", "train_phase2", "train_phase3"):
-        monkeypatch.setattr(f"dmoerm.pipeline.{name}", boom)
+        monkeypatch.setattr(f"dmoerm.pipeline.stages.{name}", boom)
     monkeypatch.setattr("dmoerm.training.single.train_expert", boom)  # the baseline and ensemble load
     again = run_pipeline(config, progress=False)
     assert again.table == result.table
@@ -70,16 +70,17 @@ def test_pipeline_resumes_after_a_crash_in_a_later_phase(tmp_path, tiny_backbone
             raise KeyboardInterrupt("killed")
         return real_phase3(model, category, *a, **k)
 
-    monkeypatch.setattr("dmoerm.pipeline.train_phase3", crash_on_second)
+    monkeypatch.setattr("dmoerm.pipeline.stages.train_phase3", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(config, progress=False)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert "phase3/code" in state and "phase3/chat" not in state
     # The rerun redoes only the unfinished stage.
     trained = []
-    monkeypatch.setattr("dmoerm.pipeline.train_phase1", lambda *a, **k: trained.append("phase1"))
+    monkeypatch.setattr("dmoerm.pipeline.stages.train_phase1", lambda *a, **k: trained.append("phase1"))
     monkeypatch.setattr(
-        "dmoerm.pipeline.train_phase3", lambda m, c, *a, **k: trained.append(c) or real_phase3(m, c, *a, **k)
+        "dmoerm.pipeline.stages.train_phase3",
+        lambda m, c, *a, **k: trained.append(c) or real_phase3(m, c, *a, **k),
     )
     run_pipeline(config, progress=False)
     assert trained == ["chat"]
@@ -123,7 +124,7 @@ def test_without_router_ablation_pools_categories_into_one_inner_model(tmp_path,
     def boom(*a, **k):
         raise AssertionError("the router trained although there is one category")
 
-    monkeypatch.setattr("dmoerm.pipeline.train_router", boom)
+    monkeypatch.setattr("dmoerm.pipeline.stages.train_router", boom)
     config = job_config(tmp_path, tiny_backbone, without_router=True, baseline=False)
     result = run_pipeline(config, progress=False)
     out = tmp_path / "run"

@@ -11,7 +11,8 @@ import pytest
 
 from dmoerm.config_check import RunStopped
 from dmoerm.pipeline import PipelineConfig, run_pipeline
-from dmoerm.run_state import StageState, stage_inputs
+from dmoerm.pipeline import stages as pipeline_stages
+from dmoerm.pipeline.state import StageState, stage_inputs
 from helpers import job_config, job_config_dict
 
 
@@ -72,9 +73,9 @@ def test_a_rerun_with_changed_inputs_stops_naming_them_and_a_lost_model_is_retra
     # A deleted model/ with state.json intact: its stages train again (a log line says so), the rest resume.
     shutil.rmtree(out / "model")
     trained = []
-    real = run_pipeline.__globals__["train_phase3"]
+    real = vars(pipeline_stages)["train_phase3"]
     monkeypatch.setattr(
-        "dmoerm.pipeline.train_phase3", lambda m, c, *a, **k: trained.append(c) or real(m, c, *a, **k)
+        "dmoerm.pipeline.stages.train_phase3", lambda m, c, *a, **k: trained.append(c) or real(m, c, *a, **k)
     )
     with caplog.at_level(logging.WARNING, logger="dmoerm.pipeline"):
         again = run_pipeline(config, progress=False)
@@ -113,13 +114,13 @@ def test_restart_changed_retrains_the_changed_stage_and_every_stage_after_it(
     out = tmp_path / "run"
     trained: list[str] = []
     for name in ("train_router", "train_phase1", "train_phase3"):
-        real = run_pipeline.__globals__[name]
+        real = vars(pipeline_stages)[name]
 
         def spy(*a, _name=name, _real=real, **k):
             trained.append(_name)
             return _real(*a, **k)
 
-        monkeypatch.setattr(f"dmoerm.pipeline.{name}", spy)
+        monkeypatch.setattr(f"dmoerm.pipeline.stages.{name}", spy)
 
     # phase 3 changed: only the two aggregators train again; phase 1, the router and the baseline are kept.
     obj["phase3"] = {"epochs": 3, "batch_size": 8}

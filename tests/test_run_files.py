@@ -146,7 +146,7 @@ def test_adapter_keys_must_match_exactly(tiny_backbone, tmp_path):
 
 def test_a_damaged_router_file_in_a_run_names_it(tiny_backbone, tmp_path):
     from dmoerm.config_check import RunStopped
-    from dmoerm.run_state import load_run_model
+    from dmoerm.pipeline.state import load_run_model
 
     model = make_model(tiny_backbone)
     model.save_pretrained(tmp_path / "model")

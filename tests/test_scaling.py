@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from dmoerm.data import load_data, save_jsonl
-from dmoerm.scaling import ScalingConfig, run_scaling
+from dmoerm.pipeline.scaling import ScalingConfig, run_scaling
 from helpers import job_config_dict, length_records
 
 
@@ -35,7 +35,7 @@ def test_scaling_study_runs_nested_sizes_on_one_test_set(tmp_path, tiny_backbone
         "n8_seed0",
         "ablation_cold_start_n8",
     ]
-    with caplog.at_level("INFO", logger="dmoerm.scaling"):
+    with caplog.at_level("INFO", logger="dmoerm.pipeline.scaling"):
         summary = run_scaling(config, progress=False)
     study = tmp_path / "study"
     sizes = {name: json.loads((study / name / "sizes.json").read_text()) for name in ("n4_seed0", "n8_seed0")}

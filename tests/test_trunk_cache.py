@@ -124,7 +124,7 @@ def test_an_unreadable_database_is_moved_aside_and_rebuilt(bank, inputs, tmp_pat
 
 
 def test_the_pipeline_config_names_the_cache_folder(tmp_path, tiny_backbone, monkeypatch):
-    from dmoerm import pipeline
+    from dmoerm.pipeline import run as pipeline
     from helpers import job_config
 
     config = job_config(tmp_path, tiny_backbone, trunk_cache_dir=str(tmp_path / "states"))

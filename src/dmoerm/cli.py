@@ -176,7 +176,7 @@ def _overopt(args: argparse.Namespace) -> int:
 
 
 def _scaling(args: argparse.Namespace) -> int:
-    from dmoerm.scaling import ScalingConfig, run_scaling, summarize, write_scaling_report
+    from dmoerm.pipeline.scaling import ScalingConfig, run_scaling, summarize, write_scaling_report
 
     config = ScalingConfig.from_file(args.config)
     if args.report_only:
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "scaling", help="the scaling study: DMoERM and the single RM at several records per category"
     )
-    p.add_argument("--config", required=True, help="YAML of dmoerm.scaling.ScalingConfig fields")
+    p.add_argument("--config", required=True, help="YAML of dmoerm.pipeline.scaling.ScalingConfig fields")
     p.add_argument("--report-only", action="store_true", help="rewrite scaling.md from finished runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_scaling)

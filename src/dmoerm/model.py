@@ -321,7 +321,7 @@ class DMoERM(nn.Module):
 def load_model(directory: str | Path) -> RewardModel | DMoERM:
     """Load any dmoerm model directory (a single reward model or a DMoERM); a damaged file (a truncated
     safetensors, unreadable JSON) is a ValueError naming it."""
-    from dmoerm.run_state import _damaged_files
+    from dmoerm.pipeline.state import _damaged_files
 
     kind = read_model_file(directory)["kind"]
     if kind not in ("single", "dmoerm"):

@@ -192,7 +192,7 @@ def run_finegrained(config: FineGrainedConfig, progress: bool = True) -> dict:
     reference = config.pipeline("human", human_path, baseline=True)
     records = [r for r in load_preferences(reference.data, taxonomy) if r.category == CATEGORY]
     splits = build_splits(records, [CATEGORY], reference.data)
-    labelled = {conversation_key(r.conversation) for r in splits.labels[CATEGORY]}
+    labelled = {conversation_key(r.conversation) for r in splits.to_label[CATEGORY]}
     tested = {conversation_key(r.conversation) for r in splits.test[CATEGORY]}
     aspects = finegrained_aspect_labels(records)
     train_labels = [lab for lab in aspects if conversation_key(lab.conversation) in labelled]

@@ -24,7 +24,6 @@ from dmoerm.evaluation.metrics import compute_metrics
 from dmoerm.evaluation.results import EvalResult, load_eval
 from dmoerm.pipeline import (
     PipelineConfig,
-    _flat,
     build_splits,
     eval_folder,
     load_preferences,
@@ -32,6 +31,7 @@ from dmoerm.pipeline import (
     score_cached,
     standardized_scores,
 )
+from dmoerm.pipeline.evaluate import _flat
 from dmoerm.taxonomy import load_taxonomy
 from dmoerm.training.loop import TrunkCache
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from dmoerm.config_check import RunStopped
+from dmoerm.pipeline.files import write_json
 from dmoerm.reward_model import MODEL_FILE
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class StageState:
     """
 
     def __init__(self, path: Path, config=None):
-        """``config``: the run's :class:`~dmoerm.pipeline.PipelineConfig`; None only reads the state."""
+        """``config``: the run's :class:`~dmoerm.pipeline.config.PipelineConfig`; None only reads the state."""
         self.path, self.config = path, config
         self.done: dict[str, dict] = _read_state(path)
         self.inputs: dict[str, dict] = self.done.pop(_INPUTS, {})
@@ -68,9 +68,7 @@ class StageState:
         self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**self.done, _INPUTS: self.inputs}, indent=2))
-        os.replace(tmp, self.path)
+        write_json(self.path, {**self.done, _INPUTS: self.inputs})
 
     def _check_inputs(self) -> None:
         changed = [s for s, old in self.inputs.items() if stage_inputs(self.config, s) != old]
@@ -110,15 +108,27 @@ class StageState:
             shutil.rmtree(out / "model", ignore_errors=True)
 
 
+def checkpoint_dir(out: Path, *stage: str) -> Path:
+    """Where a training stage keeps its epoch checkpoints: ``("phase2", "code", "correctness")`` ->
+    ``checkpoints/phase2_code_correctness``."""
+    return out / "checkpoints" / "_".join(stage)
+
+
+def label_file(out: Path, category: str) -> Path:
+    """The judge's capability labels of a category's records (stage ``labels/<category>``)."""
+    return out / "labels" / f"{category}.jsonl"
+
+
 def _stage_outputs(out: Path, stage: str) -> list[Path]:
-    """What stage ``stage`` writes besides the model folder (the paths :func:`run_pipeline` gives it)."""
+    """What stage ``stage`` writes besides the model folder (the paths the stages of
+    :mod:`dmoerm.pipeline.stages` give it)."""
     parts = stage.split("/")
     if parts[0] == "phase1":
-        return [out / "checkpoints" / f"phase1_{parts[1]}"]
+        return [checkpoint_dir(out, "phase1", parts[1])]
     if parts[0] == "phase2":
-        return [out / "checkpoints" / f"phase2_{parts[1]}_{parts[2]}"]
+        return [checkpoint_dir(out, "phase2", parts[1], parts[2])]
     if parts[0] == "labels":
-        return [out / "labels" / f"{parts[1]}.jsonl"]
+        return [label_file(out, parts[1])]
     if parts[0].startswith("baseline"):
         return [out / parts[0]]
     return []

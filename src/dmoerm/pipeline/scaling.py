@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dmoerm.pipeline.files import copy_folder, save_figure, write_eval, write_json, write_text
+
 logger = logging.getLogger(__name__)
 
 OOD_SOURCES = ("pandalm/test", "llmbar/natural", "llmbar/adversarial")
@@ -117,12 +119,13 @@ def _slug(name: str) -> str:
 
 def run_scaling(config: ScalingConfig, progress: bool = True) -> dict:
     """Run (or resume) every run of the study, score the out-of-distribution sets, write the summary."""
-    from dmoerm.pipeline import PipelineConfig, run_pipeline
+    from dmoerm.pipeline.config import PipelineConfig
+    from dmoerm.pipeline.run import run_pipeline
     from dmoerm.training.loop import TrunkCache
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scaling_config.json").write_text(json.dumps(asdict(config), indent=2))
+    write_json(out / "scaling_config.json", asdict(config))
     cache = None
     first_of_size: dict[int, tuple[Path, object]] = {}  # size -> (run folder, config) of its first seed
     for name, overrides in config.runs():
@@ -141,7 +144,7 @@ def run_scaling(config: ScalingConfig, progress: bool = True) -> dict:
         _score_ood(run_dir, config.ood_sources, pc.data.data_dir, cache)
         seconds = json.loads((run_dir / "state.json").read_text()).get("_timings", {})
         logger.info("scaling: %s done in %.0f s this time", name, time.perf_counter() - t0)
-        (run_dir / "wall_seconds.json").write_text(json.dumps(seconds, indent=2))
+        write_json(run_dir / "wall_seconds.json", seconds)
     summary = summarize(out, config)
     write_scaling_report(summary, out)
     return summary
@@ -149,20 +152,17 @@ def run_scaling(config: ScalingConfig, progress: bool = True) -> dict:
 
 def _reuse_baseline(run_dir: Path, source_dir: Path, source_config, config) -> None:
     """Copy the single RM of ``source_dir`` into ``run_dir`` when both runs give it the very same inputs (data,
-    model, phase 1: :func:`dmoerm.run_state.stage_inputs`): an ablation of DMoERM's levers does not change the
+    model, phase 1: :func:`dmoerm.pipeline.state.stage_inputs`): an ablation of DMoERM's levers does not change the
     baseline, and retraining it would cost each ablation as much as the run itself."""
-    import shutil
-
+    from dmoerm.pipeline.state import stage_inputs
     from dmoerm.reward_model import MODEL_FILE
-    from dmoerm.run_state import stage_inputs
 
     source, target = source_dir / "baseline", run_dir / "baseline"
     if target.exists() or not (source / MODEL_FILE).exists():
         return
     if stage_inputs(config, "baseline") != stage_inputs(source_config, "baseline"):
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source, target)
+    copy_folder(source, target)
     logger.info("scaling: %s reuses the single RM of %s (same inputs)", run_dir.name, source_dir.name)
 
 
@@ -171,9 +171,10 @@ def _score_ood(run_dir: Path, sources: Sequence[str], data_dir, cache) -> None:
     picks DMoERM's inner model (these records have no category of the taxonomy)."""
     from dmoerm.data import load_data
     from dmoerm.encoding import encode_record
-    from dmoerm.evaluation import compute_metrics, response_token_lengths, write_eval
+    from dmoerm.evaluation import compute_metrics, response_token_lengths
     from dmoerm.model import load_model
-    from dmoerm.pipeline import _flat, eval_folder, score_cached
+    from dmoerm.pipeline.evaluate import _flat, score_cached
+    from dmoerm.pipeline.report import eval_folder
 
     systems = {"DMoERM": run_dir / "model", "single RM": run_dir / "baseline"}
     records: dict[str, list] = {}  # source -> its records with untied pairs, loaded once
@@ -237,7 +238,7 @@ def summarize(out: Path, config: ScalingConfig) -> dict:
             entry["ood"].setdefault(p.parent.parent.name, {})[result.system or p.parent.name] = _point(result)
         runs[name] = entry
     summary = {"config": asdict(config), "runs": runs}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
 
 
@@ -289,9 +290,7 @@ def write_scaling_report(summary: dict, out: Path) -> Path:
     lines += _seconds_lines(summary)
     _plot(summary, config, out)
     lines += ["", "![agreement vs records](scaling_test.png)", ""]
-    path = out / "scaling.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_text(out / "scaling.md", "\n".join(lines) + "\n")
 
 
 def _reference(summary: dict, n: int, ood: str | None) -> tuple[str, str]:
@@ -367,5 +366,5 @@ def _plot(summary: dict, config: ScalingConfig, out: Path) -> None:
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "scaling_test.png", dpi=100)
+    save_figure(fig, out / "scaling_test.png", dpi=100)
     plt.close(fig)

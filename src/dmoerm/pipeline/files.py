@@ -1,0 +1,76 @@
+"""Every write of the pipeline into a run folder: text, JSON, record splits and model folders are replaced
+atomically (a crash leaves the old file or the new one, never half of one); evaluations and curves go through
+here too, so one module decides who writes (a later change: only rank 0 under ``accelerate launch``).
+
+What is written elsewhere: the training functions' epoch checkpoints (``checkpoints/``) and the single reward
+models (``baseline*/``, :func:`dmoerm.training.single.train_reward_model`), the judge's labels and cache
+(``labels/``, :func:`dmoerm.labelling.pipeline.label_pairs`) and the tracker's logs (:mod:`dmoerm.tracking`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file beside it, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, obj) -> Path:
+    """``obj`` as indented JSON (the run folder's ``state.json``, ``sizes.json``, the scaling summary)."""
+    return write_text(path, json.dumps(obj, indent=2))
+
+
+def save_records(records: Iterable, path: Path) -> None:
+    """Preference records in the user JSONL schema (:func:`dmoerm.data.save_jsonl`), atomically."""
+    from dmoerm.data import save_jsonl
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_jsonl(records, tmp)
+    os.replace(tmp, path)
+
+
+def save_model(model, directory: Path) -> None:
+    """``model.save_pretrained`` into ``directory``, swapped in whole: written beside it, then renamed."""
+    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_folder(source: Path, target: Path) -> None:
+    """A copy of a finished folder (a reused single reward model) under ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, target)
+
+
+def write_eval(result, folder: Path) -> None:
+    """``eval.json`` and ``eval.md`` of one system (:func:`dmoerm.evaluation.write_eval`)."""
+    from dmoerm.evaluation import write_eval as write
+
+    write(result, folder)
+
+
+def save_curves(history: dict, path: Path, title: str) -> None:
+    """A stage's loss and dev-agreement curves as a PNG (:func:`dmoerm.training.loop.save_curves`)."""
+    from dmoerm.training.loop import save_curves as save
+
+    save(history, path, title)
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> None:
+    """A matplotlib figure as a PNG."""
+    fig.savefig(path, dpi=dpi)

@@ -1,0 +1,125 @@
+"""The whole job, from data to a scored reward: router, the three phases of every category, the single
+reward model baseline on the same data and budget, and their evaluation side by side.
+
+Resumable: every finished stage is recorded in ``<output_dir>/state.json`` after its outputs are saved
+(the model directory is replaced atomically), and a rerun skips it; an interrupted training stage resumes
+from its last epoch checkpoint. Nothing finished is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dmoerm.config_check import check_instance
+from dmoerm.model import DMoERM, new_dmoerm
+from dmoerm.pipeline.config import PipelineConfig, config_yaml
+from dmoerm.pipeline.evaluate import evaluation_stage
+from dmoerm.pipeline.files import write_text
+from dmoerm.pipeline.labels import _Labeller
+from dmoerm.pipeline.report import write_report
+from dmoerm.pipeline.stages import (
+    RunContext,
+    RunData,
+    baseline_stage,
+    capability_stages,
+    data_stage,
+    encode_splits,
+    phase1_stage,
+    phase3_stage,
+    router_stage,
+    warm_start_stage,
+)
+from dmoerm.pipeline.state import StageState, forget_lost_model_stages, hide_library_bars, load_run_model
+from dmoerm.reward_model import MODEL_FILE
+from dmoerm.tracking import Tracker
+from dmoerm.training.loop import TrunkCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineResult:
+    output_dir: str
+    sizes: dict
+    table: str
+    """Markdown: per-category agreement of DMoERM and the single reward model on the same held-back data."""
+    timings: dict
+    router: dict
+    report: str
+    """Path of report.md."""
+
+    def summary(self) -> str:
+        """What ``dmoerm train`` prints: the comparison table, the sizes and where the report is."""
+        per_cat = ", ".join(f"{c}: {s['phase1']}/{s['phase3']}/{s['test']}" for c, s in self.sizes.items())
+        return (
+            f"{self.table}\nRecords per category (phase 1 / phase 3 / test): {per_cat}\n"
+            f"Router test accuracy {self.router.get('test_accuracy', float('nan')):.3f}. "
+            f"Wall time {self.timings.get('total_this_run')} s. Report: {self.report}\n"
+        )
+
+
+def run_pipeline(
+    config: PipelineConfig, progress: bool = True, cache: TrunkCache | None = None
+) -> PipelineResult:
+    """Run (or resume) the whole job; see the module docstring.
+
+    ``cache`` lets several runs on the same backbone share frozen trunk states (experiments comparing label
+    sources); None makes one bounded by ``config.trunk_cache_gb``.
+    """
+    from dmoerm.evaluation import comparison_table
+
+    check_instance(config)  # the whole resolved config, typed, before any work
+    if not progress:
+        hide_library_bars()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = StageState(out / "state.json", config)  # stops here if a finished stage had other inputs
+    forget_lost_model_stages(stages, out / "model")
+    write_text(out / "config.yaml", config_yaml(config))
+    tracker = Tracker(config.report_to, out, config=asdict(config))
+    timings: dict[str, float] = dict(stages.done.get("_timings", {}))
+    t_start = time.perf_counter()
+    data = data_stage(config, out)
+    model = _open_model(config, data, stages, out / "model")
+    if cache is None:
+        cache = TrunkCache(int(config.trunk_cache_gb * (1 << 30)), config.trunk_cache_dir)
+    run = RunContext(config, out, stages, tracker, cache, timings, progress)
+    items = encode_splits(model, data)
+
+    router_stage(run, model, data, items)
+    labeller = _Labeller(config, data.label_taxonomy, out / "labels", progress)
+    members = warm_start_stage(run, model, data, items)
+    for c in data.categories:  # each category's inner model: phase 1, its experts (phase 2), phase 3
+        phase1_stage(run, model, c, items)
+        label_counts = capability_stages(run, model, data, labeller, c)
+        phase3_stage(run, model, c, items, label_counts)
+    if config.baseline and not members:
+        members = baseline_stage(run, data)
+    results, router_test_accuracy = evaluation_stage(run, model, data, items, members)
+
+    timings["total_this_run"] = round(time.perf_counter() - t_start, 2)
+    stages.finish("_timings", timings)
+    stages.finish("eval", {"router_test_accuracy": router_test_accuracy, "systems": list(results)})
+    tracker.log_results(results, router_test_accuracy=router_test_accuracy)
+    tracker.close()
+    report = write_report(out)
+    table = comparison_table(results, systems_as="columns")
+    router_info = dict(stages.done.get("router", {}), test_accuracy=router_test_accuracy)
+    return PipelineResult(str(out), data.splits.sizes(), table, timings, router_info, str(report))
+
+
+def _open_model(config: PipelineConfig, data: RunData, stages: StageState, model_dir: Path) -> DMoERM:
+    """The run's model: the saved one when a previous run left it (resumed), else a new one."""
+    if not (model_dir / MODEL_FILE).exists():
+        return new_dmoerm(config.model, data.taxonomy, data.categories, config.routing)
+    model = load_run_model(model_dir)
+    model.routing = config.routing
+    logger.info(
+        "resuming from %s (finished: %s)",
+        model_dir,
+        ", ".join(k for k in stages.done if not k.startswith("_")),
+    )
+    return model
