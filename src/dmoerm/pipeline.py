@@ -31,7 +31,7 @@ from dmoerm.reward_model import MODEL_FILE, RewardModel
 from dmoerm.run_state import StageState, forget_lost_model_stages, hide_library_bars, load_run_model
 from dmoerm.taxonomy import assign_categories, load_taxonomy
 from dmoerm.tracking import Tracker, check_report_to
-from dmoerm.training.loop import TrainConfig, TrunkCache, pad_states, save_curves
+from dmoerm.training.loop import TrainConfig, TrunkCache, save_curves
 from dmoerm.training.phases import (
     WARM_START,
     AggregatorTrainConfig,
@@ -421,36 +421,20 @@ def score_cached(
     """Score encoded inputs reading trunk states from ``cache`` (shared by every model on the same trunk).
 
     Returns (rewards [N], routed category per input or None, capability scores per input)."""
-    rewards = torch.empty(len(inputs))
-    routed: list[str | None] = [None] * len(inputs)
-    capability_scores: list[dict[str, float]] = [{} for _ in inputs]
-    bank = model.bank
-    memo: dict = {}  # one route per prompt (DMoERM.route)
-    with torch.no_grad():
-        for start in range(0, len(inputs), batch_size):
-            chunk = inputs[start : start + batch_size]
-            states, mask = pad_states(cache.get(bank, chunk))
-            if isinstance(model, DMoERM):
-                prompt_mask = torch.zeros_like(mask)
-                for i, e in enumerate(chunk):
-                    prompt_mask[i, : e.prompt_length] = 1
-                prompts = [e.input_ids[: e.prompt_length] for e in chunk]
-                out = model(states, mask, prompt_mask, model.route(states, prompt_mask, prompts, memo))
-                rewards[start : start + len(chunk)] = out.reward
-                for i in range(len(chunk)):
-                    routed[start + i] = model.categories[int(out.category_index[i])]
-                    capability_scores[start + i] = out.capability_scores[i]
-            else:
-                rewards[start : start + len(chunk)] = bank(states, mask, RewardModel.EXPERT)
-    return rewards, routed, capability_scores
+    from dmoerm.scoring import dmoerm_outputs, expert_rewards, in_order
+
+    batches = in_order(len(inputs), batch_size)  # consecutive batches, as this evaluation always scored
+    if isinstance(model, DMoERM):
+        out = dmoerm_outputs(model, inputs, cache, batches=batches)
+        return out.reward, out.category, out.capability_scores
+    rewards = expert_rewards(model.bank, RewardModel.EXPERT, inputs, cache, batches=batches)
+    return rewards, [None] * len(inputs), [{} for _ in inputs]
 
 
 def _flat(items: Sequence[RankedItem]) -> tuple[list[EncodedInput], list[slice]]:
-    flat, where = [], []
-    for item in items:
-        where.append(slice(len(flat), len(flat) + len(item.inputs)))
-        flat.extend(item.inputs)
-    return flat, where
+    from dmoerm.scoring import flatten
+
+    return flatten(items)
 
 
 @dataclass
