@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dmoerm.aggregator import Aggregator
+from dmoerm.data import PreferenceRecord
 from dmoerm.encoding import encode_record
 from dmoerm.experts import BackboneConfig
 from dmoerm.labelling.human import expert_agreement
@@ -65,7 +66,7 @@ def dmoerm(tiny_backbone) -> DMoERM:
 def items(dmoerm):
     """Ranked items of several lengths; two items share a prompt (one route per prompt per call)."""
     records = length_records(7, seed=3)
-    shared = records[0].__class__.from_pair(
+    shared = PreferenceRecord.from_pair(
         records[0].conversation, "paris water", "the dog", source="t", uid="s"
     )
     return [encode_record(dmoerm.tokenizer, r, dmoerm.max_length) for r in [*records, shared]]

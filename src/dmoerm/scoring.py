@@ -55,7 +55,7 @@ class TrunkBatch:
     index: list[int]
     """Position of each row in the scored inputs."""
     states: torch.Tensor
-    """[B, T, H] trunk states (zeros, or the trunk's states of pad tokens, at pads: the masks hide them)."""
+    """[B, T, H] trunk states (zeros at pads)."""
     attention_mask: torch.Tensor
     """[B, T] 1 on real tokens."""
     prompt_mask: torch.Tensor
@@ -85,7 +85,8 @@ def trunk_batches(
 ) -> Iterator[TrunkBatch]:
     """Trunk batches over ``inputs``: length-bucketed batches of ``batch_size``, or ``batches`` (index lists).
 
-    With a cache and ``desc``, every missing state is computed first under a progress bar of that name."""
+    With a cache and ``desc``, every missing state is computed first under a progress bar of that name (the
+    trunk runs each row alone, so a state is the same whichever batch computes it)."""
     if cache is not None and desc is not None:
         cache.get(bank, inputs, batch_size, desc=desc)
     if batches is None:

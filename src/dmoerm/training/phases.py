@@ -288,6 +288,7 @@ def _aggregator_inputs(model: DMoERM, names: list[str], items: Sequence[RankedIt
     if not flat:
         return None, None, where, flat
     model.eval()
+    # Consecutive batches of 16, as phase 3 has always read its states (the same features, bit for bit).
     feats = expert_states(model.bank, names, flat, cache, batches=in_order(len(flat), 16))  # [K, N, H]
     with torch.no_grad():
         scores = torch.stack(
