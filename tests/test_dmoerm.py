@@ -119,10 +119,10 @@ def test_experts_with_different_labels_score_differently(trained):
     rows = recs[20:40]
     inputs = [model.encode(r.conversation, resp) for r in rows for resp in r.responses]
     cache = TrunkCache()
-    from dmoerm.training.phases import expert_states
+    from dmoerm.scoring import expert_states
 
     names = model.capability_experts("code")
-    hidden = expert_states(model, names, inputs, cache)  # [K, N, H]
+    hidden = expert_states(model.bank, names, inputs, cache)  # [K, N, H]
     scores = [model.bank.heads[nm](hidden[i]).squeeze(-1) for i, nm in enumerate(names)]
     longer_first = sum(float(s[2 * j] > s[2 * j + 1]) for j in range(len(rows)) for s in [scores[0]]) / len(
         rows

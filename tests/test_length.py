@@ -13,6 +13,7 @@ from dmoerm.encoding import encode_record
 from dmoerm.evaluation import pearson
 from dmoerm.experts import BackboneConfig
 from dmoerm.model import new_dmoerm, rm_expert
+from dmoerm.scoring import expert_states
 from dmoerm.taxonomy import Capability, Category, Taxonomy
 from dmoerm.training import loop, phases
 from dmoerm.training.loop import (
@@ -24,7 +25,7 @@ from dmoerm.training.loop import (
     response_lengths,
     score_items,
 )
-from dmoerm.training.phases import AggregatorTrainConfig, expert_states, train_phase1, train_phase3
+from dmoerm.training.phases import AggregatorTrainConfig, train_phase1, train_phase3
 from helpers import length_records
 
 TAXONOMY = Taxonomy(
@@ -87,7 +88,7 @@ def test_aggregator_trained_with_the_option_correlates_with_length_far_less(trai
     model, train, test, cache = trained
     experts = [rm_expert("code")]
     flat = [e for item in test for e in item.inputs]
-    feats = expert_states(model, experts, flat, cache)
+    feats = expert_states(model.bank, experts, flat, cache)
     corr = {}
     for penalty in (0.0, PENALTY):
         config = AggregatorTrainConfig(epochs=40, early_stopping_patience=0, length_penalty=penalty)

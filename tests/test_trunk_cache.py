@@ -17,7 +17,7 @@ import torch
 from conftest import build_tiny_backbone
 from dmoerm.encoding import encode_record
 from dmoerm.experts import BackboneConfig, ExpertBank
-from dmoerm.training.loop import TrunkCache
+from dmoerm.training.trunk_cache import TrunkCache
 from dmoerm.training.trunk_store import DB_NAME
 from helpers import length_records
 

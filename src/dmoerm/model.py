@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from dmoerm.data import Message
-from dmoerm.encoding import EncodedInput, collate, encode, encode_rendered, length_buckets
+from dmoerm.encoding import EncodedInput, encode, encode_rendered
 from dmoerm.experts import BackboneConfig, ExpertBank
 from dmoerm.outputs import RewardOutput
 from dmoerm.reward_model import RewardModel, read_model_file, write_model_file
 from dmoerm.router import Router
+from dmoerm.scoring import dmoerm_outputs
 from dmoerm.taxonomy import Taxonomy
 
 
@@ -218,24 +219,7 @@ class DMoERM(nn.Module):
 
     def score_inputs(self, inputs: Sequence[EncodedInput], batch_size: int = 16) -> list[RewardOutput]:
         """Score encoded inputs, in their order (length-bucketed batches, one trunk pass each)."""
-        out: list[RewardOutput | None] = [None] * len(inputs)
-        memo: dict = {}  # prompt tokens -> router features: one route per prompt in this call
-        with torch.no_grad():
-            for idx in length_buckets([len(e.input_ids) for e in inputs], batch_size):
-                batch = collate([inputs[i] for i in idx], self.tokenizer.pad_token_id)
-                states = self.bank.trunk(batch["input_ids"], batch["attention_mask"])  # [B, T, H]
-                prompts = [inputs[i].input_ids[: inputs[i].prompt_length] for i in idx]
-                probs = self.route(states, batch["prompt_mask"].to(states.device), prompts, memo)
-                res = self(states, batch["attention_mask"], batch["prompt_mask"], probs)
-                for j, i in enumerate(idx):
-                    c = int(res.category_index[j])
-                    out[i] = RewardOutput(
-                        reward=float(res.reward[j]),
-                        category=self.categories[c],
-                        category_probability=float(res.category_probs[j, c]),
-                        capability_scores=res.capability_scores[j],
-                    )
-        return out  # type: ignore[return-value]
+        return dmoerm_outputs(self, inputs, batch_size=batch_size).outputs()
 
     def score(
         self, conversations: list[list[Message]], responses: list[str], batch_size: int = 16

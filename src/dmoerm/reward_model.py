@@ -15,9 +15,10 @@ from torch import nn
 
 from dmoerm import __version__
 from dmoerm.data import Message
-from dmoerm.encoding import EncodedInput, collate, encode, encode_rendered, length_buckets
+from dmoerm.encoding import EncodedInput, encode, encode_rendered
 from dmoerm.experts import BackboneConfig, ExpertBank
 from dmoerm.outputs import InputTooLongError, RewardOutput  # noqa: F401 (defined once in outputs; re-exported)
+from dmoerm.scoring import expert_rewards
 
 MODEL_FILE = "dmoerm_model.json"
 """Marks a model directory and names its kind (``single`` or ``dmoerm``)."""
@@ -34,21 +35,6 @@ def read_model_file(directory: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{directory}: not a dmoerm model directory (no {MODEL_FILE})")
     return json.loads(path.read_text())
-
-
-def rewards_of(
-    bank: ExpertBank, expert: str, inputs: Sequence[EncodedInput], batch_size: int
-) -> torch.Tensor:
-    """Expert rewards of encoded inputs, in their order: [N]. Batches are length-bucketed; a reward does not
-    depend on the batch (the trunk runs each row alone, the float32 top differs by rounding only)."""
-    out = torch.empty(len(inputs))
-    pad = bank.tokenizer.pad_token_id
-    with torch.no_grad():
-        for idx in length_buckets([len(e.input_ids) for e in inputs], batch_size):
-            batch = collate([inputs[i] for i in idx], pad)
-            states = bank.trunk(batch["input_ids"], batch["attention_mask"])  # [B, T, H]
-            out[idx] = bank(states, batch["attention_mask"], expert).float()
-    return out
 
 
 class RewardModel(nn.Module):
@@ -81,7 +67,7 @@ class RewardModel(nn.Module):
 
     def rewards(self, inputs: Sequence[EncodedInput], batch_size: int = 16) -> torch.Tensor:
         """Rewards of encoded inputs: [N]."""
-        return rewards_of(self.bank, self.EXPERT, inputs, batch_size)
+        return expert_rewards(self.bank, self.EXPERT, inputs, batch_size=batch_size)
 
     def score(
         self, conversations: list[list[Message]], responses: list[str], batch_size: int = 16

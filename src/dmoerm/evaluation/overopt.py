@@ -31,7 +31,7 @@ from dmoerm.pipeline import (
     score_cached,
     standardized_scores,
 )
-from dmoerm.pipeline.evaluate import _flat
+from dmoerm.scoring import flatten
 from dmoerm.taxonomy import load_taxonomy
 from dmoerm.training.loop import TrunkCache
 
@@ -229,7 +229,7 @@ def _proxy_scores(config: OverOptConfig, proxy_dir: Path, flat, dev, tok, n_tok:
     proxy_scores["single RM"] = score_cached(members[0], flat, cache)[0]
     if len(members) > 1:
         tok_dev = [encode_record(tok, r, n_tok) for r in dev]
-        dev_flat, _ = _flat([it for it in tok_dev if it.pairs])
+        dev_flat, _ = flatten([it for it in tok_dev if it.pairs])
         stacked = standardized_scores(members, flat, dev_flat, cache)  # [N, samples]
         for rule in ("mean", "min", "uwo"):
             proxy_scores[f"RM ensemble ({rule}, N={len(members)})"] = combine_rewards(stacked, rule)
@@ -253,7 +253,7 @@ def _bon_curves(gold_scores: np.ndarray, proxy_scores: dict, lengths: np.ndarray
 def _gold_test_eval(gold, splits, categories: list[str], tok, n_tok: int, cache) -> EvalResult:
     """The gold model's metrics on the pipeline's held-back test records (clean labels)."""
     test_recs = [r for c in categories for r in splits.test[c]]
-    test_flat, where = _flat([encode_record(tok, r, n_tok) for r in test_recs])
+    test_flat, where = flatten([encode_record(tok, r, n_tok) for r in test_recs])
     test_rewards = score_cached(gold, test_flat, cache)[0]
     return compute_metrics([test_rewards[w].tolist() for w in where], test_recs, system="gold")
 

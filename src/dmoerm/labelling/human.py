@@ -308,11 +308,9 @@ def expert_agreement(
     """How often expert ``expert_name`` (an adapter of ``model.bank``, e.g. ``objective_qa__relevance``)
     ranks a held-back label's two responses as the label does: ``{"n", "agreement"}`` (ties skipped;
     agreement None when n is 0). Scored by the expert itself, with no router, reading trunk states from
-    ``cache`` (a :class:`dmoerm.training.loop.TrunkCache`)."""
-    import torch
-
+    ``cache`` (a :class:`dmoerm.training.trunk_cache.TrunkCache`)."""
     from dmoerm.encoding import encode
-    from dmoerm.training.loop import pad_states
+    from dmoerm.scoring import expert_rewards, in_order
 
     bank = model.bank
     if expert_name not in bank.heads:
@@ -320,12 +318,9 @@ def expert_agreement(
     labels = [lab for lab in held_back_labels if lab.winner in ("a", "b")]
     tok, n = model.tokenizer, model.max_length
     inputs = [encode(tok, lab.conversation, r, n) for lab in labels for r in (lab.response_a, lab.response_b)]
-    rewards = torch.empty(len(inputs))  # [2L]: a then b per label
-    with torch.no_grad():
-        for start in range(0, len(inputs), batch_size):
-            chunk = inputs[start : start + batch_size]
-            states, mask = pad_states(cache.get(bank, chunk))  # [B, T, H], [B, T]
-            rewards[start : start + len(chunk)] = bank(states, mask, expert_name).float().cpu()
+    rewards = expert_rewards(
+        bank, expert_name, inputs, cache, batches=in_order(len(inputs), batch_size)
+    )  # [2L]
     agree = sum(
         (bool(rewards[2 * i] > rewards[2 * i + 1])) == (lab.winner == "a") for i, lab in enumerate(labels)
     )

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import torch
 
-from dmoerm.encoding import EncodedInput, RankedItem
+from dmoerm.encoding import EncodedInput
 from dmoerm.model import DMoERM
 from dmoerm.pipeline.config import PipelineConfig
 from dmoerm.pipeline.files import write_eval
 from dmoerm.pipeline.report import eval_folder
 from dmoerm.pipeline.stages import Encoded, RunContext, RunData
 from dmoerm.reward_model import RewardModel
-from dmoerm.training.loop import TrunkCache, pad_states
+from dmoerm.scoring import dmoerm_outputs, expert_rewards, flatten, in_order
+from dmoerm.training.trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def evaluation_stage(
     config, cache = run.config, run.cache
     t0 = time.perf_counter()
     test_recs = [r for c in data.categories for r in data.splits.test[c]]
-    flat, where = _flat([it for c in data.categories for it in items["test"][c]])
+    flat, where = flatten([it for c in data.categories for it in items["test"][c]])
     test_tokens = response_token_lengths(model.tokenizer, test_recs)
     cache.get(model.bank, flat, desc="test trunk" if run.progress else None)
     systems = _systems(config, members[0] if members else None)
@@ -105,36 +106,12 @@ def score_cached(
     """Score encoded inputs reading trunk states from ``cache`` (shared by every model on the same trunk).
 
     Returns (rewards [N], routed category per input or None, capability scores per input)."""
-    rewards = torch.empty(len(inputs))
-    routed: list[str | None] = [None] * len(inputs)
-    capability_scores: list[dict[str, float]] = [{} for _ in inputs]
-    bank = model.bank
-    memo: dict = {}  # one route per prompt (DMoERM.route)
-    with torch.no_grad():
-        for start in range(0, len(inputs), batch_size):
-            chunk = inputs[start : start + batch_size]
-            states, mask = pad_states(cache.get(bank, chunk))
-            if isinstance(model, DMoERM):
-                prompt_mask = torch.zeros_like(mask)
-                for i, e in enumerate(chunk):
-                    prompt_mask[i, : e.prompt_length] = 1
-                prompts = [e.input_ids[: e.prompt_length] for e in chunk]
-                out = model(states, mask, prompt_mask, model.route(states, prompt_mask, prompts, memo))
-                rewards[start : start + len(chunk)] = out.reward
-                for i in range(len(chunk)):
-                    routed[start + i] = model.categories[int(out.category_index[i])]
-                    capability_scores[start + i] = out.capability_scores[i]
-            else:
-                rewards[start : start + len(chunk)] = bank(states, mask, RewardModel.EXPERT)
-    return rewards, routed, capability_scores
-
-
-def _flat(items: Sequence[RankedItem]) -> tuple[list[EncodedInput], list[slice]]:
-    flat, where = [], []
-    for item in items:
-        where.append(slice(len(flat), len(flat) + len(item.inputs)))
-        flat.extend(item.inputs)
-    return flat, where
+    batches = in_order(len(inputs), batch_size)  # consecutive batches, as this evaluation always scored
+    if isinstance(model, DMoERM):
+        out = dmoerm_outputs(model, inputs, cache, batches=batches)
+        return out.reward, out.category, out.capability_scores
+    rewards = expert_rewards(model.bank, RewardModel.EXPERT, inputs, cache, batches=batches)
+    return rewards, [None] * len(inputs), [{} for _ in inputs]
 
 
 def standardized_scores(
@@ -164,7 +141,7 @@ def _evaluate_ensemble(members, flat, where, test_recs, test_tokens, dev_items, 
     """
     from dmoerm.evaluation import ENSEMBLE_RULES, combine_rewards, compute_metrics, write_eval
 
-    dev_flat, _ = _flat([it for items in dev_items.values() for it in items])
+    dev_flat, _ = flatten([it for items in dev_items.values() for it in items])
     stacked = standardized_scores(members, flat, dev_flat, cache)  # [N, responses]
     results = {}
     for rule in ENSEMBLE_RULES:

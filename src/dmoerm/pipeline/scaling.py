@@ -173,8 +173,9 @@ def _score_ood(run_dir: Path, sources: Sequence[str], data_dir, cache) -> None:
     from dmoerm.encoding import encode_record
     from dmoerm.evaluation import compute_metrics, response_token_lengths
     from dmoerm.model import load_model
-    from dmoerm.pipeline.evaluate import _flat, score_cached
+    from dmoerm.pipeline.evaluate import score_cached
     from dmoerm.pipeline.report import eval_folder
+    from dmoerm.scoring import flatten
 
     systems = {"DMoERM": run_dir / "model", "single RM": run_dir / "baseline"}
     records: dict[str, list] = {}  # source -> its records with untied pairs, loaded once
@@ -191,7 +192,7 @@ def _score_ood(run_dir: Path, sources: Sequence[str], data_dir, cache) -> None:
             if source not in records:
                 records[source] = [r for r in load_data(source, data_dir) if len(r.pairs()) > 0]
             recs = records[source]
-            flat, where = _flat([encode_record(model.tokenizer, r, model.max_length) for r in recs])
+            flat, where = flatten([encode_record(model.tokenizer, r, model.max_length) for r in recs])
             rewards, _, _ = score_cached(model, flat, cache)
             result = compute_metrics(
                 [rewards[w].tolist() for w in where],

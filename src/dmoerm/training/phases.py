@@ -19,13 +19,13 @@ from dmoerm.aggregator import AGGREGATORS, Aggregator
 from dmoerm.encoding import EncodedInput, RankedItem, encode
 from dmoerm.labelling.schema import CapabilityLabel
 from dmoerm.model import DMoERM, capability_expert, rm_expert
+from dmoerm.scoring import expert_states, flatten, in_order, prompt_features
 from dmoerm.training.loop import (
     TrainConfig,
     TrainResult,
     TrunkCache,
     check_length_penalty,
     length_correlation,
-    pad_states,
     pair_agreement,
     ranking_loss,
     response_lengths,
@@ -70,18 +70,6 @@ class RouterResult:
     history: dict = field(default_factory=lambda: {"step": [], "loss": []})
 
 
-def prompt_features(
-    model: DMoERM, inputs: Sequence[EncodedInput], cache: TrunkCache, desc: str | None = None
-) -> torch.Tensor:
-    """Router features [N, H] of encoded inputs (mean of trunk states over each prompt's tokens)."""
-    states = cache.get(model.bank, inputs, desc=desc)
-    feats = []
-    for e, s in zip(inputs, states, strict=True):
-        n = max(1, e.prompt_length)
-        feats.append(s[:n].float().mean(0))
-    return torch.stack(feats)
-
-
 def _seeded_router_init(router, seed: int) -> None:
     """Draw the router's head afresh under ``seed``, not from whatever the process's RNG gave when the model
     was built, so two runs of one config train the same router. A generator of its own leaves the global RNG
@@ -112,7 +100,7 @@ def train_router(
         raise ValueError("router: no training prompt has one of the model's categories")
     x = prompt_features(
         model, [e for e, _ in train], cache, desc="router trunk" if progress else None
-    )  # [N, H]
+    )  # [N, H] (Router.features, as DMoERM.route reads them when scoring)
     y = torch.tensor([index[c] for _, c in train])  # [N]
     counts = torch.bincount(y, minlength=len(index)).float()
     weight = (counts.sum() / (len(index) * counts.clamp(min=1))) if config.balance_classes else None
@@ -293,33 +281,15 @@ class AggregatorTrainConfig:
             raise ValueError(f"aggregator: {self.aggregator!r} is not one of {', '.join(AGGREGATORS)}")
 
 
-def expert_states(
-    model: DMoERM, names: list[str], inputs: Sequence[EncodedInput], cache: TrunkCache, batch_size: int = 16
-) -> torch.Tensor:
-    """Frozen experts' last-token states of every input, in one batched pass per batch: [K, N, H]."""
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(inputs), batch_size):
-            states, mask = pad_states(cache.get(model.bank, inputs[start : start + batch_size]))
-            out.append(model.bank.all_experts_hidden(states, mask, names))  # [K, b, H]
-    return torch.cat(out, dim=1)
-
-
-def _item_index(items: Sequence[RankedItem]) -> tuple[list[EncodedInput], list[list[int]]]:
-    flat, where = [], []
-    for item in items:
-        where.append(list(range(len(flat), len(flat) + len(item.inputs))))
-        flat.extend(item.inputs)
-    return flat, where
-
-
 def _aggregator_inputs(model: DMoERM, names: list[str], items: Sequence[RankedItem], cache: TrunkCache):
     """Frozen experts' states [K, N, H] and scalar scores [K, N] of every response, and each item's rows."""
-    flat, where = _item_index(items)
+    flat, slices = flatten(items)
+    where = [list(range(rows.start, rows.stop)) for rows in slices]
     if not flat:
         return None, None, where, flat
-    feats = expert_states(model, names, flat, cache)  # [K, N, H]
+    model.eval()
+    # Consecutive batches of 16, as phase 3 has always read its states (the same features, bit for bit).
+    feats = expert_states(model.bank, names, flat, cache, batches=in_order(len(flat), 16))  # [K, N, H]
     with torch.no_grad():
         scores = torch.stack(
             [model.bank.heads[n](feats[i].to(model.bank.device)).squeeze(-1) for i, n in enumerate(names)]
