@@ -22,10 +22,21 @@ from dmoerm.serving.formats import (
     sigmoid,
     use_activation,
 )
-from dmoerm.serving.http import DeadlineH11Protocol, deadline_protocol, uvicorn_config
 from dmoerm.serving.schemas import parse_classify, parse_get_reward, parse_normalize, parse_score
 from dmoerm.serving.server import build_model_app, serve, serve_model
 from dmoerm.serving.validation import RequestError, parse_json, request_error
+
+_LAZY = {"DeadlineH11Protocol", "deadline_protocol", "uvicorn_config"}
+"""Names of :mod:`dmoerm.serving.http`, imported on first use: importing the package loads no uvicorn."""
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        from dmoerm.serving import http
+
+        return getattr(http, name)
+    raise AttributeError(f"module 'dmoerm.serving' has no attribute {name!r}")
+
 
 __all__ = [
     "DeadlineH11Protocol",
