@@ -114,7 +114,7 @@ class ServerThread:
     def __init__(self, app) -> None:
         import uvicorn
 
-        from dmoerm.serving_http import uvicorn_config
+        from dmoerm.serving.http import uvicorn_config
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

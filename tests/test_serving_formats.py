@@ -1,6 +1,6 @@
 """The server in the formats RL frameworks speak (issue 15 item 3), over real HTTP on 127.0.0.1, with the exact
 request bodies OpenRLHF and verl send and the way each reads the answer (their source is quoted in
-``dmoerm/serving_formats.py`` and ``docs/serving.md``), on a tiny saved single reward model and DMoERM."""
+``dmoerm/serving/formats.py`` and ``docs/serving.md``), on a tiny saved single reward model and DMoERM."""
 
 from __future__ import annotations
 

@@ -324,6 +324,70 @@ def completion_text(completion: str | Sequence[Any]) -> str:
     return "".join(_as_message(t).content for t in completion)
 
 
+_ScoreItems = Callable[[list[list[Message]], list[str]], list[float]]
+_ScoreTexts = Callable[[list[str]], list[float]]
+
+
+def _server_scoring(
+    url: str,
+    token: str | None,
+    timeout: float,
+    normalize: bool,
+    normalization: RewardNormalization | tuple[float, float] | None,
+) -> tuple[_ScoreItems, _ScoreTexts]:
+    """:func:`make_reward_fn`'s two scoring calls through a reward server (``POST /score``, ``/get_reward``)."""
+    from dmoerm.client import RewardClient
+
+    client = RewardClient(url, token=token, timeout=timeout)
+    if normalization is not None:
+        raise ValueError("normalization: cannot be given with a server URL; the server applies its own")
+
+    def score_items(convs: list[list[Message]], resps: list[str]) -> list[float]:
+        return [o.reward for o in client.score(convs, resps, normalize=normalize)]
+
+    def score_texts(texts: list[str]) -> list[float]:
+        return client.get_reward(texts, normalize=normalize)
+
+    return score_items, score_texts
+
+
+def _local_scoring(
+    scorer: Any,
+    normalize: bool,
+    normalization: RewardNormalization | tuple[float, float] | None,
+    model_dir: str | os.PathLike | None,
+    batch_size: int,
+) -> tuple[_ScoreItems, _ScoreTexts]:
+    """:func:`make_reward_fn`'s two scoring calls on a local scorer, normalized as ``make_reward_fn`` says."""
+    if not hasattr(scorer, "score") or not hasattr(scorer, "score_texts"):
+        raise TypeError(
+            f"scorer_or_url: {type(scorer).__name__} is neither a URL nor a Scorer (score, score_texts)"
+        )
+    norm: RewardNormalization | None = None
+    if normalize:
+        if normalization is not None:
+            norm = (
+                normalization
+                if isinstance(normalization, RewardNormalization)
+                else RewardNormalization(float(normalization[0]), float(normalization[1]))
+            )
+        else:
+            folder = model_dir or getattr(scorer, "model_dir", None)
+            norm = load_normalization(folder) if folder else None
+    if norm is not None:
+        logger.info("reward function normalizes rewards: mean=%.6g std=%.6g", norm.mean, norm.std)
+
+    def score_items(convs: list[list[Message]], resps: list[str]) -> list[float]:
+        raw = [float(o.reward) for o in scorer.score(convs, resps, batch_size=batch_size)]
+        return norm.apply(raw) if norm is not None else raw
+
+    def score_texts(texts: list[str]) -> list[float]:
+        raw = [float(r) for r in scorer.score_texts(texts, batch_size=batch_size)]
+        return norm.apply(raw) if norm is not None else raw
+
+    return score_items, score_texts
+
+
 def make_reward_fn(
     scorer_or_url: Scorer | str,
     *,
@@ -361,45 +425,11 @@ def make_reward_fn(
         raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
 
     if isinstance(scorer_or_url, str):
-        from dmoerm.client import RewardClient
-
-        client = RewardClient(scorer_or_url, token=token, timeout=timeout)
-        if normalization is not None:
-            raise ValueError("normalization: cannot be given with a server URL; the server applies its own")
-
-        def score_items(convs: list[list[Message]], resps: list[str]) -> list[float]:
-            return [o.reward for o in client.score(convs, resps, normalize=normalize)]
-
-        def score_texts(texts: list[str]) -> list[float]:
-            return client.get_reward(texts, normalize=normalize)
-
+        score_items, score_texts = _server_scoring(scorer_or_url, token, timeout, normalize, normalization)
     else:
-        scorer = scorer_or_url
-        if not hasattr(scorer, "score") or not hasattr(scorer, "score_texts"):
-            raise TypeError(
-                f"scorer_or_url: {type(scorer).__name__} is neither a URL nor a Scorer (score, score_texts)"
-            )
-        norm: RewardNormalization | None = None
-        if normalize:
-            if normalization is not None:
-                norm = (
-                    normalization
-                    if isinstance(normalization, RewardNormalization)
-                    else RewardNormalization(float(normalization[0]), float(normalization[1]))
-                )
-            else:
-                folder = model_dir or getattr(scorer, "model_dir", None)
-                norm = load_normalization(folder) if folder else None
-        if norm is not None:
-            logger.info("reward function normalizes rewards: mean=%.6g std=%.6g", norm.mean, norm.std)
-
-        def score_items(convs: list[list[Message]], resps: list[str]) -> list[float]:
-            raw = [float(o.reward) for o in scorer.score(convs, resps, batch_size=batch_size)]
-            return norm.apply(raw) if norm is not None else raw
-
-        def score_texts(texts: list[str]) -> list[float]:
-            raw = [float(r) for r in scorer.score_texts(texts, batch_size=batch_size)]
-            return norm.apply(raw) if norm is not None else raw
+        score_items, score_texts = _local_scoring(
+            scorer_or_url, normalize, normalization, model_dir, batch_size
+        )
 
     def reward_fn(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         if len(prompts) != len(completions):
