@@ -26,7 +26,7 @@ from dmoerm.data import PreferenceRecord, load_data, save_jsonl, split_by_prompt
 from dmoerm.encoding import EncodedInput, RankedItem, encode_prompt, encode_record
 from dmoerm.experts import BackboneConfig
 from dmoerm.labelling.human import expert_agreement, plan_category_labels
-from dmoerm.model import DMoERM, RoutingConfig, capability_expert, new_dmoerm, rm_expert
+from dmoerm.model import DMoERM, RoutingConfig, capability_expert_name, new_dmoerm, rm_expert
 from dmoerm.reward_model import MODEL_FILE, RewardModel
 from dmoerm.run_state import StageState, forget_lost_model_stages, hide_library_bars, load_run_model
 from dmoerm.taxonomy import assign_categories, load_taxonomy
@@ -461,6 +461,8 @@ class PipelineResult:
     """Markdown: per-category agreement of DMoERM and the single reward model on the same held-back data."""
     timings: dict
     router: dict
+    """The router stage's state (``accuracy``: on the dev prompts, ``per_category``, prompt counts) and
+    ``test_routing_accuracy``: the share of test records the router sent to their own category."""
     report: str
     """Path of report.md."""
 
@@ -469,7 +471,7 @@ class PipelineResult:
         per_cat = ", ".join(f"{c}: {s['phase1']}/{s['phase3']}/{s['test']}" for c, s in self.sizes.items())
         return (
             f"{self.table}\nRecords per category (phase 1 / phase 3 / test): {per_cat}\n"
-            f"Router test accuracy {self.router.get('test_accuracy', float('nan')):.3f}. "
+            f"Router test accuracy {self.router.get('test_routing_accuracy', float('nan')):.3f}. "
             f"Wall time {self.timings.get('total_this_run')} s. Report: {self.report}\n"
         )
 
@@ -605,7 +607,7 @@ def run_pipeline(
             "router",
             t0,
             {
-                "accuracy": result.accuracy,
+                "accuracy": result.dev_accuracy,  # the state's key (unchanged) for the dev accuracy
                 "per_category": result.per_category,
                 "train_prompts": len(train_prompts),
                 "dev_prompts": len(dev_prompts),
@@ -711,7 +713,7 @@ def run_pipeline(
                         progress=progress,
                     )
                     held = expert_agreement(
-                        model, capability_expert(c, cap.name), plan.held_back.get(cap.name, []), cache
+                        model, capability_expert_name(c, cap.name), plan.held_back.get(cap.name, []), cache
                     )
                     info = {"labels": len(plan.train[cap.name]), "source": plan.sources.get(cap.name)}
                     finish(stage, t0, dict(info, steps=res.steps, held_back=held), res.history)
@@ -719,7 +721,7 @@ def run_pipeline(
         stage = f"phase3/{c}"
         if stage not in stages:
             t0 = time.perf_counter()
-            names = model.capability_experts(c) or [rm_expert(c)]
+            names = model.category_experts(c) or [rm_expert(c)]
             if names == [rm_expert(c)]:
                 logger.warning("%s: no capability experts; phase 3 aggregates the phase-1 model alone", c)
             res = train_phase3(
@@ -794,7 +796,7 @@ def run_pipeline(
     report = write_report(out)
     table = comparison_table(results, systems_as="columns")
     router_info = dict(
-        stages.done.get("router", {}), test_accuracy=stages.done["eval"]["router_test_accuracy"]
+        stages.done.get("router", {}), test_routing_accuracy=stages.done["eval"]["router_test_accuracy"]
     )
     return PipelineResult(str(out), sizes, table, timings, router_info, str(report))
 
