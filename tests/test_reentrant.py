@@ -42,6 +42,7 @@ def _score(bank: ExpertBank, ids: torch.Tensor, mask: torch.Tensor, names: list[
             "trunk_batched": bank.backbone.trunk_batched(ids, mask),
             "top": bank.backbone.top(states, mask),
             "experts": bank.all_experts_hidden(states, mask, names),  # [K, B, H], mixed-adapter batch
+            "rewards": torch.stack([bank(states, mask, n) for n in names]),  # [K, B], one expert at a time
         }
 
 
@@ -63,13 +64,14 @@ def _watch_layers(bank: ExpertBank, on_layer) -> list:
 def test_forward_never_changes_the_decoders_layers_norm_or_config(bank):
     decoder = bank.backbone.decoder
     layers, norm, n = decoder.layers, decoder.norm, decoder.config.num_hidden_layers
-    members = list(layers)
+    members, active = list(layers), bank.peft_model.active_adapter
     seen = []
 
     def check(i):
         seen.append(i)
         assert decoder.layers is layers and list(decoder.layers) == members
         assert decoder.norm is norm and decoder.config.num_hidden_layers == n == 4
+        assert bank.peft_model.active_adapter == active  # scoring names experts per row, never switches
 
     handles = _watch_layers(bank, check)
     try:
@@ -138,7 +140,7 @@ def test_two_threads_scoring_at_once_give_the_sequential_results(bank):
 
 def test_mixed_batch_checks_names_and_mode(bank):
     states = bank.trunk(*_batch(0))
-    with pytest.raises(ValueError, match="no expert named gamma"):
+    with pytest.raises(ValueError, match=r"no expert named gamma \(experts: phase1, alpha, beta\)"):
         bank.all_experts_hidden(states, _batch(0)[1], ["alpha", "gamma"])
     bank.train()
     try:

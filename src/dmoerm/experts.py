@@ -253,9 +253,16 @@ class ExpertBank(nn.Module):
     def expert_hidden(
         self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, name: str
     ) -> torch.Tensor:
-        """Trunk states [B, T, H] -> expert ``name``'s last-token hidden state [B, H]."""
-        self._activate(name)
+        """Trunk states [B, T, H] -> expert ``name``'s last-token hidden state [B, H].
+
+        In eval mode the expert is named for every row (PEFT's ``adapter_names``), so threads scoring different
+        experts at once never switch the shared active adapter under each other; in training mode the adapter
+        is activated (PEFT refuses ``adapter_names`` in training), as training runs one expert at a time.
+        """
         trunk_states, attention_mask = trunk_states.to(self.device), attention_mask.to(self.device)
+        if self.peft_model is not None and not self.peft_model.training:
+            return self._rows_hidden(trunk_states, attention_mask, [name] * trunk_states.shape[0])
+        self._activate(name)
         return self.backbone.top_last_token(trunk_states, attention_mask)  # [B, H]
 
     def all_experts_hidden(
@@ -265,8 +272,7 @@ class ExpertBank(nn.Module):
 
         The trunk is shared; its states are forked K ways and the top layers run once on [K*B, T, H] with
         PEFT's mixed-adapter batch (``adapter_names``: each row its own adapter). Inference only: PEFT refuses
-        mixed batches in training mode, and frozen experts need no gradients. The active adapter is neither read
-        nor changed, so threads may run mixed batches at once.
+        mixed batches in training mode, and frozen experts need no gradients.
         """
         k, (b, t, h) = len(names), trunk_states.shape
         if self.peft_model is None or k == 1:
@@ -274,18 +280,27 @@ class ExpertBank(nn.Module):
         trunk_states, attention_mask = trunk_states.to(self.device), attention_mask.to(self.device)
         forked = trunk_states.unsqueeze(0).expand(k, b, t, h).reshape(k * b, t, h)  # [K*B, T, H]
         mask = attention_mask.repeat(k, 1)  # [K*B, T]
+        with torch.no_grad():
+            final = self._rows_hidden(forked, mask, [n for n in names for _ in range(b)])  # [K*B, H]
+        return final.view(k, b, h)
+
+    def _rows_hidden(
+        self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, rows: list[str]
+    ) -> torch.Tensor:
+        """Trunk states [N, T, H] -> last-token hidden states [N, H], row i through expert ``rows[i]``.
+
+        The active adapter is neither read nor changed (a context variable of this thread carries ``rows``),
+        so threads and nested calls may run at once."""
         if self.peft_model.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-        unknown = sorted(set(names) - set(self.heads))
+        unknown = sorted(set(rows) - set(self.heads))
         if unknown:
-            raise ValueError(f"all_experts_hidden: no expert named {', '.join(unknown)}")
-        token = _ROW_ADAPTERS.set([n for n in names for _ in range(b)])  # [K*B] an adapter per row
+            raise ValueError(f"no expert named {', '.join(unknown)} (experts: {', '.join(self.heads)})")
+        token = _ROW_ADAPTERS.set(rows)
         try:
-            with torch.no_grad():
-                final = self.backbone.top_last_token(forked, mask)  # [K*B, H]
+            return self.backbone.top_last_token(trunk_states, attention_mask)  # [N, H]
         finally:
             _ROW_ADAPTERS.reset(token)
-        return final.view(k, b, h)
 
     def forward(self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, expert: str) -> torch.Tensor:
         """Rewards of expert ``expert``: trunk states [B, T, H] -> [B]."""
