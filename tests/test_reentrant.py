@@ -166,3 +166,28 @@ def test_copies_between_experts_and_banks_go_through_the_adapter_state_dict(bank
     partial = {k: v for k, v in want.items() if "lora_B" not in k}
     with pytest.raises(ValueError, match="test: adapter child does not match the model: missing"):
         copy._set_adapter_state("child", partial, "test")
+
+
+def test_layer_views_follow_the_model_after_a_move_and_a_mode_change(tiny_backbone):
+    from transformers import AutoModel
+
+    from dmoerm.backbone import SplitBackbone
+
+    ids, mask = _batch(6)
+    moved = SplitBackbone(AutoModel.from_pretrained(tiny_backbone), 2, torch.float32).eval()
+    with torch.no_grad():
+        moved.top(moved.trunk(ids, mask), mask)  # views built and cached for float32 weights
+    # .to() replaces every parameter and buffer: the cached views must compute with the new ones.
+    moved.to(torch.float64)
+    moved.trunk_dtype = torch.float64
+    fresh = SplitBackbone(AutoModel.from_pretrained(tiny_backbone).to(torch.float64), 2, torch.float64).eval()
+    outputs = []
+    with torch.no_grad():
+        for backbone in (moved, fresh):
+            states = backbone.trunk(ids, mask)  # [B, T, H] float64
+            outputs.append((states, backbone.top(states, mask), backbone.top_last_token(states, mask)))
+    assert outputs[0][0].dtype == torch.float64
+    assert all(torch.equal(a, b) for a, b in zip(*outputs, strict=True))
+    moved.train()  # a rebound attribute of the decoder (training) gives a fresh view that mirrors it
+    assert moved._layers(0, moved.split, final_norm=False).training
+    assert moved.decoder.config.num_hidden_layers == len(moved.decoder.layers) == 4
