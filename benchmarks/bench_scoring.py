@@ -87,7 +87,7 @@ def _build(args, variant: str):
 
     from dmoerm.aggregator import Aggregator
     from dmoerm.experts import BackboneConfig, ExpertBank
-    from dmoerm.model import DMoERM, capability_expert
+    from dmoerm.model import DMoERM, capability_expert_name
     from dmoerm.reward_model import RewardModel
 
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def _build(args, variant: str):
         model = DMoERM(bank, taxonomy, [args.category, *others])
         for category in model.categories:
             caps = next(c for c in taxonomy.categories if c.name == category).capabilities
-            names = [capability_expert(category, c.name) for c in caps]
+            names = [capability_expert_name(category, c.name) for c in caps]
             for name in names:
                 bank.add_expert(name)
             model.aggregators[category] = Aggregator(len(names), bank.hidden_size)

@@ -92,7 +92,7 @@ def test_router_trains_only_router_and_routes(trained):
     model, snaps, _, result = trained
     router = {n for n in snaps["start"] if n.startswith("router.")}
     assert diff(snaps["start"], snaps["router"]) == router
-    assert result.accuracy >= 0.75
+    assert result.dev_accuracy >= 0.75
 
 
 def test_each_phase_changes_only_its_parameters(trained):
@@ -121,7 +121,7 @@ def test_experts_with_different_labels_score_differently(trained):
     cache = TrunkCache()
     from dmoerm.scoring import expert_states
 
-    names = model.capability_experts("code")
+    names = model.category_experts("code")
     hidden = expert_states(model.bank, names, inputs, cache)  # [K, N, H]
     scores = [model.bank.heads[nm](hidden[i]).squeeze(-1) for i, nm in enumerate(names)]
     longer_first = sum(float(s[2 * j] > s[2 * j + 1]) for j in range(len(rows)) for s in [scores[0]]) / len(
@@ -169,7 +169,7 @@ def test_all_experts_pass_equals_separate_passes(trained):
         [model.encode(r.conversation, r.responses[0]) for r in recs[:5]], model.tokenizer.pad_token_id
     )
     states = model.bank.trunk(batch["input_ids"], batch["attention_mask"])
-    names = model.capability_experts("code") + ["code__rm"]
+    names = model.category_experts("code") + ["code__rm"]
     with torch.no_grad():
         together = model.bank.all_experts_hidden(states, batch["attention_mask"], names)
         separate = torch.stack([model.bank.expert_hidden(states, batch["attention_mask"], n) for n in names])

@@ -22,7 +22,7 @@ from dmoerm.encoding import encode
 from dmoerm.experts import BackboneConfig
 from dmoerm.export import export_model, load_float32_reward_model
 from dmoerm.hf_modeling import encoded_inputs
-from dmoerm.model import DMoERM, capability_expert, new_dmoerm, rm_expert
+from dmoerm.model import DMoERM, capability_expert_name, new_dmoerm, rm_expert
 from dmoerm.reward_model import RewardModel
 from dmoerm.rl import RewardNormalization, save_normalization
 from helpers import tiny_taxonomy
@@ -256,7 +256,7 @@ def dmoerm_export(tmp_path_factory, tiny_backbone) -> Path:
     dm = new_dmoerm(cfg, tiny_taxonomy(), ["code", "chat"], init_lora_weights=False)
     for category in dm.categories:
         dm.bank.add_expert(rm_expert(category))
-    experts = [capability_expert("code", "correctness"), capability_expert("code", "brevity")]
+    experts = [capability_expert_name("code", "correctness"), capability_expert_name("code", "brevity")]
     for name in experts:
         dm.bank.add_expert(name)
     dm.aggregator_experts["code"] = experts

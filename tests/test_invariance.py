@@ -15,7 +15,7 @@ from dmoerm.aggregator import Aggregator
 from dmoerm.data import Message
 from dmoerm.encoding import collate
 from dmoerm.experts import BackboneConfig, ExpertBank
-from dmoerm.model import DMoERM, capability_expert, rm_expert
+from dmoerm.model import DMoERM, capability_expert_name, rm_expert
 from dmoerm.reward_model import RewardModel
 from dmoerm.training.loop import TrunkCache
 from helpers import WORDS, tiny_taxonomy
@@ -58,7 +58,7 @@ def dmoerm(wide_backbone) -> DMoERM:
     model = DMoERM(_bank(wide_backbone), taxonomy, ["code", "chat"])
     for category in taxonomy.categories:
         model.bank.add_expert(rm_expert(category.name))
-        names = [capability_expert(category.name, c.name) for c in category.capabilities]
+        names = [capability_expert_name(category.name, c.name) for c in category.capabilities]
         for name in names:
             model.bank.add_expert(name)
         model.aggregators[category.name] = Aggregator(len(names), model.bank.hidden_size)

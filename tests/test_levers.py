@@ -68,7 +68,7 @@ def test_a_prompt_routes_the_same_in_any_batch(trained):
 def test_residual_aggregator_starts_at_the_phase1_reward(trained):
     model, _, recs, _ = trained
     model = copy.deepcopy(model)
-    names = [rm_expert("code")] + model.capability_experts("code")
+    names = [rm_expert("code")] + model.category_experts("code")
     model.aggregators["code"] = Aggregator(len(names), model.bank.hidden_size, residual=True)
     model.aggregator_experts["code"] = names
     convs = [list(r.conversation) for r in recs[:6]]
@@ -171,7 +171,7 @@ def test_pipeline_warm_start_and_label_gate(tmp_path, tiny_backbone):
     model = load_model(out / "model")
     # The tiny judge answers one position whatever the order: the strict rule (the default) keeps nothing.
     for c in ("code", "chat"):
-        assert model.capability_experts(c) == []
+        assert model.category_experts(c) == []
         assert model.aggregator_experts[c] == [rm_expert(c)]
         assert all(v == 0 for v in state[f"phase3/{c}"]["label_counts"].values())
     report = (out / "report.md").read_text()

@@ -133,7 +133,7 @@ def test_without_router_ablation_pools_categories_into_one_inner_model(tmp_path,
     # One expert per capability point of either category, trained on the pooled labels of that point.
     cats = {c.name: c for c in model.taxonomy.categories}
     assert set(cats["pooled"].capability_names) == {"correctness", "brevity", "empathy"}
-    experts = {e.removeprefix("pooled__") for e in model.capability_experts("pooled")}
+    experts = {e.removeprefix("pooled__") for e in model.category_experts("pooled")}
     assert experts == {"correctness", "brevity", "empathy"}  # labels from both categories' records
     # The same test records as the routed run, reported per their own category.
     routed = build_splits(load_preferences(config.data, TAXONOMY), ["code", "chat"], config.data)

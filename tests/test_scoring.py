@@ -18,7 +18,7 @@ from dmoerm.encoding import encode_record
 from dmoerm.experts import BackboneConfig
 from dmoerm.labelling.human import expert_agreement
 from dmoerm.labelling.schema import CapabilityLabel
-from dmoerm.model import DMoERM, capability_expert, new_dmoerm, rm_expert
+from dmoerm.model import DMoERM, capability_expert_name, new_dmoerm, rm_expert
 from dmoerm.pipeline import score_cached
 from dmoerm.reward_model import RewardModel
 from dmoerm.scoring import (
@@ -48,7 +48,7 @@ def dmoerm(tiny_backbone) -> DMoERM:
     model = new_dmoerm(config, taxonomy, ["code", "chat"], init_lora_weights=False)
     for category in taxonomy.categories:
         model.bank.add_expert(rm_expert(category.name))
-        names = [capability_expert(category.name, c.name) for c in category.capabilities]
+        names = [capability_expert_name(category.name, c.name) for c in category.capabilities]
         for name in names:
             model.bank.add_expert(name)
         model.aggregators[category.name] = Aggregator(len(names), model.bank.hidden_size)
@@ -265,7 +265,7 @@ def test_prompt_features_are_the_routers_features_of_each_prompt(dmoerm, items):
 
 
 def test_expert_agreement_counts_what_each_pair_alone_ranks(dmoerm):
-    expert = capability_expert("code", "correctness")
+    expert = capability_expert_name("code", "correctness")
     labels = [
         CapabilityLabel(tuple(r.conversation), r.responses[0], r.responses[1], "correctness", "ab"[k % 2])
         for k, r in enumerate(length_records(9, seed=4))

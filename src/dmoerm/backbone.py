@@ -10,6 +10,7 @@ LoRA adapters (DEVELOPERS.md: full LoRA training of all layers learned nothing i
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -17,8 +18,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -217,6 +216,39 @@ def _decoder(model: nn.Module) -> nn.Module:
     return inner
 
 
+def _decoder_view(decoder: nn.Module, start: int, stop: int, final_norm: bool) -> nn.Module:
+    """A second decoder object that runs layers ``[start, stop)`` of ``decoder`` through the decoder's own forward.
+
+    A shallow copy: the same embedding, layer, norm and rotary modules (no weight is copied, a LoRA adapter
+    added later is seen), its own ``layers`` list and a config copy whose ``num_hidden_layers`` counts them
+    (the forward loops over ``layers[: config.num_hidden_layers]``), and an identity in place of the final
+    norm when ``final_norm`` is off. ``decoder`` and its config are left as they were.
+    """
+    view = copy.copy(decoder)  # shares parameters, buffers, hooks and the config's nested values
+    view._modules = type(decoder._modules)(decoder._modules)  # its own submodule table ...
+    view._modules["layers"] = nn.ModuleList(list(decoder.layers)[start:stop])  # ... holding the same layers
+    if not final_norm:
+        view._modules["norm"] = nn.Identity()
+    view.config = copy.copy(decoder.config)
+    view.config.num_hidden_layers = stop - start
+    return view
+
+
+def _mirrored_state(decoder: nn.Module) -> list[tuple[str, object]]:
+    """What a view copies from ``decoder``: its attributes, submodules, layers and config fields (the objects)."""
+    return [
+        *decoder.__dict__.items(),
+        *decoder._modules.items(),
+        *((str(i), layer) for i, layer in enumerate(decoder.layers)),
+        *decoder.config.__dict__.items(),
+    ]
+
+
+def _same_objects(a: list[tuple[str, object]], b: list[tuple[str, object]]) -> bool:
+    # By identity: a rebound attribute (train/eval, another attention implementation) makes the view stale.
+    return len(a) == len(b) and all(ka == kb and va is vb for (ka, va), (kb, vb) in zip(a, b))
+
+
 LAST_TOKEN_MODEL_TYPES = ("llama", "mistral", "qwen2")
 """Decoders whose last layer :meth:`SplitBackbone.top_last_token` computes for the last position only: the
 Llama layer (pre-norm attention with rotary embeddings and grouped-query heads, then a pre-norm MLP)."""
@@ -244,6 +276,8 @@ class SplitBackbone(nn.Module):
         self.num_layers = num_layers
         self.split = num_layers - num_top_layers
         self.trunk_dtype = trunk_dtype
+        self._views: dict[tuple[int, int, bool], tuple[list, nn.Module]] = {}
+        """Decoder views over layer slices (:meth:`_layers`); a plain dict, so not submodules or saved state."""
         decoder.embed_tokens.to(trunk_dtype)
         for layer in decoder.layers[: self.split]:
             layer.to(trunk_dtype)
@@ -256,20 +290,22 @@ class SplitBackbone(nn.Module):
     def hidden_size(self) -> int:
         return self.decoder.config.hidden_size
 
-    @contextmanager
-    def _run_layers(self, start: int, stop: int, final_norm: bool) -> Iterator[nn.Module]:
-        # Run the decoder's own forward (masks, rotary embeddings) over a slice of its layers, so any
-        # Llama-like architecture works without re-implementing its forward.
+    def _layers(self, start: int, stop: int, final_norm: bool) -> nn.Module:
+        """The decoder over its layers ``[start, stop)`` only (with or without the final norm), as a view.
+
+        The decoder's own forward (masks, rotary embeddings) runs over the slice, so any Llama-like
+        architecture works without re-implementing its forward; the decoder itself is never changed, so calls
+        from several threads, or one inside another, cannot see each other's layers. Views are built once and
+        rebuilt only when the decoder changes (another attention implementation, train/eval, a new module).
+        """
         decoder = self.decoder
-        layers, norm, n = decoder.layers, decoder.norm, decoder.config.num_hidden_layers
-        decoder.layers = nn.ModuleList(list(layers)[start:stop])
-        decoder.config.num_hidden_layers = stop - start
-        if not final_norm:
-            decoder.norm = nn.Identity()
-        try:
-            yield decoder
-        finally:
-            decoder.layers, decoder.norm, decoder.config.num_hidden_layers = layers, norm, n
+        state = _mirrored_state(decoder)
+        key = (start, stop, final_norm)
+        cached = self._views.get(key)
+        if cached is None or not _same_objects(cached[0], state):
+            # A race builds two equal views; the dict assignment is atomic, so either one serves.
+            cached = self._views[key] = (state, _decoder_view(decoder, start, stop, final_norm))
+        return cached[1]
 
     def trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask [B, T] -> hidden states after the trunk [B, T, H] (trunk_dtype; 0 at pads).
@@ -340,24 +376,22 @@ class SplitBackbone(nn.Module):
         Not batch-invariant (a row's states change with the batch's shape); :meth:`trunk` calls it on one
         unpadded row at a time. Kept for comparison (benchmarks/bench_invariance.py).
         """
-        with self._run_layers(0, self.split, final_norm=False) as decoder:
-            out = decoder(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False,
-            )
+        out = self._layers(0, self.split, final_norm=False)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
         return out.last_hidden_state
 
     def top(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Trunk states [B, T, H] -> final normed hidden states [B, T, H] (float32)."""
-        with self._run_layers(self.split, self.num_layers, final_norm=True) as decoder:
-            out = decoder(
-                inputs_embeds=hidden if hidden.dtype == torch.float64 else hidden.float(),
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False,
-            )
+        out = self._layers(self.split, self.num_layers, final_norm=True)(
+            inputs_embeds=hidden if hidden.dtype == torch.float64 else hidden.float(),
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
         return out.last_hidden_state
 
     def top_last_token(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -375,10 +409,10 @@ class SplitBackbone(nn.Module):
         h = hidden if hidden.dtype == torch.float64 else hidden.float()  # [B, T, H]
         positions = position_ids_from_mask(attention_mask)  # [B, T]
         if self.split < self.num_layers - 1:  # the top layers below the last run in full
-            with self._run_layers(self.split, self.num_layers - 1, final_norm=False) as lower:
-                h = lower(
-                    inputs_embeds=h, attention_mask=attention_mask, position_ids=positions, use_cache=False
-                ).last_hidden_state
+            lower = self._layers(self.split, self.num_layers - 1, final_norm=False)
+            h = lower(
+                inputs_embeds=h, attention_mask=attention_mask, position_ids=positions, use_cache=False
+            ).last_hidden_state
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         layer = decoder.layers[self.num_layers - 1]

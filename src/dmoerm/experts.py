@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,20 @@ logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[a-z0-9_]+$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_ROW_ADAPTERS: ContextVar[list[str] | None] = ContextVar("dmoerm_row_adapters", default=None)
+"""The adapter of each row of the mixed-adapter batch this thread is running (:meth:`ExpertBank.all_experts_hidden`),
+else None. A context variable: each thread (and asyncio task) sees its own."""
+
+
+def _row_adapters_hook(module: nn.Module, args: tuple, kwargs: dict):
+    # Passes PEFT's public mixed-batch argument `adapter_names` to a LoRA layer, as PeftModel.forward(adapter_names=)
+    # does; the split backbone runs its top layers outside PeftModel.forward. Registered once per layer (not per
+    # call, as PEFT's forward does), so a mixed batch changes no module and runs beside other threads' forwards.
+    names = _ROW_ADAPTERS.get()
+    if names is None:
+        return None
+    return args, {**kwargs, "adapter_names": names}
 
 
 @dataclass
@@ -148,36 +163,60 @@ class ExpertBank(nn.Module):
         if peft is not None:
             peft.add_adapter(name, self._lora_config)
             if init_from is not None:
-                self._copy_adapter(init_from, name)
+                self._set_adapter_state(name, self._adapter_state(init_from), f"init_from {init_from!r}")
             if "_init" in peft.peft_config:
                 peft.delete_adapter("_init")
             self.backbone.model.requires_grad_(False)
+            self._hook_lora_layers()
 
     def import_expert(self, other: ExpertBank, src: str, dst: str) -> None:
         """Add expert ``dst`` as a copy of ``other``'s expert ``src`` (adapter and head), through PEFT's public
         state-dict API; both banks must share the backbone and LoRA settings (e.g. a warm start from a
         separately trained single reward model)."""
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
         if asdict(other.config) != asdict(self.config):
             raise ValueError(f"import_expert: {src!r} comes from a bank with other backbone settings")
+        if src not in other.heads:
+            raise ValueError(f"import_expert: the other bank has no expert named {src!r}")
         self.add_expert(dst)
         self.heads[dst].load_state_dict(other.heads[src].state_dict())
         if self.peft_model is not None:
-            state = get_peft_model_state_dict(other.peft_model, adapter_name=src)
-            result = set_peft_model_state_dict(self.peft_model, state, adapter_name=dst)
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"import_expert: unexpected adapter keys {result.unexpected_keys[:3]}")
+            self._set_adapter_state(dst, other._adapter_state(src), f"import_expert {src!r}")
         self.backbone.model.requires_grad_(False)
 
-    def _copy_adapter(self, src: str, dst: str) -> None:
+    def _adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s weights in PEFT's saved layout (keys without the adapter name)."""
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.peft_model, adapter_name=name)
+
+    def _set_adapter_state(self, name: str, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load ``state`` (PEFT's saved layout) into adapter ``name``; every LoRA weight must be matched.
+
+        PEFT loads leniently (strict=False): a key mismatch would leave a silent zero-LoRA expert, so it is an
+        error here, naming ``source`` (a folder, or the expert copied from)."""
+        from peft import set_peft_model_state_dict
+
+        try:
+            result = set_peft_model_state_dict(self.peft_model, state, adapter_name=name)
+        except RuntimeError as e:  # a shape mismatch: another LoRA rank or backbone
+            raise ValueError(f"{source}: adapter {name} does not fit this backbone ({e})") from None
+        missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+        if result.unexpected_keys or missing:
+            unexpected = result.unexpected_keys
+            raise ValueError(
+                f"{source}: adapter {name} does not match the model: "
+                f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+            )
+
+    def _hook_lora_layers(self) -> None:
+        # Once per LoRA layer (PEFT creates them with the model; add_adapter only adds entries to them).
         from peft.tuners.lora import LoraLayer
 
-        with torch.no_grad():
-            for module in self.peft_model.modules():
-                if isinstance(module, LoraLayer) and src in module.lora_A:
-                    module.lora_A[dst].weight.copy_(module.lora_A[src].weight)
-                    module.lora_B[dst].weight.copy_(module.lora_B[src].weight)
+        for module in self.peft_model.modules():
+            if isinstance(module, LoraLayer) and not getattr(module, "_dmoerm_row_adapters", False):
+                module.register_forward_pre_hook(_row_adapters_hook, with_kwargs=True)
+                module._dmoerm_row_adapters = True
 
     def expert_parameters(self, name: str) -> list[nn.Parameter]:
         """The parameters that training expert ``name`` updates: its adapter (or the top layers) and head."""
@@ -214,9 +253,16 @@ class ExpertBank(nn.Module):
     def expert_hidden(
         self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, name: str
     ) -> torch.Tensor:
-        """Trunk states [B, T, H] -> expert ``name``'s last-token hidden state [B, H]."""
-        self._activate(name)
+        """Trunk states [B, T, H] -> expert ``name``'s last-token hidden state [B, H].
+
+        In eval mode the expert is named for every row (PEFT's ``adapter_names``), so threads scoring different
+        experts at once never switch the shared active adapter under each other; in training mode the adapter
+        is activated (PEFT refuses ``adapter_names`` in training), as training runs one expert at a time.
+        """
         trunk_states, attention_mask = trunk_states.to(self.device), attention_mask.to(self.device)
+        if self.peft_model is not None and not self.peft_model.training:
+            return self._rows_hidden(trunk_states, attention_mask, [name] * trunk_states.shape[0])
+        self._activate(name)
         return self.backbone.top_last_token(trunk_states, attention_mask)  # [B, H]
 
     def all_experts_hidden(
@@ -225,8 +271,8 @@ class ExpertBank(nn.Module):
         """Every named expert on every row in one batched pass: [B, T, H] -> [K, B, H].
 
         The trunk is shared; its states are forked K ways and the top layers run once on [K*B, T, H] with
-        PEFT's mixed-adapter batch (each row its own adapter). Inference only: PEFT refuses mixed batches in
-        training mode, and frozen experts need no gradients.
+        PEFT's mixed-adapter batch (``adapter_names``: each row its own adapter). Inference only: PEFT refuses
+        mixed batches in training mode, and frozen experts need no gradients.
         """
         k, (b, t, h) = len(names), trunk_states.shape
         if self.peft_model is None or k == 1:
@@ -234,10 +280,27 @@ class ExpertBank(nn.Module):
         trunk_states, attention_mask = trunk_states.to(self.device), attention_mask.to(self.device)
         forked = trunk_states.unsqueeze(0).expand(k, b, t, h).reshape(k * b, t, h)  # [K*B, T, H]
         mask = attention_mask.repeat(k, 1)  # [K*B, T]
-        rows = [n for n in names for _ in range(b)]
-        with torch.no_grad(), self.peft_model.base_model._enable_peft_forward_hooks(adapter_names=rows):
-            final = self.backbone.top_last_token(forked, mask)  # [K*B, H]
+        with torch.no_grad():
+            final = self._rows_hidden(forked, mask, [n for n in names for _ in range(b)])  # [K*B, H]
         return final.view(k, b, h)
+
+    def _rows_hidden(
+        self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, rows: list[str]
+    ) -> torch.Tensor:
+        """Trunk states [N, T, H] -> last-token hidden states [N, H], row i through expert ``rows[i]``.
+
+        The active adapter is neither read nor changed (a context variable of this thread carries ``rows``),
+        so threads and nested calls may run at once."""
+        if self.peft_model.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        unknown = sorted(set(rows) - set(self.heads))
+        if unknown:
+            raise ValueError(f"no expert named {', '.join(unknown)} (experts: {', '.join(self.heads)})")
+        token = _ROW_ADAPTERS.set(rows)
+        try:
+            return self.backbone.top_last_token(trunk_states, attention_mask)  # [N, H]
+        finally:
+            _ROW_ADAPTERS.reset(token)
 
     def forward(self, trunk_states: torch.Tensor, attention_mask: torch.Tensor, expert: str) -> torch.Tensor:
         """Rewards of expert ``expert``: trunk states [B, T, H] -> [B]."""
@@ -282,7 +345,6 @@ class ExpertBank(nn.Module):
             bank.add_expert(name)
         bank.heads.load_state_dict(load_file(directory / "heads.safetensors"))
         if bank.peft_model is not None:
-            from peft import set_peft_model_state_dict
             from peft.utils import load_peft_weights
 
             for name in names:
@@ -291,20 +353,7 @@ class ExpertBank(nn.Module):
                     raise ValueError(
                         f"{directory}: adapter {name} is listed in experts.json but {sub} is missing"
                     )
-                try:
-                    result = set_peft_model_state_dict(
-                        bank.peft_model, load_peft_weights(str(sub)), adapter_name=name
-                    )
-                except RuntimeError as e:  # a shape mismatch: another LoRA rank or backbone
-                    raise ValueError(f"{sub}: adapter {name} does not fit this backbone ({e})") from None
-                # PEFT loads leniently (strict=False): a key mismatch would leave a silent zero-LoRA expert.
-                missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
-                if result.unexpected_keys or missing:
-                    raise ValueError(
-                        f"{sub}: adapter {name} does not match the model: "
-                        f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-                        f"unexpected {result.unexpected_keys[:5]}{' ...' if len(result.unexpected_keys) > 5 else ''}"
-                    )
+                bank._set_adapter_state(name, load_peft_weights(str(sub)), str(sub))
         else:
             state = load_file(directory / "top_layers.safetensors")
             decoder = bank.backbone.decoder

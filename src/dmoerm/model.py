@@ -71,7 +71,7 @@ def rm_expert(category: str) -> str:
     return f"{category}__rm"
 
 
-def capability_expert(category: str, capability: str) -> str:
+def capability_expert_name(category: str, capability: str) -> str:
     """Adapter name of a category's phase-2 expert for one capability point."""
     return f"{category}__{capability}"
 
@@ -113,13 +113,13 @@ class DMoERM(nn.Module):
     def max_length(self) -> int:
         return self.bank.config.max_length
 
-    def capability_experts(self, category: str) -> list[str]:
+    def category_experts(self, category: str) -> list[str]:
         """The phase-2 experts of ``category`` that exist, in taxonomy order."""
         caps = next(c for c in self.taxonomy.categories if c.name == category).capabilities
         return [
-            capability_expert(category, c.name)
+            capability_expert_name(category, c.name)
             for c in caps
-            if capability_expert(category, c.name) in self.bank.heads
+            if capability_expert_name(category, c.name) in self.bank.heads
         ]
 
     # ------------------------------------------------------------------ scoring
@@ -135,7 +135,7 @@ class DMoERM(nn.Module):
             [rm_expert(category)]
             if self.routing.aggregation == "phase1"
             else self.aggregator_experts.get(category)
-            or self.capability_experts(category)
+            or self.category_experts(category)
             or [rm_expert(category)]
         )
         hidden = self.bank.all_experts_hidden(trunk_states, attention_mask, names)  # [K, B, H]

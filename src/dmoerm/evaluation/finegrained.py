@@ -115,14 +115,14 @@ def expert_agreement(model, labels: list[CapabilityLabel], cache: TrunkCache) ->
     rank the pair as the humans did on that aspect? Per capability point with an expert, scored by
     :func:`dmoerm.labelling.human.expert_agreement`."""
     from dmoerm.labelling.human import expert_agreement as one_expert_agreement
-    from dmoerm.model import capability_expert
+    from dmoerm.model import capability_expert_name
 
     by_cap: dict[str, list[CapabilityLabel]] = {}
     for lab in labels:
         by_cap.setdefault(lab.capability, []).append(lab)
     out: dict[str, dict] = {}
     for cap in sorted(by_cap):
-        name = capability_expert(CATEGORY, cap)
+        name = capability_expert_name(CATEGORY, cap)
         if name in model.bank.heads:
             out[cap] = one_expert_agreement(model, name, by_cap[cap], cache)
     return out

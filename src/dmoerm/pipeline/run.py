@@ -48,6 +48,8 @@ class PipelineResult:
     """Markdown: per-category agreement of DMoERM and the single reward model on the same held-back data."""
     timings: dict
     router: dict
+    """The router stage's state (``accuracy``: on the dev prompts, ``per_category``, prompt counts) and
+    ``test_routing_accuracy``: the share of test records the router sent to their own category."""
     report: str
     """Path of report.md."""
 
@@ -56,7 +58,7 @@ class PipelineResult:
         per_cat = ", ".join(f"{c}: {s['phase1']}/{s['phase3']}/{s['test']}" for c, s in self.sizes.items())
         return (
             f"{self.table}\nRecords per category (phase 1 / phase 3 / test): {per_cat}\n"
-            f"Router test accuracy {self.router.get('test_accuracy', float('nan')):.3f}. "
+            f"Router test accuracy {self.router.get('test_routing_accuracy', float('nan')):.3f}. "
             f"Wall time {self.timings.get('total_this_run')} s. Report: {self.report}\n"
         )
 
@@ -103,11 +105,11 @@ def run_pipeline(
     timings["total_this_run"] = round(time.perf_counter() - t_start, 2)
     stages.finish("_timings", timings)
     stages.finish("eval", {"router_test_accuracy": router_test_accuracy, "systems": list(results)})
-    tracker.log_results(results, router_test_accuracy=router_test_accuracy)
+    tracker.log_results(results, router_test_routing_accuracy=router_test_accuracy)
     tracker.close()
     report = write_report(out)
     table = comparison_table(results, systems_as="columns")
-    router_info = dict(stages.done.get("router", {}), test_accuracy=router_test_accuracy)
+    router_info = dict(stages.done.get("router", {}), test_routing_accuracy=router_test_accuracy)
     return PipelineResult(str(out), data.splits.sizes(), table, timings, router_info, str(report))
 
 

@@ -23,7 +23,7 @@ import torch
 from dmoerm.data import load_data
 from dmoerm.encoding import EncodedInput, RankedItem, encode_prompt, encode_record
 from dmoerm.labelling.human import expert_agreement, plan_category_labels
-from dmoerm.model import DMoERM, capability_expert, rm_expert
+from dmoerm.model import DMoERM, capability_expert_name, rm_expert
 from dmoerm.pipeline.config import PipelineConfig
 from dmoerm.pipeline.files import save_curves, save_model, save_records, write_json
 from dmoerm.pipeline.labels import _judge_only, _Labeller, _read_category_labels
@@ -159,7 +159,10 @@ def router_stage(run: RunContext, model: DMoERM, data: RunData, items: Encoded) 
     logger.info("router: %d training and %d dev prompts", len(train), len(dev))
     result = train_router(model, train, dev, run.config.router, run.cache, progress=run.progress)
     save_curves(result.history, run.out / "curves" / "router.png", "router (cross-entropy)")
-    info = {"accuracy": result.accuracy, "per_category": result.per_category}
+    info = {
+        "accuracy": result.dev_accuracy,  # the state's key (unchanged) for the dev accuracy
+        "per_category": result.per_category,
+    }
     info.update(train_prompts=len(train), dev_prompts=len(dev))
     run.record("router", t0, info, result.history, model=model)
 
@@ -303,7 +306,7 @@ def expert_stage(run: RunContext, model: DMoERM, category: str, capability: str,
         progress=run.progress,
     )
     held = expert_agreement(
-        model, capability_expert(category, capability), plan.held_back.get(capability, []), run.cache
+        model, capability_expert_name(category, capability), plan.held_back.get(capability, []), run.cache
     )
     info = {"labels": len(plan.train[capability]), "source": plan.sources.get(capability)}
     run.record(stage, t0, dict(info, steps=res.steps, held_back=held), res.history, model=model)
@@ -317,7 +320,7 @@ def phase3_stage(
     if stage in run.stages:
         return
     t0 = time.perf_counter()
-    names = model.capability_experts(category) or [rm_expert(category)]
+    names = model.category_experts(category) or [rm_expert(category)]
     if names == [rm_expert(category)]:
         logger.warning("%s: no capability experts; phase 3 aggregates the phase-1 model alone", category)
     res = train_phase3(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from dmoerm.aggregator import AGGREGATORS, Aggregator
 from dmoerm.encoding import EncodedInput, RankedItem, encode
 from dmoerm.labelling.schema import CapabilityLabel
-from dmoerm.model import DMoERM, capability_expert, rm_expert
+from dmoerm.model import DMoERM, capability_expert_name, rm_expert
 from dmoerm.scoring import expert_states, flatten, in_order, prompt_features
 from dmoerm.training.loop import (
     TrainConfig,
@@ -64,7 +64,10 @@ class RouterTrainConfig:
 
 @dataclass
 class RouterResult:
-    accuracy: float
+    """What :func:`train_router` returns; the run folder's state keeps ``dev_accuracy`` as ``accuracy``."""
+
+    dev_accuracy: float
+    """Share of the dev prompts routed to their own category (NaN without dev prompts)."""
     per_category: dict[str, dict] = field(default_factory=dict)
     """category -> {"n": dev prompts, "accuracy": share routed right}."""
     history: dict = field(default_factory=lambda: {"step": [], "loss": []})
@@ -112,7 +115,7 @@ def train_router(
     opt = torch.optim.AdamW(
         model.router.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    result = RouterResult(accuracy=float("nan"))
+    result = RouterResult(dev_accuracy=float("nan"))
     step = 0
     for _ in range(config.epochs):
         perm = torch.randperm(len(y))
@@ -132,7 +135,7 @@ def train_router(
         with torch.no_grad():
             pred = model.router(xd).argmax(-1)
         yd = torch.tensor([index[c] for _, c in dev])
-        result.accuracy = float((pred == yd).float().mean())
+        result.dev_accuracy = float((pred == yd).float().mean())
         for c, i in index.items():
             rows = yd == i
             if rows.any():
@@ -140,7 +143,7 @@ def train_router(
                     "n": int(rows.sum()),
                     "accuracy": float((pred[rows] == i).float().mean()),
                 }
-    logger.info("router: dev accuracy %.4f over %d prompts", result.accuracy, len(dev))
+    logger.info("router: dev accuracy %.4f over %d prompts", result.dev_accuracy, len(dev))
     return result
 
 
@@ -226,7 +229,7 @@ def train_phase2(
 ) -> TrainResult:
     """Phase 2: one capability expert, started from phase 1 (a copy of its adapter and head), on that
     capability's preference labels. Only the new adapter ``<category>__<capability>`` and its head train."""
-    name = capability_expert(category, capability)
+    name = capability_expert_name(category, capability)
     if name not in model.bank.heads:
         if rm_expert(category) not in model.bank.heads:
             raise ValueError(f"{category}: phase 2 starts from phase 1; train phase 1 first")
@@ -314,7 +317,7 @@ def train_phase3(
     With ``config.length_penalty`` > 0 the squared correlation of each batch's rewards with response length,
     times that weight, is added to the ranking loss (experts keep whatever length signal they learned; the
     aggregator is pushed not to pass it on)."""
-    names = experts or model.capability_experts(category)
+    names = experts or model.category_experts(category)
     residual = config.aggregator == "residual"
     if residual:
         names = [rm_expert(category)] + [n for n in names if n != rm_expert(category)]
