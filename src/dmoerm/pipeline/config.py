@@ -40,6 +40,13 @@ class DataConfig:
     """Held-back rankings per category for early stopping."""
     test_records: int = 40
     """Held-back rankings per category for the final comparison."""
+    test_share: float = 0.1
+    """Share of the prompts held back for test (``test_records`` per category are drawn from them). A larger
+    share gives the small categories more test pairs; a prompt in the test share at 0.1 stays in it at any
+    larger share (the test prompts are nested)."""
+    dev_share: float = 0.1
+    """Share of the prompts held back for dev; the rest (at least 0.2) is split by prompt into phase 1 and
+    phase 3."""
     router_prompts: int = 400
     """Router training prompts from ``router_sources`` at most (plus the training records' prompts)."""
     router_dev_prompts: int = 200
@@ -69,6 +76,16 @@ class DataConfig:
             )
         if not self.sources:
             raise ValueError("sources: name at least one preference data source")
+        if not 0.0 < self.test_share < 1.0 or not 0.0 <= self.dev_share < 1.0:
+            raise ValueError(
+                f"test_share, dev_share: {self.test_share}, {self.dev_share}; test_share must be in (0, 1) and "
+                "dev_share in [0, 1)"
+            )
+        if self.test_share + self.dev_share > 0.8:
+            raise ValueError(
+                f"test_share + dev_share: {self.test_share + self.dev_share:g} leaves under 0.2 of the prompts "
+                "for phase 1 and phase 3; use at most 0.8 together"
+            )
 
 
 @dataclass

@@ -66,7 +66,9 @@ def build_splits(
     is trained on in phase 3 or evaluated on (the paper's phases are disjoint; the authors' code swapped its
     train and validation splits).
     """
-    top = split_by_prompt(records, {"train": 0.8, "dev": 0.1, "test": 0.1}, seed=config.seed)
+    train_share = round(1.0 - config.dev_share - config.test_share, 12)  # 0.8 exactly at the defaults
+    shares = {"train": train_share, "dev": config.dev_share, "test": config.test_share}
+    top = split_by_prompt(records, shares, seed=config.seed)
     halves = split_by_prompt(top["train"], {"phase1": 0.5, "phase3": 0.5}, seed=config.seed + 1)
     rng = random.Random(config.seed)  # one stream for every draw below, in this order
     phase1 = _take(halves["phase1"], categories, config.phase1_records, rng)
