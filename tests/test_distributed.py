@@ -77,3 +77,32 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_backbone, 
     assert _max_diff(r0["single"], single_rm_weights(tiny_backbone)) > 1e-3
     # Rank 0 alone wrote the single RM's folder, and it is the trained model.
     assert (tmp_path / "two" / "single" / "train_result.json").exists()
+
+
+def test_the_shipped_accelerate_configs_load_with_accelerate():
+    """configs/accelerate/*.yaml parse with accelerate's own loader, leave precision to the dmoerm config, and
+    the DeepSpeed ones point at a JSON file whose micro batch size is an integer (no dataloader is prepared)."""
+    import json
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).parent.parent
+    kinds = {}
+    for path in sorted((root / "configs" / "accelerate").glob("*.yaml")):
+        config = load_config_from_file(str(path))
+        kinds[path.stem] = (
+            str(config.distributed_type).split(".")[-1],
+            config.num_machines,
+            config.num_processes,
+        )
+        assert config.mixed_precision == "no", path.name
+        if config.deepspeed_config:
+            ds = json.loads((root / config.deepspeed_config["deepspeed_config_file"]).read_text())
+            assert isinstance(ds["train_micro_batch_size_per_gpu"], int), path.name
+    assert kinds == {
+        "ddp-1x8": ("MULTI_GPU", 1, 8),
+        "ddp-2x8": ("MULTI_GPU", 2, 16),
+        "deepspeed-zero2": ("DEEPSPEED", 1, 8),
+        "deepspeed-zero3": ("DEEPSPEED", 1, 8),
+        "fsdp": ("FSDP", 1, 8),
+    }

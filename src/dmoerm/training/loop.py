@@ -388,7 +388,9 @@ class _ExpertRun:
         )  # fmt: skip
         self.accelerator = acc = process_accelerator()
         acc.gradient_accumulation_steps = config.gradient_accumulation_steps
-        acc.step = 0  # accumulation counts from this run's first step, not from an earlier run's (resume sets it)
+        acc.step = (
+            0  # accumulation counts from this run's first step, not from an earlier run's (resume sets it)
+        )
         self.rank, self.world = acc.process_index, acc.num_processes
         torch.manual_seed(config.seed)
         bank.requires_grad_(False)
@@ -397,16 +399,19 @@ class _ExpertRun:
             p.requires_grad_(True)
         names = {id(p): n for n, p in bank.named_parameters()}
         self.names = [names[id(p)] for p in self.params]
-        optimizer, self.scheduler = _expert_optimizer(self.params, config, len(train))
-        # The scheduler stays unprepared: accelerate would step it once per process and update.
-        self.model, self.optimizer = acc.prepare(bank, optimizer)
         self.lengths = [sum(len(e.input_ids) for e in item.inputs) for item in train]
-        # Trunk states of this rank's items, once (its share of each length bucket: shuffling the buckets'
-        # order never changes which rank holds an item); epochs and dev evaluations reuse them.
-        mine = [i for b in length_buckets(self.lengths, config.batch_size) for i in b[self._slice(len(b))]]
+        # Trunk states of this rank's items, once, before a sharding wrapper may split the trunk (its share of
+        # each length bucket: shuffling the buckets' order never changes which rank holds an item); epochs
+        # and dev evaluations reuse them.
+        mine = sorted(
+            i for b in length_buckets(self.lengths, config.batch_size) for i in b[self._slice(len(b))]
+        )
         own_dev = list(dev)[self._slice(len(dev))]
         inputs = [e for item in [train[i] for i in mine] + own_dev for e in item.inputs]
         cache.get(bank, inputs, desc=desc and f"{desc} trunk")
+        optimizer, self.scheduler = _expert_optimizer(self.params, config, len(train))
+        # The scheduler stays unprepared: accelerate would step it once per process and update.
+        self.model, self.optimizer = acc.prepare(bank, optimizer)
 
     def _slice(self, n: int) -> slice:
         s = share(n, self.rank, self.world)
@@ -420,15 +425,16 @@ class _ExpertRun:
         weights = [item.weight / len(item.pairs) for item in items for _ in item.pairs]
         total = torch.tensor(weights, dtype=torch.float32).sum().clamp(min=1e-8)
         mine = list(items)[self._slice(len(items))]
-        with _autocast(self.accelerator, self.config.mixed_precision):
-            if mine:
-                batch = batch_items(self.bank, mine, self.cache)
+        if mine:
+            batch = batch_items(self.bank, mine, self.cache)
+            with _autocast(self.accelerator, self.config.mixed_precision):
                 rewards = self.model(batch["states"], batch["attention_mask"], self.expert)  # [n]
-                return rewards, ranking_loss(rewards.float(), batch["pairs"], batch["weights"], total)
-            # No item here: a zero-weighted forward of one blank state still joins DDP's gradient all-reduce.
-            blank = torch.zeros(1, 1, self.bank.hidden_size, dtype=self.bank.backbone.trunk_dtype)
+            return rewards, ranking_loss(rewards.float(), batch["pairs"], batch["weights"], total)
+        # No item here: a zero-weighted forward of one blank state still joins DDP's gradient all-reduce.
+        blank = torch.zeros(1, 1, self.bank.hidden_size, dtype=self.bank.backbone.trunk_dtype)
+        with _autocast(self.accelerator, self.config.mixed_precision):
             rewards = self.model(blank.to(self.bank.device), torch.ones(1, 1, dtype=torch.long), self.expert)
-            return rewards[:0], rewards.float().sum() * 0.0
+        return rewards[:0], rewards.float().sum() * 0.0
 
     def step(self, items: Sequence[RankedItem]) -> tuple[float, float]:
         """One global batch: forward and backward of this rank's share (under gradient accumulation); the
