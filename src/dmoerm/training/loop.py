@@ -383,9 +383,7 @@ class _ExpertRun:
     DDP averages the ranks' gradients: the update equals the one-process full-batch update."""
 
     def __init__(self, bank, expert: str, train, dev, config: TrainConfig, cache: TrunkCache, desc):
-        self.bank, self.expert, self.train, self.dev, self.config, self.cache = (
-            bank, expert, train, dev, config, cache,
-        )  # fmt: skip
+        self.bank, self.expert, self.dev, self.config, self.cache = bank, expert, dev, config, cache
         self.accelerator = acc = process_accelerator()
         acc.gradient_accumulation_steps = config.gradient_accumulation_steps
         acc.step = (
