@@ -108,7 +108,7 @@ def test_zero_penalty_is_exactly_the_old_loss(trained, monkeypatch):
         raise AssertionError("length_correlation called with length_penalty=0")
 
     monkeypatch.setattr(loop, "length_correlation", boom)
-    monkeypatch.setattr(phases, "length_correlation", boom)
+    monkeypatch.setattr(phases, "length_correlation_penalty", boom)
     items = train[:8]
     model.bank.add_expert("code__zero", init_from=rm_expert("code"))
     start = score_items(model.bank, "code__zero", items, cache)

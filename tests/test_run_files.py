@@ -16,7 +16,8 @@ from dmoerm.experts import ExpertBank
 from dmoerm.labelling.cache import JudgeCache
 from dmoerm.model import DMoERM
 from dmoerm.training import loop
-from dmoerm.training.loop import CHECKPOINT_FILE, TrainConfig, TrunkCache
+from dmoerm.training.checkpoint import CHECKPOINT_FILE
+from dmoerm.training.loop import TrainConfig, TrunkCache
 from dmoerm.training.phases import RouterTrainConfig, train_phase1, train_router
 from helpers import length_records
 from test_dmoerm import make_model, route_examples, snapshot

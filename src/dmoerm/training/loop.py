@@ -8,10 +8,8 @@ Training runs through Hugging Face ``accelerate``: the same code runs on several
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +21,15 @@ from tqdm.auto import tqdm
 
 from dmoerm.encoding import EncodedInput, RankedItem, length_buckets
 from dmoerm.scoring import expert_rewards, flatten, items_in_order, padded_states
+from dmoerm.training.checkpoint import Checkpoint, ResumeState
+from dmoerm.training.distributed import (
+    gather_lists,
+    process_accelerator,
+    share,
+    sum_over_ranks,
+    with_other_ranks,
+)
+from dmoerm.training.early_stopping import EarlyStopping
 
 # Moved to dmoerm.training.trunk_cache; importable from here too.
 from dmoerm.training.trunk_cache import TrunkCache, pad_states, trunk_key  # noqa: F401
@@ -80,11 +87,16 @@ class TrainConfig:
 
 
 def ranking_loss(
-    rewards: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor | None = None
+    rewards: torch.Tensor,
+    pairs: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    total_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean of -log sigmoid(r_better - r_worse) over pairs (the paper's loss over every untied pair).
 
     rewards: [N]; pairs: [P, 2] (better index, worse index) into rewards; weights: [P] or None -> scalar.
+    ``total_weight`` (default ``weights.sum()``) is the denominator: a data-parallel rank passes its global
+    batch's total, so the ranks' losses add up to the batch's.
     """
     pairs = pairs.to(rewards.device)
     margin = rewards[pairs[:, 0]] - rewards[pairs[:, 1]]  # [P]
@@ -92,7 +104,9 @@ def ranking_loss(
     if weights is None:
         return loss.mean()
     weights = weights.to(rewards.device)
-    return (loss * weights).sum() / weights.sum().clamp(min=1e-8)
+    if total_weight is None:
+        total_weight = weights.sum().clamp(min=1e-8)
+    return (loss * weights).sum() / total_weight.to(rewards.device)
 
 
 # Keeping length out of the reward. Of the two methods the length-bias issue names, we use ODIN's
@@ -200,106 +214,162 @@ class TrainResult:
     stopped_early: bool = False
 
 
-_ACCELERATOR = None
-
-
-def process_accelerator():
-    """The process's one ``Accelerator``, built on first use.
-
-    accelerate keeps one state per process, so a second ``Accelerator`` with other settings (phase 1 in bf16,
-    phase 2 in float32) fails; every training run shares this one and sets its own gradient accumulation, and
-    mixed precision is an autocast around each forward pass (:func:`_autocast`).
-    """
-    global _ACCELERATOR
-    if _ACCELERATOR is None:
-        from accelerate import Accelerator
-
-        _ACCELERATOR = Accelerator(cpu=not torch.cuda.is_available())
-    return _ACCELERATOR
-
-
 def _autocast(accelerator, mixed_precision: str):
     """bf16 autocast of the top layers when ``mixed_precision`` is ``bf16``; a no-op context otherwise."""
     return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-CHECKPOINT_FILE = "checkpoint.safetensors"
-"""A training run's resume state: tensors in safetensors, everything else as JSON in its metadata (no pickle:
-a run folder from someone else cannot execute code)."""
-_META = "dmoerm_checkpoint"
+def full_weights(
+    accelerator, model, names: Sequence[str], params: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Copies of the weights ``names`` of a prepared ``model``, whole where DeepSpeed ZeRO-3 or FSDP shard them
+    (``accelerator.get_state_dict`` gathers them; every rank must call this, and where only rank 0 receives
+    the gathered dict the others copy their ``params``). Under DDP or one process: the model's own weights."""
+    state = accelerator.get_state_dict(model)
+    return [(state[n] if n in state else p).detach().clone() for n, p in zip(names, params, strict=True)]
 
 
-def save_checkpoint(
-    path: Path, params, optimizer, scheduler, epoch: int, result, best, bad_evals: int
-) -> None:
-    """Write the resume state atomically (one file: a kill leaves the previous epoch's intact)."""
-    from safetensors.torch import save_file
-
-    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
-    if best is not None:
-        tensors.update({f"best.{i}": p.detach().cpu().contiguous() for i, p in enumerate(best)})
-    opt = optimizer.state_dict()
-    opt_state: dict[str, dict] = {}
-    for idx, entry in opt["state"].items():
-        opt_state[str(idx)] = {}
-        for name, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                opt_state[str(idx)][name] = value
-    tensors["rng.torch"] = torch.get_rng_state()
-    version, internal, gauss = random.getstate()
-    meta = {
-        "epoch": epoch,
-        "result": asdict(result),
-        "bad_evals": bad_evals,
-        "has_best": best is not None,
-        "optimizer": {"state": opt_state, "param_groups": opt["param_groups"]},
-        "scheduler": scheduler.state_dict(),
-        "rng_python": [version, list(internal), gauss],
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={_META: json.dumps(meta)})
-    os.replace(tmp, path)
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's global batches of item indices: length buckets in an order shuffled under ``seed + epoch``,
+    the same on every rank (each then takes its :func:`~dmoerm.training.distributed.share` of each batch)."""
+    batches = length_buckets(lengths, batch_size)
+    random.Random(seed + epoch).shuffle(batches)
+    return batches
 
 
-def load_checkpoint(path: Path, params, optimizer, scheduler) -> tuple[int, TrainResult, list | None, int]:
-    """Restore params, optimizer, scheduler and RNGs from :func:`save_checkpoint`'s file; (epoch, result,
-    best state, bad evaluations). A damaged file raises ``ValueError`` naming it and what to do."""
-    from safetensors import safe_open
+def _expert_optimizer(params, config: TrainConfig, n_train: int):
+    """AdamW over ``params`` and its schedule: linear warm-up, then linear decay to 0 at the last update."""
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    batches_per_epoch = math.ceil(n_train / config.batch_size)
+    updates = max(1, math.ceil(batches_per_epoch * config.epochs / config.gradient_accumulation_steps))
+    warmup = int(config.warmup_ratio * updates)
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})[_META])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        n = len(params)
-        loaded = [tensors[f"param.{i}"] for i in range(n)]
-        if f"param.{n}" in tensors or any(a.shape != b.shape for a, b in zip(loaded, params)):
-            raise ValueError("its parameters do not match this expert's (another model or LoRA rank?)")
-        best = [tensors[f"best.{i}"] for i in range(n)] if meta["has_best"] else None
-        state = {}
-        for idx, rest in meta["optimizer"]["state"].items():
-            entry = dict(rest)
-            prefix = f"optim.{idx}."
-            entry.update({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-            state[int(idx)] = entry
-        with torch.no_grad():
-            for p, v in zip(params, loaded, strict=True):
-                p.copy_(v.to(p.device, p.dtype))
-        optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
-        scheduler.load_state_dict(meta["scheduler"])
-        version, internal, gauss = meta["rng_python"]
-        random.setstate((version, tuple(internal), gauss))
-        torch.set_rng_state(tensors["rng.torch"])
-        result = TrainResult(**meta["result"])
-        return meta["epoch"], result, best, meta["bad_evals"]
-    except Exception as e:  # safetensors raises its own errors for a cut or garbled file
-        raise ValueError(
-            f"{path}: cannot resume from this training checkpoint ({type(e).__name__}: {e}); delete it to train "
-            "this stage again from its first epoch"
-        ) from None
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (updates - step) / max(1, updates - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+class _ExpertRun:
+    """One expert's training under the process's accelerator: the step, dev evaluation and checkpoints.
+
+    Every rank builds the same global batches; each takes a contiguous share of a batch's items, and its loss
+    is its share of the batch's loss (pair weights over the whole batch's total) times the world size, because
+    DDP averages the ranks' gradients: the update equals the one-process full-batch update."""
+
+    def __init__(self, bank, expert: str, train, dev, config: TrainConfig, cache: TrunkCache, desc):
+        self.bank, self.expert, self.dev, self.config, self.cache = bank, expert, dev, config, cache
+        self.accelerator = acc = process_accelerator()
+        acc.gradient_accumulation_steps = config.gradient_accumulation_steps
+        acc.step = (
+            0  # accumulation counts from this run's first step, not from an earlier run's (resume sets it)
+        )
+        self.rank, self.world = acc.process_index, acc.num_processes
+        torch.manual_seed(config.seed)
+        bank.requires_grad_(False)
+        self.params = bank.expert_parameters(expert)
+        for p in self.params:
+            p.requires_grad_(True)
+        names = {id(p): n for n, p in bank.named_parameters()}
+        self.names = [names[id(p)] for p in self.params]
+        self.lengths = [sum(len(e.input_ids) for e in item.inputs) for item in train]
+        # Trunk states of this rank's items, once, before a sharding wrapper may split the trunk (its share of
+        # each length bucket: shuffling the buckets' order never changes which rank holds an item); epochs
+        # and dev evaluations reuse them.
+        mine = sorted(
+            i for b in length_buckets(self.lengths, config.batch_size) for i in b[self._slice(len(b))]
+        )
+        own_dev = list(dev)[self._slice(len(dev))]
+        inputs = [e for item in [train[i] for i in mine] + own_dev for e in item.inputs]
+        cache.get(bank, inputs, desc=desc and f"{desc} trunk")
+        optimizer, self.scheduler = _expert_optimizer(self.params, config, len(train))
+        # The scheduler stays unprepared: accelerate would step it once per process and update.
+        self.model, self.optimizer = acc.prepare(bank, optimizer)
+
+    def _slice(self, n: int) -> slice:
+        s = share(n, self.rank, self.world)
+        return slice(s.start, s.stop)
+
+    def weights(self) -> list[torch.Tensor]:
+        return full_weights(self.accelerator, self.model, self.names, self.params)
+
+    def _rewards(self, items: Sequence[RankedItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rewards [n] of its share and its ranking-loss share over the batch's total weight."""
+        weights = [item.weight / len(item.pairs) for item in items for _ in item.pairs]
+        total = torch.tensor(weights, dtype=torch.float32).sum().clamp(min=1e-8)
+        mine = list(items)[self._slice(len(items))]
+        if mine:
+            batch = batch_items(self.bank, mine, self.cache)
+            with _autocast(self.accelerator, self.config.mixed_precision):
+                rewards = self.model(batch["states"], batch["attention_mask"], self.expert)  # [n]
+            return rewards, ranking_loss(rewards.float(), batch["pairs"], batch["weights"], total)
+        # No item here: a zero-weighted forward of one blank state still joins DDP's gradient all-reduce.
+        blank = torch.zeros(1, 1, self.bank.hidden_size, dtype=self.bank.backbone.trunk_dtype)
+        with _autocast(self.accelerator, self.config.mixed_precision):
+            rewards = self.model(blank.to(self.bank.device), torch.ones(1, 1, dtype=torch.long), self.expert)
+        return rewards[:0], rewards.float().sum() * 0.0
+
+    def step(self, items: Sequence[RankedItem]) -> tuple[float, float]:
+        """One global batch: forward and backward of this rank's share (under gradient accumulation); the
+        batch's loss and length penalty, the same on every rank."""
+        acc, config = self.accelerator, self.config
+        with acc.accumulate(self.model):
+            rewards, loss = self._rewards(items)
+            logged, penalty = sum_over_ranks(loss.detach()), torch.zeros(())
+            if config.length_penalty > 0:
+                counts = [
+                    sum(len(items[i].inputs) for i in share(len(items), r, self.world))
+                    for r in range(self.world)
+                ]
+                flat = [e for item in items for e in item.inputs]
+                groups = torch.tensor([k for k, item in enumerate(items) for _ in item.inputs])
+                full = with_other_ranks(rewards, counts)  # [N] the whole batch's rewards
+                penalty = length_correlation_penalty(full, response_lengths(flat), groups)
+                loss = loss + config.length_penalty * penalty
+                logged = logged + (config.length_penalty * penalty).detach()
+            acc.backward(loss * self.world)
+            if acc.sync_gradients and config.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.params, config.max_grad_norm)
+            self.optimizer.step()
+            if acc.sync_gradients:
+                self.scheduler.step()
+            self.optimizer.zero_grad()
+        return logged.item(), float(penalty.detach())
+
+    def dev_agreement(self) -> float:
+        """Pair agreement on dev: each rank scores its share, the rewards are gathered, every rank agrees."""
+        own = list(self.dev)[self._slice(len(self.dev))]
+        return pair_agreement(self.dev, gather_lists(score_items(self.bank, self.expert, own, self.cache)))
+
+    def resume(self, checkpoint: Checkpoint | None) -> tuple[int, TrainResult, EarlyStopping]:
+        """(first epoch, result so far, early stopping so far): from ``checkpoint`` when it exists."""
+        patience = self.config.early_stopping_patience
+        if checkpoint is not None and (checkpoint.path.parent / "checkpoint.pt").exists():
+            logger.warning(
+                "%s: ignoring checkpoint.pt of an older version (pickles are never loaded)",
+                checkpoint.path.parent,
+            )
+        if checkpoint is None or not checkpoint.exists():
+            return 0, TrainResult(), EarlyStopping(patience)
+        state = checkpoint.load(self.params, self.optimizer, self.scheduler)
+        result = TrainResult(**state.result)
+        self.accelerator.step = result.steps  # where gradient accumulation stood
+        logger.info("%s: resumed from %s at epoch %d", self.expert, checkpoint.path, state.epoch)
+        return (
+            state.epoch,
+            result,
+            EarlyStopping(patience, result.best_dev_agreement, state.best, state.bad_evals),
+        )
+
+    def save(self, checkpoint: Checkpoint, epoch: int, result: TrainResult, stopping: EarlyStopping) -> None:
+        """Rank 0 writes the checkpoint (weights gathered whole on every rank first); all ranks wait for it."""
+        weights = self.weights()
+        if self.accelerator.is_main_process:
+            state = ResumeState(epoch, asdict(result), stopping.best, stopping.bad)
+            checkpoint.save(weights, self.optimizer, self.scheduler, state)
+        self.accelerator.wait_for_everyone()
 
 
 def train_expert(
@@ -320,130 +390,65 @@ def train_expert(
 
     Exactly ``bank.expert_parameters(expert)`` change; everything else stays frozen. With ``checkpoint_dir``,
     the trainable weights, optimizer, scheduler and position are saved after each epoch, and a rerun resumes
-    from there. The weights with the best dev agreement are restored at the end.
+    from there. The weights with the best dev agreement are restored at the end. Under several processes
+    (``accelerate launch``) the result equals one process's with the same global batch (:class:`_ExpertRun`).
     """
     if not train:
         raise ValueError(f"{expert}: no training items")
-    accelerator = process_accelerator()
-    accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
-    torch.manual_seed(config.seed)
-    bank.requires_grad_(False)
-    params = bank.expert_parameters(expert)
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    batches_per_epoch = math.ceil(len(train) / config.batch_size)
-    updates = max(1, math.ceil(batches_per_epoch * config.epochs / config.gradient_accumulation_steps))
-    warmup = int(config.warmup_ratio * updates)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (updates - step) / max(1, updates - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    model, optimizer, scheduler = accelerator.prepare(bank, optimizer, scheduler)
-
-    # Trunk states of every input, once (length-bucketed); epochs and dev evaluations reuse them.
-    cache.get(
-        bank, [e for item in list(train) + list(dev) for e in item.inputs], desc=desc and f"{desc} trunk"
-    )
-
-    result = TrainResult()
-    start_epoch, best_state, bad_evals = 0, None, 0
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
-    if ckpt is not None and (ckpt.parent / "checkpoint.pt").exists():
-        logger.warning(
-            "%s: ignoring checkpoint.pt of an older version (pickles are never loaded)", ckpt.parent
-        )
-    if ckpt is not None and ckpt.exists():
-        start_epoch, result, best_state, bad_evals = load_checkpoint(ckpt, params, optimizer, scheduler)
-        logger.info("%s: resumed from %s at epoch %d", expert, ckpt, start_epoch)
+    run = _ExpertRun(bank, expert, train, dev, config, cache, desc)
+    checkpoint = Checkpoint(checkpoint_dir) if checkpoint_dir else None
+    start_epoch, result, stopping = run.resume(checkpoint)
 
     def evaluate() -> None:
-        nonlocal best_state, bad_evals
-        if not dev:
-            return
-        agreement = pair_agreement(dev, score_items(bank, expert, dev, cache))
-        result.history["dev_step"].append(result.steps)
-        result.history["dev_agreement"].append(agreement)
-        logger.info("%s: step %d dev agreement %.4f", expert, result.steps, agreement)
-        if not agreement <= result.best_dev_agreement:  # also true for the first (nan) comparison
-            result.best_dev_agreement = agreement
-            best_state = [p.detach().clone() for p in params]
-            bad_evals = 0
-        else:
-            bad_evals += 1
+        if dev:
+            agreement = run.dev_agreement()
+            result.history["dev_step"].append(result.steps)
+            result.history["dev_agreement"].append(agreement)
+            logger.info("%s: step %d dev agreement %.4f", expert, result.steps, agreement)
+            stopping.record(agreement, run.weights)
+            result.best_dev_agreement = stopping.best_agreement
 
-    order_rng = random.Random(config.seed)
-    lengths = [sum(len(e.input_ids) for e in item.inputs) for item in train]
-    stop = result.stopped_early
-    corr_sum = corr_n = 0.0
     if evaluate_first and not result.history["dev_step"]:
         evaluate()  # the starting weights (a warm start) are the first candidate for "best on dev"
     for epoch in range(start_epoch, config.epochs):
-        if stop:
+        if result.stopped_early:
             break
-        order_rng.seed(config.seed + epoch)
-        batches = length_buckets(lengths, config.batch_size)
-        order_rng.shuffle(batches)
-        # Each process takes its share of the batches (accelerate's DDP averages the gradients); every
-        # process must run the same number of steps, or DDP waits forever for the missing one.
-        world = accelerator.num_processes
-        if world > 1:
-            batches = batches[: max(world, len(batches) // world * world)]
-            batches = (batches * world)[: max(len(batches), world)]
-        batches = batches[accelerator.process_index :: world]
-        model.train()
-        bar = tqdm(batches, desc=f"{desc or expert} epoch {epoch + 1}/{config.epochs}", disable=desc is None)
-        for idx in bar:
-            batch = batch_items(bank, [train[i] for i in idx], cache)
-            if batch["pairs"].numel() == 0:
+        run.model.train()
+        penalties = []
+        batches = epoch_batches(run.lengths, config.batch_size, config.seed, epoch)
+        for idx in tqdm(
+            batches, desc=f"{desc or expert} epoch {epoch + 1}/{config.epochs}", disable=desc is None
+        ):
+            items = [train[i] for i in idx]
+            if not any(item.pairs for item in items):
                 continue
-            with accelerator.accumulate(model):
-                with _autocast(accelerator, config.mixed_precision):
-                    rewards = model(batch["states"], batch["attention_mask"], expert)  # [N]
-                loss = ranking_loss(rewards.float(), batch["pairs"], batch["weights"])
-                if config.length_penalty > 0:
-                    corr = length_correlation(rewards, batch["lengths"], batch["groups"])
-                    loss = loss + config.length_penalty * corr**2  # = length_correlation_penalty
-                    corr_sum, corr_n = corr_sum + corr.item(), corr_n + 1
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+            loss, penalty = run.step(items)
+            penalties.append(penalty)
             result.steps += 1
             result.history["step"].append(result.steps)
-            result.history["loss"].append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            result.history["loss"].append(loss)
             if config.eval_every and result.steps % config.eval_every == 0:
                 evaluate()
-                model.train()
-        if corr_n:
+                run.model.train()
+        if config.length_penalty > 0 and penalties:
             logger.info(
-                "%s: epoch %d mean batch reward-length correlation %.3f (length_penalty %g)",
-                expert,
-                epoch + 1,
-                corr_sum / corr_n,
-                config.length_penalty,
-            )
-            corr_sum = corr_n = 0.0
+                "%s: epoch %d mean batch squared reward-length correlation %.4f (length_penalty %g)",
+                expert, epoch + 1, sum(penalties) / len(penalties), config.length_penalty,
+            )  # fmt: skip
         if not config.eval_every:
             evaluate()
-        if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
-            result.stopped_early = stop = True
+        if stopping.should_stop:
+            result.stopped_early = True
             logger.info("%s: early stop after epoch %d", expert, epoch + 1)
-        if ckpt is not None and accelerator.is_main_process:
-            save_checkpoint(ckpt, params, optimizer, scheduler, epoch + 1, result, best_state, bad_evals)
-    if best_state is not None:
+        if checkpoint is not None:
+            run.save(checkpoint, epoch + 1, result, stopping)
+    if stopping.best is not None:
         with torch.no_grad():
-            for p, v in zip(params, best_state, strict=True):
+            for p, v in zip(run.params, stopping.best, strict=True):
                 p.copy_(v)
     bank.requires_grad_(False)
     bank.eval()
-    accelerator.free_memory()
+    run.accelerator.free_memory()
     return result
 
 
@@ -468,7 +473,3 @@ def save_curves(history: dict, path: str | Path, title: str = "") -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def config_dict(config) -> dict:
-    return asdict(config)

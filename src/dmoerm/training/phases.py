@@ -20,12 +20,21 @@ from dmoerm.encoding import EncodedInput, RankedItem, encode
 from dmoerm.labelling.schema import CapabilityLabel
 from dmoerm.model import DMoERM, capability_expert_name, rm_expert
 from dmoerm.scoring import expert_states, flatten, in_order, prompt_features
+from dmoerm.training.distributed import (
+    computed_in_shares,
+    rank_and_world,
+    share,
+    sum_gradients,
+    sum_over_ranks,
+    with_other_ranks,
+)
+from dmoerm.training.early_stopping import EarlyStopping
 from dmoerm.training.loop import (
     TrainConfig,
     TrainResult,
     TrunkCache,
     check_length_penalty,
-    length_correlation,
+    length_correlation_penalty,
     pair_agreement,
     ranking_loss,
     response_lengths,
@@ -86,6 +95,17 @@ def _seeded_router_init(router, seed: int) -> None:
     router.norm.reset_parameters()
 
 
+def _router_loss(router, x, y, idx, weight, rank: int, world: int) -> torch.Tensor:
+    """Cross-entropy of the prompts ``idx``; under several processes this rank's share of it (a contiguous
+    share of ``idx``, over the whole batch's total weight), so the ranks' gradients sum to the batch's."""
+    if world == 1:
+        return F.cross_entropy(router(x[idx]), y[idx], weight=weight)
+    s = share(len(idx), rank, world)
+    mine = idx[s.start : s.stop]
+    total = weight[y[idx]].sum() if weight is not None else torch.tensor(float(len(idx)))
+    return F.cross_entropy(router(x[mine]), y[mine], weight=weight, reduction="sum") / total
+
+
 def train_router(
     model: DMoERM,
     train: Sequence[tuple[EncodedInput, str]],
@@ -101,9 +121,10 @@ def train_router(
     dev = [(e, c) for e, c in dev if c in index]
     if not train:
         raise ValueError("router: no training prompt has one of the model's categories")
-    x = prompt_features(
-        model, [e for e, _ in train], cache, desc="router trunk" if progress else None
-    )  # [N, H] (Router.features, as DMoERM.route reads them when scoring)
+    desc = "router trunk" if progress else None
+    # Router.features, as DMoERM.route reads them when scoring; each rank computes its share.
+    features = lambda inputs: prompt_features(model, inputs, cache, desc=desc)  # noqa: E731
+    x = computed_in_shares(features, [e for e, _ in train], model.bank.device)  # [N, H]
     y = torch.tensor([index[c] for _, c in train])  # [N]
     counts = torch.bincount(y, minlength=len(index)).float()
     weight = (counts.sum() / (len(index) * counts.clamp(min=1))) if config.balance_classes else None
@@ -117,21 +138,24 @@ def train_router(
     )
     result = RouterResult(dev_accuracy=float("nan"))
     step = 0
+    rank, world = rank_and_world()
     for _ in range(config.epochs):
-        perm = torch.randperm(len(y))
+        perm = torch.randperm(len(y))  # the same on every rank (seeded above)
         for start in range(0, len(y), config.batch_size):
             idx = perm[start : start + config.batch_size]
-            loss = F.cross_entropy(model.router(x[idx]), y[idx], weight=weight)
+            loss = _router_loss(model.router, x, y, idx, weight, rank, world)
             opt.zero_grad()
             loss.backward()
+            sum_gradients(list(model.router.parameters()))
             opt.step()
             step += 1
             result.history["step"].append(step)
-            result.history["loss"].append(loss.item())
+            result.history["loss"].append(sum_over_ranks(loss.detach()).item())
     model.router.requires_grad_(False)
     model.eval()
     if dev:
-        xd = prompt_features(model, [e for e, _ in dev], cache)
+        score = lambda inputs: prompt_features(model, inputs, cache)  # noqa: E731
+        xd = computed_in_shares(score, [e for e, _ in dev], model.bank.device)
         with torch.no_grad():
             pred = model.router(xd).argmax(-1)
         yd = torch.tensor([index[c] for _, c in dev])
@@ -292,7 +316,10 @@ def _aggregator_inputs(model: DMoERM, names: list[str], items: Sequence[RankedIt
         return None, None, where, flat
     model.eval()
     # Consecutive batches of 16, as phase 3 has always read its states (the same features, bit for bit).
-    feats = expert_states(model.bank, names, flat, cache, batches=in_order(len(flat), 16))  # [K, N, H]
+    states = lambda inputs: expert_states(  # noqa: E731
+        model.bank, names, inputs, cache, batches=in_order(len(inputs), 16)
+    )
+    feats = computed_in_shares(states, flat, model.bank.device, dim=1)  # [K, N, H], each rank its share
     with torch.no_grad():
         scores = torch.stack(
             [model.bank.heads[n](feats[i].to(model.bank.device)).squeeze(-1) for i, n in enumerate(names)]
@@ -336,27 +363,23 @@ def train_phase3(
         tracker.evaluate(result)  # step 0: the phase-1 reward alone, the bar the correction must clear
     rng = random.Random(config.seed)
     order = list(range(len(train)))
+    rank, world = rank_and_world()
     for _epoch in range(config.epochs):
         agg.train()
         rng.shuffle(order)
         for start in range(0, len(order), config.batch_size):
             chunk = order[start : start + config.batch_size]
-            rows = [r for i in chunk for r in where[i]]
-            local = {r: j for j, r in enumerate(rows)}
-            pairs = [(local[where[i][b]], local[where[i][w]]) for i in chunk for b, w in train[i].pairs]
-            wts = [train[i].weight / len(train[i].pairs) for i in chunk for _ in train[i].pairs]
-            if not pairs:
+            if not any(train[i].pairs for i in chunk):
                 continue
-            rewards = agg(feats[:, rows], scores[:, rows])  # [n]
-            loss = ranking_loss(rewards, torch.tensor(pairs), torch.tensor(wts))
-            if config.length_penalty > 0:
-                loss = loss + config.length_penalty * length_correlation(rewards, lengths[rows]) ** 2
+            data = (feats, scores, where, lengths)
+            loss, logged = _aggregator_loss(agg, data, train, chunk, config.length_penalty, rank, world)
             opt.zero_grad()
             loss.backward()
+            sum_gradients(list(agg.parameters()))
             opt.step()
             result.steps += 1
             result.history["step"].append(result.steps)
-            result.history["loss"].append(loss.item())
+            result.history["loss"].append(logged)
         if tracker.evaluate(result):
             result.stopped_early = True
             break
@@ -375,13 +398,40 @@ def train_phase3(
     return result
 
 
+def _aggregator_loss(agg, data, train, chunk, length_penalty: float, rank: int, world: int):
+    """(loss, logged batch loss) of the items ``chunk``: under several processes this rank's share of the
+    batch's loss (pair weights over the whole batch's total), so the ranks' gradients sum to the batch's."""
+    feats, scores, where, lengths = data
+    wts_all = [train[i].weight / len(train[i].pairs) for i in chunk for _ in train[i].pairs]
+    total = torch.tensor(wts_all).sum().clamp(min=1e-8)
+    s = share(len(chunk), rank, world)
+    mine = chunk[s.start : s.stop]
+    rows = [r for i in mine for r in where[i]]
+    local = {r: j for j, r in enumerate(rows)}
+    pairs = [(local[where[i][b]], local[where[i][w]]) for i in mine for b, w in train[i].pairs]
+    wts = [train[i].weight / len(train[i].pairs) for i in mine for _ in train[i].pairs]
+    rewards = agg(feats[:, rows], scores[:, rows])  # [n]
+    loss = ranking_loss(rewards, torch.tensor(pairs, dtype=torch.long).view(-1, 2), torch.tensor(wts), total)
+    logged = sum_over_ranks(loss.detach())
+    if length_penalty > 0:
+        counts = [
+            sum(len(where[i]) for i in chunk[p.start : p.stop])
+            for p in (share(len(chunk), r, world) for r in range(world))
+        ]
+        all_rows = [r for i in chunk for r in where[i]]
+        full = with_other_ranks(rewards, counts)  # [N] the whole batch's rewards
+        penalty = length_penalty * length_correlation_penalty(full, lengths[all_rows])
+        loss, logged = loss + penalty, logged + penalty.detach()
+    return loss, logged.item()
+
+
 class _BestOnDev:
     """Dev agreement after each epoch; keeps the best weights and says when patience ran out."""
 
     def __init__(self, agg: Aggregator, dev: Sequence[RankedItem], dev_data, patience: int):
         self.agg, self.dev, self.patience = agg, dev, patience
         self.feats, self.scores, self.where, _ = dev_data
-        self.best, self.bad = None, 0
+        self.stopping = EarlyStopping(patience)
 
     def evaluate(self, result: TrainResult) -> bool:
         """Record dev agreement; True when training should stop."""
@@ -393,13 +443,10 @@ class _BestOnDev:
         agreement = pair_agreement(self.dev, [[r[j] for j in w] for w in self.where])
         result.history["dev_step"].append(result.steps)
         result.history["dev_agreement"].append(agreement)
-        if not agreement <= result.best_dev_agreement:  # also true for the first (nan) comparison
-            result.best_dev_agreement, self.bad = agreement, 0
-            self.best = {k: v.clone() for k, v in self.agg.state_dict().items()}
-            return False
-        self.bad += 1
-        return bool(self.patience) and self.bad >= self.patience
+        self.stopping.record(agreement, lambda: {k: v.clone() for k, v in self.agg.state_dict().items()})
+        result.best_dev_agreement = self.stopping.best_agreement
+        return self.stopping.should_stop
 
     def restore(self) -> None:
-        if self.best is not None:
-            self.agg.load_state_dict(self.best)
+        if self.stopping.best is not None:
+            self.agg.load_state_dict(self.stopping.best)

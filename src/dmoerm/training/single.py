@@ -12,6 +12,7 @@ from dmoerm.data import PreferenceRecord
 from dmoerm.encoding import encode_record
 from dmoerm.experts import BackboneConfig
 from dmoerm.reward_model import MODEL_FILE, RewardModel
+from dmoerm.training.distributed import process_accelerator
 from dmoerm.training.loop import TrainConfig, TrainResult, TrunkCache, save_curves, train_expert
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ def train_reward_model(
     """Train a single reward model on human rankings; save it, its resolved configs and curves in ``output_dir``.
 
     A finished ``output_dir`` is loaded instead of retrained; an interrupted one resumes from its checkpoint.
+    Under several processes every rank trains (data-parallel) and rank 0 alone writes ``output_dir``.
     """
     output_dir = Path(output_dir)
     if (output_dir / MODEL_FILE).exists():
@@ -53,6 +55,15 @@ def train_reward_model(
         checkpoint_dir=output_dir / "checkpoint",
         desc="single RM" if progress else None,
     )
+    accelerator = process_accelerator()
+    if accelerator.is_main_process:
+        _write_run(output_dir, model, train_config, result)
+    accelerator.wait_for_everyone()  # no rank returns before the finished folder exists
+    return model, result
+
+
+def _write_run(output_dir: Path, model: RewardModel, train_config: TrainConfig, result: TrainResult) -> None:
+    """The finished run's configs, result, curves and model (the model last: its file means "finished")."""
     (output_dir / "train_config.json").write_text(json.dumps(asdict(train_config), indent=2))
     (output_dir / "train_result.json").write_text(
         json.dumps(
@@ -67,4 +78,3 @@ def train_reward_model(
     )
     save_curves(result.history, output_dir / "curves.png", "single reward model")
     model.save_pretrained(output_dir)  # written last: its marker file means "finished"
-    return model, result

@@ -1,0 +1,110 @@
+"""Data parallelism with the same global batch as one process: every rank builds the same batches, takes a
+contiguous share of each batch's items and normalises its loss by the whole batch, so the ranks' gradients add
+up to the one-process gradient (DDP averages them, so a DDP loss is scaled by the world size).
+
+Under one process every function here is the identity (no collective runs), so a one-process run computes
+exactly what it computed before data parallelism existed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+_ACCELERATOR = None
+
+
+def process_accelerator():
+    """The process's one ``Accelerator``, built on first use.
+
+    accelerate keeps one state per process, so a second ``Accelerator`` with other settings (phase 1 in bf16,
+    phase 2 in float32) fails; every training run shares this one and sets its own gradient accumulation, and
+    mixed precision is an autocast around each forward pass.
+    """
+    global _ACCELERATOR
+    if _ACCELERATOR is None:
+        from accelerate import Accelerator
+
+        _ACCELERATOR = Accelerator(cpu=not torch.cuda.is_available())
+    return _ACCELERATOR
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, number of processes) under the process's accelerator; (0, 1) outside a
+    distributed launch. Asking builds the accelerator, which joins the launch's process group."""
+    accelerator = process_accelerator()
+    return accelerator.process_index, accelerator.num_processes
+
+
+def share(n: int, rank: int, world: int) -> range:
+    """Positions of rank ``rank``'s contiguous share of ``n`` items (sizes differ by one at most; a rank may get
+    none when ``n < world``). Shares in rank order concatenate to ``range(n)``."""
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+def gather_lists(local: Sequence) -> list:
+    """Every rank's ``local`` list concatenated in rank order (the identity under one process).
+
+    With :func:`share`-d inputs the result is in the global order. Tensors inside must be on the CPU."""
+    _, world = rank_and_world()
+    if world == 1:
+        return list(local)
+    parts: list = [None] * world
+    dist.all_gather_object(parts, list(local))
+    return [x for part in parts for x in part]
+
+
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """Sum of a (detached) tensor over ranks; the tensor itself under one process."""
+    _, world = rank_and_world()
+    if world == 1:
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def with_other_ranks(local: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """The global batch's values [sum(counts)] with this rank's slice being ``local`` [counts[rank]] itself
+    (graph kept) and the others' slices their (detached) values, so a loss over the whole batch (the length
+    penalty's correlation) back-propagates into this rank's own rewards only; summed over ranks that is the
+    one-process gradient. Returns ``local`` under one process."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return local
+    width = max(max(counts), 1)
+    padded = local.detach().float().new_zeros(width)
+    padded[: local.numel()] = local.detach().float()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    pieces = [p[:c] for p, c in zip(parts, counts, strict=True)]
+    pieces[rank] = local.float()
+    return torch.cat(pieces)
+
+
+def sum_gradients(params: Sequence[torch.Tensor]) -> None:
+    """All-reduce (sum) the gradients of ``params`` over ranks, for small modules trained without DDP (router,
+    aggregator) whose per-rank losses are already shares of the batch's loss. A parameter with no gradient
+    (a rank with no item in the batch) joins with zeros. No-op under one process."""
+    _, world = rank_and_world()
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+def computed_in_shares(compute, inputs: Sequence, device, dim: int = 0) -> torch.Tensor:
+    """``compute(inputs)`` (a tensor with one row per input along ``dim``), each rank computing its share of
+    the inputs (so only its trunk states) and the rows gathered on every rank, on ``device``. Under one process:
+    ``compute(inputs)`` itself."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return compute(inputs)
+    s = share(len(inputs), rank, world)
+    part = compute(list(inputs)[s.start : s.stop]).cpu() if len(s) else None
+    parts = [p for p in gather_lists([part]) if p is not None]
+    return torch.cat(parts, dim=dim).to(device)
