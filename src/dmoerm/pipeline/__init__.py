@@ -21,7 +21,7 @@ from dmoerm.pipeline.scaling import (
     summarize,
     write_scaling_report,
 )
-from dmoerm.pipeline.splits import POOLED, Splits, build_splits, load_preferences, prompt_key
+from dmoerm.pipeline.splits import POOLED, Splits, build_splits, load_preferences
 from dmoerm.pipeline.state import (
     StageState,
     forget_lost_model_stages,
@@ -41,7 +41,6 @@ __all__ = [
     "Splits",
     "build_splits",
     "load_preferences",
-    "prompt_key",
     "score_cached",
     "standardized_scores",
     "PipelineResult",

@@ -9,9 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dmoerm.config_check import RunStopped
-from dmoerm.data import PreferenceRecord
+from dmoerm.data import PreferenceRecord, conversation_key
 from dmoerm.pipeline.config import PipelineConfig, judge_label_config
-from dmoerm.pipeline.splits import prompt_key
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ def _read_category_labels(config: PipelineConfig, path: Path, category: str | No
     if not source.exists():
         return []
     labels = [lab for lab in read_labels(source) if category is None or lab.category in (category, None)]
-    kept = [lab for lab in labels if prompt_key(lab.conversation) not in held_out]
+    kept = [lab for lab in labels if conversation_key(lab.conversation) not in held_out]
     if len(kept) < len(labels):
         logger.info(
             "%s: dropped %d of %d labels whose prompt is held out for phase 3, dev or test",

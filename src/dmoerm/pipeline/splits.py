@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from dmoerm.data import PreferenceRecord, load_data, split_by_prompt, with_label_noise
+from dmoerm.data import PreferenceRecord, conversation_key, load_data, split_by_prompt, with_label_noise
 from dmoerm.pipeline.config import DataConfig
 from dmoerm.taxonomy import assign_categories
 
@@ -111,15 +111,10 @@ def load_preferences(config: DataConfig, taxonomy) -> list[PreferenceRecord]:
     return out
 
 
-def prompt_key(conversation) -> tuple:
-    """A prompt's identity across splits and label files: ``((role, content), ...)``."""
-    return tuple((m.role, m.content) for m in conversation)
-
-
 def held_out_prompts(splits: Splits) -> set[tuple]:
     """Prompt keys of phase 3, dev and test: no capability label on them may train an expert."""
     return {
-        prompt_key(r.conversation)
+        conversation_key(r.conversation)
         for split in (splits.phase3, splits.dev, splits.test)
         for recs in split.values()
         for r in recs
