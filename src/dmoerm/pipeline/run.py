@@ -105,7 +105,7 @@ def run_pipeline(
     timings["total_this_run"] = round(time.perf_counter() - t_start, 2)
     stages.finish("_timings", timings)
     stages.finish("eval", {"router_test_accuracy": router_test_accuracy, "systems": list(results)})
-    tracker.log_results(results, router_test_routing_accuracy=router_test_accuracy)
+    tracker.log_results(results, router_test_accuracy=router_test_accuracy)
     tracker.close()
     report = write_report(out)
     table = comparison_table(results, systems_as="columns")
