@@ -220,7 +220,7 @@ def _top_only_difference(bank, probe_batches) -> float:
     """The float32 top layer alone: the same per-row trunk states scored alone and padded into mixed batches."""
     import torch
 
-    from dmoerm.training.loop import TrunkCache, pad_states
+    from dmoerm.training.trunk_cache import TrunkCache, pad_states
 
     cache = TrunkCache()
     worst = 0.0
@@ -330,7 +330,7 @@ def _scoring_section(args):
 def _disk_section(args, bank, inputs):
     import torch
 
-    from dmoerm.training.loop import TrunkCache
+    from dmoerm.training.trunk_cache import TrunkCache
 
     with tempfile.TemporaryDirectory(prefix="trunk-cache-") as folder:
         t = _clock()

@@ -2,7 +2,7 @@
 
 Trains the single reward model (:func:`dmoerm.training.single.train_reward_model`) on a small subset of the
 bundled RMB pairwise data once per ``--penalties`` value (``TrainConfig.length_penalty``; 0 is the plain
-ranking loss), with one shared :class:`~dmoerm.training.loop.TrunkCache` so the frozen trunk runs once per
+ranking loss), with one shared :class:`~dmoerm.training.trunk_cache.TrunkCache` so the frozen trunk runs once per
 input, then scores the same held-back pairs with each model and prints raw agreement, the length-controlled
 agreements and the reward-length correlations side by side (:func:`dmoerm.evaluation.compute_metrics`).
 
@@ -33,8 +33,9 @@ from dmoerm.evaluation import compute_metrics, length_table
 from dmoerm.experts import BackboneConfig
 from dmoerm.reward_model import RewardModel
 from dmoerm.taxonomy import assign_categories, load_taxonomy
-from dmoerm.training.loop import TrainConfig, TrunkCache, score_items
+from dmoerm.training.loop import TrainConfig, score_items
 from dmoerm.training.single import train_reward_model
+from dmoerm.training.trunk_cache import TrunkCache
 
 
 def main(argv: list[str] | None = None) -> int:

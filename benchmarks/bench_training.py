@@ -151,7 +151,8 @@ def _train_config(args, epochs: int | None = None):
 def _ours_single(args, cached: bool) -> dict:
     from dmoerm.encoding import encode_record
     from dmoerm.reward_model import RewardModel
-    from dmoerm.training.loop import TrunkCache, train_expert
+    from dmoerm.training.loop import train_expert
+    from dmoerm.training.trunk_cache import TrunkCache
 
     _, recs, _ = _records(args)
     model = RewardModel.create(_config(args))
@@ -173,8 +174,8 @@ def _ours_single(args, cached: bool) -> dict:
 def _ours_pipeline(args, cached: bool) -> dict:
     from dmoerm.encoding import encode_record
     from dmoerm.model import new_dmoerm
-    from dmoerm.training.loop import TrunkCache
     from dmoerm.training.phases import AggregatorTrainConfig, train_phase1, train_phase2, train_phase3
+    from dmoerm.training.trunk_cache import TrunkCache
 
     taxonomy, recs, recs3 = _records(args)
     model = new_dmoerm(_config(args), taxonomy, [args.category])

@@ -32,7 +32,7 @@ def pair_outcomes(model, records, cache) -> list[list[float]]:
 def main(argv: list[str]) -> int:
     from dmoerm.data import load_data
     from dmoerm.model import load_model
-    from dmoerm.training.loop import TrunkCache
+    from dmoerm.training.trunk_cache import TrunkCache
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders of `dmoerm train` (model/, baseline/, splits/)")

@@ -12,7 +12,7 @@ from dmoerm.experts import BackboneConfig
 from dmoerm.model import rm_expert
 from dmoerm.reward_model import RewardModel
 from dmoerm.training import loop
-from dmoerm.training.loop import TrainConfig, TrunkCache
+from dmoerm.training.loop import TrainConfig
 from dmoerm.training.phases import (
     AggregatorTrainConfig,
     RouterTrainConfig,
@@ -22,6 +22,7 @@ from dmoerm.training.phases import (
     train_router,
 )
 from dmoerm.training.single import train_reward_model
+from dmoerm.training.trunk_cache import TrunkCache
 from helpers import length_records
 from test_dmoerm import make_model, route_examples
 

@@ -11,7 +11,7 @@ from dmoerm.experts import BackboneConfig
 from dmoerm.labelling.schema import CapabilityLabel
 from dmoerm.model import DMoERM, RoutingConfig, load_model, new_dmoerm
 from dmoerm.training import loop
-from dmoerm.training.loop import TrainConfig, TrunkCache
+from dmoerm.training.loop import TrainConfig
 from dmoerm.training.phases import (
     AggregatorTrainConfig,
     RouterTrainConfig,
@@ -21,6 +21,7 @@ from dmoerm.training.phases import (
     train_phase3,
     train_router,
 )
+from dmoerm.training.trunk_cache import TrunkCache
 from helpers import length_records, tiny_taxonomy
 
 TAXONOMY = tiny_taxonomy()

@@ -283,7 +283,7 @@ def test_expert_agreement_scores_the_named_expert(tiny_backbone, one_torch_threa
 
     from dmoerm.experts import BackboneConfig
     from dmoerm.model import new_dmoerm
-    from dmoerm.training.loop import TrunkCache
+    from dmoerm.training.trunk_cache import TrunkCache
 
     taxonomy = Taxonomy("t", (Category("code", "programming", (Capability("correctness", "right"),)),))
     torch.manual_seed(0)

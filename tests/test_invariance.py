@@ -17,7 +17,7 @@ from dmoerm.encoding import collate
 from dmoerm.experts import BackboneConfig, ExpertBank
 from dmoerm.model import DMoERM, capability_expert_name, rm_expert
 from dmoerm.reward_model import RewardModel
-from dmoerm.training.loop import TrunkCache
+from dmoerm.training.trunk_cache import TrunkCache
 from helpers import WORDS, tiny_taxonomy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -18,7 +18,6 @@ from dmoerm.taxonomy import Capability, Category, Taxonomy
 from dmoerm.training import loop, phases
 from dmoerm.training.loop import (
     TrainConfig,
-    TrunkCache,
     length_correlation,
     length_correlation_penalty,
     ranking_loss,
@@ -26,6 +25,7 @@ from dmoerm.training.loop import (
     score_items,
 )
 from dmoerm.training.phases import AggregatorTrainConfig, train_phase1, train_phase3
+from dmoerm.training.trunk_cache import TrunkCache
 from helpers import length_records
 
 TAXONOMY = Taxonomy(

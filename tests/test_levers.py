@@ -15,7 +15,7 @@ from dmoerm.encoding import encode_record
 from dmoerm.model import RoutingConfig, load_model, rm_expert
 from dmoerm.pipeline import run_pipeline
 from dmoerm.training import phases
-from dmoerm.training.loop import TrainResult, TrunkCache, pad_states
+from dmoerm.training.loop import TrainResult
 from dmoerm.training.phases import (
     WARM_START,
     AggregatorTrainConfig,
@@ -23,6 +23,7 @@ from dmoerm.training.phases import (
     train_phase3,
     train_warm_start,
 )
+from dmoerm.training.trunk_cache import TrunkCache, pad_states
 from helpers import job_config, length_records
 from test_dmoerm import (
     FAST,

@@ -19,7 +19,8 @@ from dmoerm.encoding import collate, encode_record
 from dmoerm.experts import BackboneConfig, ExpertBank
 from dmoerm.model import new_dmoerm
 from dmoerm.taxonomy import Capability, Category, Taxonomy
-from dmoerm.training.loop import TrainConfig, TrunkCache, pad_states, train_expert
+from dmoerm.training.loop import TrainConfig, train_expert
+from dmoerm.training.trunk_cache import TrunkCache, pad_states
 from helpers import length_records
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

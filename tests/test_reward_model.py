@@ -8,7 +8,8 @@ import torch
 from dmoerm.data import Message
 from dmoerm.experts import BackboneConfig
 from dmoerm.model import load_model
-from dmoerm.reward_model import InputTooLongError, RewardModel
+from dmoerm.outputs import InputTooLongError
+from dmoerm.reward_model import RewardModel
 from dmoerm.training.loop import TrainConfig, ranking_loss
 from dmoerm.training.single import train_reward_model
 from helpers import length_records

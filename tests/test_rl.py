@@ -326,10 +326,11 @@ VERL_ITEMS = [  # (data_source, solution_str, ground_truth, extra_info) as verl'
 @pytest.fixture
 def verl_reset():
     from dmoerm import rl
+    from dmoerm.rl import verl
 
     yield rl
     rl.configure_verl(None)
-    rl._verl_backends.clear()
+    verl._verl_backends.clear()
 
 
 def _verl_expected(scorer, norm=None):

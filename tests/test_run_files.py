@@ -17,8 +17,9 @@ from dmoerm.labelling.cache import JudgeCache
 from dmoerm.model import DMoERM
 from dmoerm.training import loop
 from dmoerm.training.checkpoint import CHECKPOINT_FILE
-from dmoerm.training.loop import TrainConfig, TrunkCache
+from dmoerm.training.loop import TrainConfig
 from dmoerm.training.phases import RouterTrainConfig, train_phase1, train_router
+from dmoerm.training.trunk_cache import TrunkCache
 from helpers import length_records
 from test_dmoerm import make_model, route_examples, snapshot
 
@@ -101,10 +102,12 @@ def test_a_damaged_checkpoint_names_the_file_and_what_to_do(tiny_backbone, tmp_p
 def test_mixed_precision_may_differ_per_phase_in_one_process(tiny_backbone, tmp_path):
     import dataclasses
 
+    from dmoerm.training.distributed import process_accelerator
+
     model = make_model(tiny_backbone)
     _phase1(model, None, dataclasses.replace(CONFIG, mixed_precision="bf16", epochs=1))
     _phase1(model, None, dataclasses.replace(CONFIG, mixed_precision="no", epochs=1))
-    assert loop.process_accelerator() is loop.process_accelerator()
+    assert process_accelerator() is process_accelerator()
 
 
 def test_the_router_starts_from_weights_drawn_under_its_seed(tiny_backbone):

@@ -31,8 +31,8 @@ from dmoerm.scoring import (
     prompt_features,
     trunk_batches,
 )
-from dmoerm.training.loop import TrunkCache, pad_states, score_items
-from dmoerm.training.trunk_cache import TrunkCache as MovedTrunkCache
+from dmoerm.training.loop import score_items
+from dmoerm.training.trunk_cache import TrunkCache, pad_states
 from helpers import length_records, tiny_taxonomy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -93,7 +93,6 @@ def test_flatten_and_batch_plans(items):
     assert in_order(5, 2) == [[0, 1], [2, 3], [4]]
     assert items_in_order(where, 3) == [list(range(0, 6)), list(range(6, 12)), list(range(12, 16))]
     assert flatten([]) == ([], []) and in_order(0, 4) == []
-    assert TrunkCache is MovedTrunkCache
 
 
 def test_trunk_batches_read_the_cache_or_run_the_trunk_alike(dmoerm, items):

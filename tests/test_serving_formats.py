@@ -234,6 +234,7 @@ def test_extra_logs_of_another_scorer_with_a_breakdown(tiny_backbone):
 def test_verl_compute_score_loads_a_model_dir_in_process(single_server, single_dir):  # noqa: F811
     from dmoerm import rl
     from dmoerm.data import Message
+    from dmoerm.rl import verl
 
     _, model = single_server  # the fixture stored the normalization (0.25, 2.0) in single_dir
     try:
@@ -241,6 +242,6 @@ def test_verl_compute_score_loads_a_model_dir_in_process(single_server, single_d
             "src", "Paris.", None, {"prompt": "Capital of France?"}, dmoerm_model_dir=single_dir
         )
     finally:
-        rl._verl_backends.clear()
+        verl._verl_backends.clear()
     raw = model.score([[Message("user", "Capital of France?")]], ["Paris."])[0].reward
     assert got == pytest.approx((raw - 0.25) / 2.0, abs=1e-5)

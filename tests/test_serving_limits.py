@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 import dmoerm.outputs
-import dmoerm.reward_model
 import dmoerm.serving
 from dmoerm.serving import ServeConfig, create_app
 from test_serving import CONVERSATIONS, GOOD_ITEM, RESPONSES, ServerThread, TinyScorer, items_payload
@@ -44,7 +43,6 @@ def http(server):
 
 def test_one_input_too_long_error_class():
     assert dmoerm.serving.InputTooLongError is dmoerm.outputs.InputTooLongError
-    assert dmoerm.reward_model.InputTooLongError is dmoerm.outputs.InputTooLongError
 
 
 def test_a_lookalike_class_is_not_matched_by_name(tiny_backbone):

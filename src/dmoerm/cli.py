@@ -212,13 +212,7 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dmoerm", description="Train, evaluate and serve DMoERM reward models (Quan 2024)."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="router, three phases per category, single-RM baseline, evaluation")
     p.add_argument("--config", required=True, help="YAML/JSON pipeline config (see configs/main.yaml)")
     p.add_argument("--output-dir", help="override output_dir of the config")
@@ -237,62 +231,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_train)
 
+
+def _config_commands() -> list[tuple[str, str, type, Callable[[argparse.Namespace], int]]]:
+    """(name, help, config dataclass, handler) of each subcommand whose options are one config's fields."""
     from dmoerm.evaluation import EvalConfig
-
-    p = sub.add_parser("eval", help="agreement of a saved model with human labels, per category, with CIs")
-    add_config_arguments(p, EvalConfig)
-    p.set_defaults(handler=_eval)
-
+    from dmoerm.evaluation.finegrained import FineGrainedConfig
+    from dmoerm.evaluation.overopt import OverOptConfig
     from dmoerm.labelling.judge_eval import JudgeEvalConfig
-
-    p = sub.add_parser(
-        "eval-judge", help="an LLM judge as a zero-shot evaluator (both orders), same metrics as eval"
-    )
-    add_config_arguments(p, JudgeEvalConfig)
-    p.set_defaults(handler=_eval_judge)
-
     from dmoerm.labelling.pipeline import LabelConfig
-
-    p = sub.add_parser("label", help="capability labels from an LLM judge (both orders, cached, resumable)")
-    add_config_arguments(p, LabelConfig)
-    p.set_defaults(handler=_label)
-
     from dmoerm.labelling.quality import QualityConfig
-
-    p = sub.add_parser("label-quality", help="a judge's agreement with human labels and its position bias")
-    add_config_arguments(p, QualityConfig)
-    p.set_defaults(handler=_label_quality)
-
+    from dmoerm.rl import NormalizeModelConfig
     from dmoerm.serving import ServeModelConfig
 
-    p = sub.add_parser("serve", help="HTTP reward server (OpenRLHF /get_reward and /score)")
-    add_config_arguments(p, ServeModelConfig)
-    p.set_defaults(handler=_serve)
+    return [
+        ("eval", "agreement of a saved model with human labels, per category, with CIs", EvalConfig, _eval),
+        (
+            "eval-judge",
+            "an LLM judge as a zero-shot evaluator (both orders), same metrics as eval",
+            JudgeEvalConfig,
+            _eval_judge,
+        ),
+        (
+            "label",
+            "capability labels from an LLM judge (both orders, cached, resumable)",
+            LabelConfig,
+            _label,
+        ),
+        (
+            "label-quality",
+            "a judge's agreement with human labels and its position bias",
+            QualityConfig,
+            _label_quality,
+        ),
+        ("serve", "HTTP reward server (OpenRLHF /get_reward and /score)", ServeModelConfig, _serve),
+        (
+            "normalize",
+            "measure reward mean/std on reference data and store them with the model",
+            NormalizeModelConfig,
+            _normalize,
+        ),
+        (
+            "finegrained",
+            "phase 2 on FineGrainedRLHF human aspect labels vs the local judge's labels",
+            FineGrainedConfig,
+            _finegrained,
+        ),
+        (
+            "overopt",
+            "best-of-n over-optimisation: noisy proxies (DMoERM, single, ensembles) vs a gold RM",
+            OverOptConfig,
+            _overopt,
+        ),
+    ]
 
-    from dmoerm.rl import NormalizeModelConfig
 
-    p = sub.add_parser(
-        "normalize", help="measure reward mean/std on reference data and store them with the model"
-    )
-    add_config_arguments(p, NormalizeModelConfig)
-    p.set_defaults(handler=_normalize)
+def _add_config_commands(sub: argparse._SubParsersAction) -> None:
+    for name, help_text, config_class, handler in _config_commands():
+        p = sub.add_parser(name, help=help_text)
+        add_config_arguments(p, config_class)
+        p.set_defaults(handler=handler)
 
-    from dmoerm.evaluation.finegrained import FineGrainedConfig
 
-    p = sub.add_parser(
-        "finegrained", help="phase 2 on FineGrainedRLHF human aspect labels vs the local judge's labels"
-    )
-    add_config_arguments(p, FineGrainedConfig)
-    p.set_defaults(handler=_finegrained)
-
-    from dmoerm.evaluation.overopt import OverOptConfig
-
-    p = sub.add_parser(
-        "overopt", help="best-of-n over-optimisation: noisy proxies (DMoERM, single, ensembles) vs a gold RM"
-    )
-    add_config_arguments(p, OverOptConfig)
-    p.set_defaults(handler=_overopt)
-
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands over finished runs and saved models: scaling, export, report."""
     p = sub.add_parser(
         "scaling", help="the scaling study: DMoERM and the single RM at several records per category"
     )
@@ -316,6 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write report.md of a training run from its saved results")
     p.add_argument("--run", required=True, help="output_dir of a `dmoerm train` run")
     p.set_defaults(handler=_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dmoerm", description="Train, evaluate and serve DMoERM reward models (Quan 2024)."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_command(sub)
+    _add_config_commands(sub)
+    _add_run_commands(sub)
     return parser
 
 

@@ -12,7 +12,7 @@ class InputTooLongError(ValueError):
     """A rendered input is over the scorer's token limit (cutting it would lose its start or its end).
 
     The one class every scorer raises for that and the reward server answers with 413 (re-exported by
-    :mod:`dmoerm.reward_model` and :mod:`dmoerm.serving`).
+    :mod:`dmoerm.serving`).
     """
 
 

@@ -17,7 +17,7 @@ from dmoerm import __version__
 from dmoerm.data import Message
 from dmoerm.encoding import EncodedInput, encode, encode_rendered
 from dmoerm.experts import BackboneConfig, ExpertBank
-from dmoerm.outputs import InputTooLongError, RewardOutput  # noqa: F401 (defined once in outputs; re-exported)
+from dmoerm.outputs import RewardOutput
 from dmoerm.scoring import expert_rewards
 
 MODEL_FILE = "dmoerm_model.json"

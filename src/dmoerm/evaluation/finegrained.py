@@ -25,7 +25,7 @@ from dmoerm.pipeline import (
     run_pipeline,
 )
 from dmoerm.taxonomy import load_taxonomy
-from dmoerm.training.loop import TrunkCache
+from dmoerm.training.trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
 

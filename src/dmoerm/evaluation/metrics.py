@@ -105,12 +105,20 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
-    """Pearson correlation; NaN when fewer than 2 points or either side is constant."""
+def _paired(
+    name: str, x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``y`` as flat float64 arrays of one length (a ValueError naming ``name`` otherwise)."""
     a = np.asarray(x, dtype=np.float64).reshape(-1)
     b = np.asarray(y, dtype=np.float64).reshape(-1)
     if a.shape != b.shape:
-        raise ValueError(f"pearson: lengths differ ({a.shape[0]} vs {b.shape[0]})")
+        raise ValueError(f"{name}: lengths differ ({a.shape[0]} vs {b.shape[0]})")
+    return a, b
+
+
+def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Pearson correlation; NaN when fewer than 2 points or either side is constant."""
+    a, b = _paired("pearson", x, y)
     if a.shape[0] < 2:
         return math.nan
     a = a - a.mean()
@@ -135,10 +143,7 @@ def _rankdata(x: np.ndarray) -> np.ndarray:
 
 def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
     """Spearman rank correlation (Pearson of average ranks); NaN when undefined."""
-    a = np.asarray(x, dtype=np.float64).reshape(-1)
-    b = np.asarray(y, dtype=np.float64).reshape(-1)
-    if a.shape != b.shape:
-        raise ValueError(f"spearman: lengths differ ({a.shape[0]} vs {b.shape[0]})")
+    a, b = _paired("spearman", x, y)
     if a.shape[0] < 2:
         return math.nan
     return pearson(_rankdata(a), _rankdata(b))

@@ -33,7 +33,7 @@ from dmoerm.pipeline import (
 )
 from dmoerm.scoring import flatten
 from dmoerm.taxonomy import load_taxonomy
-from dmoerm.training.loop import TrunkCache
+from dmoerm.training.trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
 

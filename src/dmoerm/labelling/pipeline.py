@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dmoerm.data import Message, PreferenceRecord
-from dmoerm.labelling.config import BACKENDS, JudgeConfig, _bad, make_judge
+from dmoerm.labelling.config import JudgeConfig, _bad, make_judge
 from dmoerm.labelling.judge import CONSISTENCY, Judge, JudgeStats, PositionBias, combine_orders
 from dmoerm.labelling.pairs import LabelPair, PairResult, iter_pairs, judge_pairs, pair_key, resolve_category
 from dmoerm.labelling.prompts import LANGUAGES
@@ -33,26 +33,15 @@ from dmoerm.labelling.schema import CapabilityLabel
 from dmoerm.taxonomy import Capability, Category, Taxonomy
 
 __all__ = [
-    "BACKENDS",
-    "JudgeConfig",
     "LabelConfig",
     "LabelJudgeConfig",
-    "LabelPair",
     "LabelStats",
     "Labeller",
-    "PairResult",
-    "iter_pairs",
-    "judge_pairs",
     "label_pairs",
     "label_records",
     "load_records",
-    "make_judge",
-    "pair_key",
-    "resolve_category",
     "run_label",
 ]
-"""``JudgeConfig``, ``make_judge`` (:mod:`dmoerm.labelling.config`) and the pair names
-(:mod:`dmoerm.labelling.pairs`) are re-exported here, where they were before."""
 
 logger = logging.getLogger(__name__)
 

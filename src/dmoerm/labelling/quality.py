@@ -5,9 +5,8 @@ FineGrainedRLHF overall preferences and its per-aspect labels; :func:`load_quali
 with :func:`~dmoerm.labelling.config.make_judge` and write the report of
 :func:`~dmoerm.labelling.agreement.quality_report`.
 
-The report (:mod:`dmoerm.labelling.agreement`), the aspect labels (:mod:`dmoerm.labelling.aspects`) and the
-judge-as-evaluator command (:mod:`dmoerm.labelling.judge_eval`) lived in this module before; their public
-names are re-exported here so that ``from dmoerm.labelling.quality import ...`` keeps working.
+The report is in :mod:`dmoerm.labelling.agreement`, the aspect labels in :mod:`dmoerm.labelling.aspects` and
+the judge-as-evaluator command in :mod:`dmoerm.labelling.judge_eval`.
 """
 
 from __future__ import annotations
@@ -20,26 +19,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dmoerm.data import PreferenceRecord
-from dmoerm.labelling.agreement import CONFIDENCE_BINS, quality_report, report_markdown
-from dmoerm.labelling.aspects import FINEGRAINED_ASPECTS, aspect_score_labels, finegrained_aspect_labels
+from dmoerm.labelling.agreement import quality_report
+from dmoerm.labelling.aspects import FINEGRAINED_ASPECTS, finegrained_aspect_labels
 from dmoerm.labelling.config import JudgeConfig
-from dmoerm.labelling.judge_eval import JudgeEvalConfig, judge_rewards, run_judge_eval
 from dmoerm.labelling.pairs import LabelPair, iter_pairs
 from dmoerm.labelling.schema import CapabilityLabel
 
 __all__ = [
-    "CONFIDENCE_BINS",
-    "FINEGRAINED_ASPECTS",
     "QUALITY_SETS",
-    "JudgeEvalConfig",
     "QualityConfig",
-    "aspect_score_labels",
-    "finegrained_aspect_labels",
-    "judge_rewards",
     "load_quality_sets",
-    "quality_report",
-    "report_markdown",
-    "run_judge_eval",
     "run_quality",
 ]
 

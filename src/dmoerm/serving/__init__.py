@@ -22,7 +22,7 @@ from dmoerm.serving.formats import (
     sigmoid,
     use_activation,
 )
-from dmoerm.serving.schemas import parse_classify, parse_get_reward, parse_normalize, parse_score
+from dmoerm.serving.schemas import parse_classify, parse_get_reward, parse_score
 from dmoerm.serving.server import build_model_app, serve, serve_model
 from dmoerm.serving.validation import RequestError, parse_json, request_error
 
@@ -53,7 +53,6 @@ __all__ = [
     "parse_classify",
     "parse_get_reward",
     "parse_json",
-    "parse_normalize",
     "parse_score",
     "pooling_response",
     "request_error",

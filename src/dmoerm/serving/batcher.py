@@ -56,6 +56,14 @@ class _Job:
         return len(self.texts) if self.kind == "texts" else len(self.responses)
 
 
+def _split_back(values: Sequence, jobs: Sequence[_Job], out: dict[int, list]) -> None:
+    """Each job's share of one merged scorer call, in job order: ``out[id(job)]``."""
+    start = 0
+    for j in jobs:
+        out[id(j)] = values[start : start + len(j)]
+        start += len(j)
+
+
 class _Stats:
     """Counters the ``/stats`` endpoint reports."""
 
@@ -205,20 +213,14 @@ class _Batcher:
             rewards = formats.score_texts_outputs(self.scorer, texts, batch_size)
             if len(rewards) != len(texts):
                 raise RuntimeError(f"scorer returned {len(rewards)} rewards for {len(texts)} texts")
-            start = 0
-            for j in text_jobs:
-                out[id(j)] = rewards[start : start + len(j)]
-                start += len(j)
+            _split_back(rewards, text_jobs, out)
         if item_jobs:
             convs = [c for j in item_jobs for c in j.conversations]
             resps = [r for j in item_jobs for r in j.responses]
             outputs = list(self.scorer.score(convs, resps, batch_size=batch_size))
             if len(outputs) != len(resps):
                 raise RuntimeError(f"scorer returned {len(outputs)} outputs for {len(resps)} items")
-            start = 0
-            for j in item_jobs:
-                out[id(j)] = outputs[start : start + len(j)]
-                start += len(j)
+            _split_back(outputs, item_jobs, out)
         tokenizer = getattr(self.scorer, "tokenizer", None)
         for j in jobs:
             if j.count_tokens and tokenizer is not None:

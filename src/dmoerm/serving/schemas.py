@@ -39,8 +39,6 @@ __all__ = [
     "ClassificationData",
     "ClassificationResponse",
     "ClassifyRequest",
-    "ErrorBody",
-    "ErrorDetail",
     "GetRewardRequest",
     "GetRewardResponse",
     "HealthResponse",
@@ -54,7 +52,6 @@ __all__ = [
     "Usage",
     "parse_classify",
     "parse_get_reward",
-    "parse_normalize",
     "parse_score",
     "request_error_of",
     "request_limits",
@@ -482,19 +479,6 @@ class HealthResponse(BaseModel):
     """Items waiting for the scorer."""
 
 
-class ErrorDetail(BaseModel):
-    code: str
-    """A machine-readable code: ``invalid_json``, ``invalid_request``, ``input_too_long``, ..."""
-    message: str
-    """What is wrong, naming the field."""
-
-
-class ErrorBody(BaseModel):
-    """Every error answer: ``{"error": {"code", "message"}}``."""
-
-    error: ErrorDetail
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The same validation outside FastAPI (the old hand-written parsers' names)
 
@@ -526,11 +510,3 @@ def parse_classify(payload: Any, config: Any, limit: int | None) -> tuple[str, A
     if request.items is None:
         return "texts", request.input
     return "items", ([i.messages() for i in request.items], [i.response for i in request.items])
-
-
-def parse_normalize(payload: dict) -> bool:
-    """The ``normalize`` field of a body (default true); :class:`RequestError` when it is not a boolean."""
-    try:
-        return _strict_bool(payload.get("normalize", True))
-    except PydanticCustomError as exc:
-        raise RequestError(422, "invalid_request", f"normalize: {exc.message()}") from None

@@ -30,9 +30,7 @@ from dmoerm.training.distributed import (
     with_other_ranks,
 )
 from dmoerm.training.early_stopping import EarlyStopping
-
-# Moved to dmoerm.training.trunk_cache; importable from here too.
-from dmoerm.training.trunk_cache import TrunkCache, pad_states, trunk_key  # noqa: F401
+from dmoerm.training.trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,6 @@ from dmoerm.training.early_stopping import EarlyStopping
 from dmoerm.training.loop import (
     TrainConfig,
     TrainResult,
-    TrunkCache,
     check_length_penalty,
     length_correlation_penalty,
     pair_agreement,
@@ -40,6 +39,7 @@ from dmoerm.training.loop import (
     response_lengths,
     train_expert,
 )
+from dmoerm.training.trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from dmoerm.encoding import encode_record
 from dmoerm.experts import BackboneConfig
 from dmoerm.reward_model import MODEL_FILE, RewardModel
 from dmoerm.training.distributed import process_accelerator
-from dmoerm.training.loop import TrainConfig, TrainResult, TrunkCache, save_curves, train_expert
+from dmoerm.training.loop import TrainConfig, TrainResult, save_curves, train_expert
+from dmoerm.training.trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
 
