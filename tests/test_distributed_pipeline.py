@@ -4,6 +4,7 @@ straight one, and ``dmoerm eval`` on 2 processes gives the 1-process table."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -117,6 +118,21 @@ def test_two_process_train_gives_the_one_process_model_and_rank0_alone_writes(ru
     # The shared on-disk trunk cache: both ranks wrote their shares into one SQLite file, and it holds the
     # states of the 1-process run's (every input's), no more.
     assert len(TrunkStore(folder / "two_trunk_cache")) == len(TrunkStore(folder / "one_trunk_cache")) > 0
+
+
+@pytest.mark.slow
+def test_a_changed_input_stops_every_rank_of_a_two_process_rerun(runs):
+    folder, _, two = runs
+    before = (two / "state.json").read_text()
+    args = ["train", "--config", str(folder / "two.json"), "--no-progress", "--set", "phase3.epochs=3"]
+    proc = _launch(args, guard=two, check=False)
+    stops = [
+        ln for ln in proc.stderr.splitlines() if re.search(r"stage phase3/\w+ finished with other inputs", ln)
+    ]
+    assert proc.returncode != 0 and len(stops) == 2, proc.stderr[
+        -3000:
+    ]  # rank 0's stop, raised on both ranks
+    assert (two / "state.json").read_text() == before
 
 
 def _killed_then_resumed_on_one_process(folder: Path, tiny_backbone: str, stage: str, monkeypatch) -> Path:
