@@ -240,3 +240,28 @@ def _json_diff(a, b) -> float:
         return abs(a - b)
     assert a == b
     return 0.0
+
+
+def test_a_resumed_run_restores_the_rng_states_when_its_first_stage_starts(tmp_path, caplog):
+    from dmoerm.pipeline.files import save_rng_state, write_json
+    from dmoerm.pipeline.state import RNG_FILE, StageState, restore_rng_on_resume
+
+    write_json(tmp_path / "state.json", {"router": {}})
+    torch.manual_seed(3)
+    save_rng_state(tmp_path / RNG_FILE, "router")
+    expected = torch.rand(4)
+    stages = StageState(tmp_path / "state.json")
+    restore_rng_on_resume(stages)
+    torch.manual_seed(99)
+    assert "router" in stages  # a finished stage restores nothing
+    assert "phase1/code" not in stages  # the first stage to start: the states saved after the router
+    assert torch.equal(torch.rand(4), expected)
+    # Saved after a stage the state does not record (killed between the two writes): nothing restored.
+    save_rng_state(tmp_path / RNG_FILE, "phase1/code")
+    stages = StageState(tmp_path / "state.json")
+    restore_rng_on_resume(stages)
+    assert stages.on_first_start is None
+    (tmp_path / RNG_FILE).write_bytes(b"not a torch file")
+    with caplog.at_level("WARNING"):
+        restore_rng_on_resume(StageState(tmp_path / "state.json"))
+    assert f"{RNG_FILE}: unreadable" in caplog.text

@@ -128,7 +128,11 @@ def restore_rng_on_resume(stages: StageState) -> None:
     path = stages.path.with_name(RNG_FILE)
     if not path.exists():
         return
-    saved = torch.load(path, weights_only=True)
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as e:  # only reproducibility is lost: the run goes on
+        logger.warning("%s: unreadable (%s); the resumed stages draw fresh random initialisations", path, e)
+        return
     if saved.get("after") not in stages.done:
         return
 
