@@ -218,10 +218,40 @@ def load_eval_records(
     return records
 
 
+class _ShardedScorer:
+    """A scorer under several processes: each rank scores its contiguous share of the responses, and every
+    rank gets all the outputs in their order (so every rank computes the same metrics)."""
+
+    def __init__(self, scorer: Scorer):
+        self.scorer = scorer
+
+    def score(self, conversations, responses, batch_size: int = 16) -> list[RewardOutput]:
+        from dmoerm.training.distributed import gather_lists, rank_and_world, share
+
+        rank, world = rank_and_world()
+        mine = share(len(responses), rank, world)
+        part = []
+        if len(mine):
+            part = self.scorer.score(
+                conversations[mine.start : mine.stop],
+                responses[mine.start : mine.stop],
+                batch_size=batch_size,
+            )
+        return gather_lists(part)
+
+
 def run_eval(config: EvalConfig) -> EvalResult:
-    """Load the model and the data, score every response, write ``eval.json``/``eval.md`` to ``config.out``."""
+    """Load the model and the data, score every response, write ``eval.json``/``eval.md`` to ``config.out``.
+
+    Under several processes (``accelerate launch``, torchrun) each rank scores its share of the responses
+    (:class:`_ShardedScorer`), every rank computes the same result and rank 0 alone writes it."""
     from dmoerm.model import DMoERM, load_model
     from dmoerm.taxonomy import assign_categories, load_taxonomy
+    from dmoerm.training.distributed import is_main_process, launched_world, process_accelerator
+
+    sharded = launched_world() > 1
+    if sharded:
+        process_accelerator()  # joins the launch's process group (and picks this rank's GPU) before the model
 
     # The data first: a bad or empty file fails in a second, before the model loads.
     records = load_eval_records(
@@ -236,7 +266,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
         taxonomy = load_taxonomy("default")
     records = assign_categories(records, taxonomy)
     result = evaluate(
-        model,
+        _ShardedScorer(model) if sharded else model,
         records,
         batch_size=config.batch_size,
         categories=config.categories,
@@ -246,6 +276,6 @@ def run_eval(config: EvalConfig) -> EvalResult:
         system=config.system or Path(config.model).name,
         meta={"model": str(config.model), "data": list(config.data), "limit": config.limit},
     )
-    if config.out:
+    if config.out and is_main_process():
         write_eval(result, config.out)
     return result

@@ -24,6 +24,7 @@ from dmoerm.pipeline.report import eval_folder
 from dmoerm.pipeline.stages import Encoded, RunContext, RunData
 from dmoerm.reward_model import RewardModel
 from dmoerm.scoring import dmoerm_outputs, expert_rewards, flatten, in_order
+from dmoerm.training.distributed import gather_lists, launched_world, rank_and_world, share
 from dmoerm.training.trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ def evaluation_stage(
     test_recs = [r for c in data.categories for r in data.splits.test[c]]
     flat, where = flatten([it for c in data.categories for it in items["test"][c]])
     test_tokens = response_token_lengths(model.tokenizer, test_recs)
-    cache.get(model.bank, flat, desc="test trunk" if run.progress else None)
+    mine = _my_share(len(flat))  # each rank scores (and so runs the trunk on) its share of the test inputs
+    cache.get(model.bank, [flat[i] for i in mine], desc="test trunk" if run.progress else None)
     systems = _systems(config, members[0] if members else None)
     first = next(iter(systems))
     results = {}
@@ -59,7 +61,7 @@ def evaluation_stage(
             if isinstance(system, str):
                 model.routing = dataclasses.replace(config.routing, aggregation=system)
                 system = model
-            rewards, routed, scores = score_cached(system, flat, cache)
+            rewards, routed, scores = score_sharded(system, flat, cache)
             if name == first:
                 capability_scores = scores
                 router_right = sum(routed[w.start] == r.category for w, r in zip(where, test_recs))
@@ -100,6 +102,35 @@ def _systems(config: PipelineConfig, baseline: RewardModel | None) -> dict:
     return systems
 
 
+def _my_share(n: int, batch_size: int = 16) -> range:
+    """This rank's positions among ``n`` inputs: whole consecutive batches of ``batch_size`` (those
+    :func:`score_cached` forms), so each input is scored in the very batch one process scores it in."""
+    if launched_world() == 1:
+        return range(n)
+    rank, world = rank_and_world()
+    batches = share(-(-n // batch_size), rank, world)
+    return range(min(n, batches.start * batch_size), min(n, batches.stop * batch_size))
+
+
+def score_sharded(
+    model: DMoERM | RewardModel, inputs: Sequence[EncodedInput], cache: TrunkCache, batch_size: int = 16
+):
+    """:func:`score_cached`, each rank scoring its share of the batches (:func:`_my_share`) and every rank
+    getting all the outputs, in order. Under one process: :func:`score_cached` itself."""
+    if launched_world() == 1:
+        return score_cached(model, inputs, cache, batch_size)
+    mine = _my_share(len(inputs), batch_size)
+    part = None  # a rank with no batch (fewer batches than ranks) sends nothing
+    if len(mine):
+        rewards, routed, scores = score_cached(model, list(inputs)[mine.start : mine.stop], cache, batch_size)
+        part = (rewards.cpu(), routed, scores)
+    parts = [p for p in gather_lists([part]) if p is not None]
+    if not parts:
+        return torch.empty(0), [], []
+    rewards = torch.cat([p[0] for p in parts])
+    return rewards, [x for p in parts for x in p[1]], [x for p in parts for x in p[2]]
+
+
 def score_cached(
     model: DMoERM | RewardModel, inputs: Sequence[EncodedInput], cache: TrunkCache, batch_size: int = 16
 ):
@@ -127,8 +158,8 @@ def standardized_scores(
     """
     scores = []
     for member in members:
-        on_dev, _, _ = score_cached(member, dev, cache)
-        on_inputs, _, _ = score_cached(member, inputs, cache)
+        on_dev, _, _ = score_sharded(member, dev, cache)
+        on_inputs, _, _ = score_sharded(member, inputs, cache)
         scores.append((on_inputs - on_dev.mean()) / on_dev.std().clamp(min=1e-6))
     return torch.stack(scores)
 
@@ -139,7 +170,7 @@ def _evaluate_ensemble(members, flat, where, test_recs, test_tokens, dev_items, 
     Each member's rewards are standardised with its mean and std on the dev inputs first, so the worst case
     and the variance compare like with like (Coste et al. 2023 normalise their members the same way).
     """
-    from dmoerm.evaluation import ENSEMBLE_RULES, combine_rewards, compute_metrics, write_eval
+    from dmoerm.evaluation import ENSEMBLE_RULES, combine_rewards, compute_metrics
 
     dev_flat, _ = flatten([it for items in dev_items.values() for it in items])
     stacked = standardized_scores(members, flat, dev_flat, cache)  # [N, responses]

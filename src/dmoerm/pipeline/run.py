@@ -32,9 +32,16 @@ from dmoerm.pipeline.stages import (
     router_stage,
     warm_start_stage,
 )
-from dmoerm.pipeline.state import StageState, forget_lost_model_stages, hide_library_bars, load_run_model
+from dmoerm.pipeline.state import (
+    StageState,
+    forget_lost_model_stages,
+    hide_library_bars,
+    load_run_model,
+    restore_rng_on_resume,
+)
 from dmoerm.reward_model import MODEL_FILE
 from dmoerm.tracking import Tracker
+from dmoerm.training.distributed import is_main_process, launched_world, on_main, wait_for_main
 from dmoerm.training.loop import TrunkCache
 
 logger = logging.getLogger(__name__)
@@ -77,11 +84,10 @@ def run_pipeline(
     if not progress:
         hide_library_bars()
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stages = StageState(out / "state.json", config)  # stops here if a finished stage had other inputs
-    forget_lost_model_stages(stages, out / "model")
-    write_text(out / "config.yaml", config_yaml(config))
-    tracker = Tracker(config.report_to, out, config=asdict(config))
+    stages = _open_state(config, out)
+    restore_rng_on_resume(stages)
+    main = is_main_process()  # rank 0 alone writes the run folder (pipeline.files) and tracks
+    tracker = Tracker(config.report_to if main else "none", out, config=asdict(config))
     timings: dict[str, float] = dict(stages.done.get("_timings", {}))
     t_start = time.perf_counter()
     data = data_stage(config, out)
@@ -90,6 +96,7 @@ def run_pipeline(
         cache = TrunkCache(int(config.trunk_cache_gb * (1 << 30)), config.trunk_cache_dir)
     run = RunContext(config, out, stages, tracker, cache, timings, progress)
     items = encode_splits(model, data)
+    wait_for_main()  # every rank opened the model before rank 0 saves a stage's into model/
 
     router_stage(run, model, data, items)
     labeller = _Labeller(config, data.label_taxonomy, out / "labels", progress)
@@ -107,10 +114,29 @@ def run_pipeline(
     stages.finish("eval", {"router_test_accuracy": router_test_accuracy, "systems": list(results)})
     tracker.log_results(results, router_test_accuracy=router_test_accuracy)
     tracker.close()
-    report = write_report(out)
+    report = write_report(out) if main else out / "report.md"
     table = comparison_table(results, systems_as="columns")
     router_info = dict(stages.done.get("router", {}), test_routing_accuracy=router_test_accuracy)
     return PipelineResult(str(out), data.splits.sizes(), table, timings, router_info, str(report))
+
+
+def _open_state(config: PipelineConfig, out: Path) -> StageState:
+    """The run's resume state, opened (and checked, restarted, written) by rank 0 first; the other ranks then
+    read the state.json it left, so every rank skips the same finished stages. A stop on rank 0 (changed
+    inputs) stops every rank. Under one process: opened as it always was."""
+
+    def first() -> StageState:
+        out.mkdir(parents=True, exist_ok=True)
+        stages = StageState(out / "state.json", config)  # stops here if a finished stage had other inputs
+        forget_lost_model_stages(stages, out / "model")
+        write_text(out / "config.yaml", config_yaml(config))
+        return stages
+
+    if launched_world() == 1:
+        return first()
+    opened: list[StageState] = []
+    on_main(lambda: opened.append(first()))  # rank 0 first; the others wait for it
+    return opened[0] if opened else StageState(out / "state.json", config)
 
 
 def _open_model(config: PipelineConfig, data: RunData, stages: StageState, model_dir: Path) -> DMoERM:

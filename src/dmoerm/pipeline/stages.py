@@ -25,13 +25,14 @@ from dmoerm.encoding import EncodedInput, RankedItem, encode_prompt, encode_reco
 from dmoerm.labelling.human import expert_agreement, plan_category_labels
 from dmoerm.model import DMoERM, capability_expert_name, rm_expert
 from dmoerm.pipeline.config import PipelineConfig
-from dmoerm.pipeline.files import save_curves, save_model, save_records, write_json
+from dmoerm.pipeline.files import save_curves, save_model, save_records, save_rng_state, write_json
 from dmoerm.pipeline.labels import _judge_only, _Labeller, _read_category_labels
 from dmoerm.pipeline.splits import POOLED, Splits, build_splits, held_out_prompts, load_preferences
-from dmoerm.pipeline.state import StageState, checkpoint_dir, label_file
+from dmoerm.pipeline.state import RNG_FILE, StageState, checkpoint_dir, label_file
 from dmoerm.reward_model import RewardModel
 from dmoerm.taxonomy import Taxonomy, assign_categories, load_taxonomy
 from dmoerm.tracking import Tracker
+from dmoerm.training.distributed import on_main
 from dmoerm.training.loop import TrunkCache
 from dmoerm.training.phases import (
     WARM_START,
@@ -75,6 +76,7 @@ class RunContext:
         if model is not None:
             save_model(model, self.out / "model")
         self.timings[stage] = round(time.perf_counter() - t0, 2)
+        save_rng_state(self.out / RNG_FILE, stage)  # first: a kill between the two writes restores nothing
         self.stages.finish(stage, info)
         self.stages.finish("_timings", self.timings)
         if track:
@@ -261,11 +263,14 @@ def capability_stages(
 
 
 def labels_stage(run: RunContext, labeller: _Labeller, category: str, records) -> Path:
-    """Stage ``labels/<category>``: the judge labels the records' pairs per capability point; the file."""
+    """Stage ``labels/<category>``: the judge labels the records' pairs per capability point; the file.
+
+    Under several processes rank 0 alone asks the judge and writes the file and the judge's cache (one
+    SQLite writer, no question asked twice); the others wait for its stats, then read the same file."""
     stage, path = f"labels/{category}", label_file(run.out, category)
     if stage not in run.stages:
         t0 = time.perf_counter()
-        run.record(stage, t0, labeller(records, path))
+        run.record(stage, t0, on_main(lambda: labeller(records, path)))
     return path
 
 

@@ -35,6 +35,8 @@ class StageState:
     def __init__(self, path: Path, config=None):
         """``config``: the run's :class:`~dmoerm.pipeline.config.PipelineConfig`; None only reads the state."""
         self.path, self.config = path, config
+        self.on_first_start = None
+        """Called once, when a stage first starts in this process (:func:`restore_rng_on_resume`)."""
         self.done: dict[str, dict] = _read_state(path)
         self.inputs: dict[str, dict] = self.done.pop(_INPUTS, {})
         if config is not None:
@@ -50,6 +52,9 @@ class StageState:
     def __contains__(self, stage: str) -> bool:
         if stage in self.done:
             return True
+        if self.on_first_start is not None:
+            start, self.on_first_start = self.on_first_start, None
+            start()
         if self.config is not None and stage not in self.inputs:  # about to start: record what it reads
             self.inputs[stage] = stage_inputs(self.config, stage)
             self._write()
@@ -106,6 +111,38 @@ class StageState:
         self.forget(changed)
         if any(s.split("/", 1)[0] in ("phase1", "phase2") for s in changed):
             shutil.rmtree(out / "model", ignore_errors=True)
+
+
+RNG_FILE = "rng_state.pt"
+"""The global RNG states after the last recorded stage (:func:`dmoerm.pipeline.files.save_rng_state`)."""
+
+
+def restore_rng_on_resume(stages: StageState) -> None:
+    """Make a resumed run draw what the straight run drew: the first stage that starts in this process starts
+    from the global RNG states saved after the last recorded stage (a new expert's LoRA and value head are
+    drawn from them before its training seeds anything; a new process's RNG is seeded at random). Every rank
+    restores rank 0's states. Nothing is restored when the file is missing or was saved after a stage that
+    is not recorded finished (a kill between the two writes), nor on a fresh run."""
+    import torch
+
+    path = stages.path.with_name(RNG_FILE)
+    if not path.exists():
+        return
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as e:  # only reproducibility is lost: the run goes on
+        logger.warning("%s: unreadable (%s); the resumed stages draw fresh random initialisations", path, e)
+        return
+    if saved.get("after") not in stages.done:
+        return
+
+    def restore() -> None:
+        torch.set_rng_state(saved["cpu"])
+        if "cuda" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved["cuda"])
+        logger.info("resumed the global RNG states saved after stage %s", saved["after"])
+
+    stages.on_first_start = restore
 
 
 def checkpoint_dir(out: Path, *stage: str) -> Path:

@@ -8,7 +8,10 @@ exactly what it computed before data parallelism existed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,6 +39,54 @@ def rank_and_world() -> tuple[int, int]:
     distributed launch. Asking builds the accelerator, which joins the launch's process group."""
     accelerator = process_accelerator()
     return accelerator.process_index, accelerator.num_processes
+
+
+def launched_world() -> int:
+    """Processes of this launch by the launcher's ``WORLD_SIZE`` (torchrun and ``accelerate launch`` set it);
+    1 outside a launch. Asking builds nothing, so a one-process command never starts the accelerator for it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a launch, and outside one: the process that writes run folders and caches."""
+    return launched_world() == 1 or rank_and_world()[0] == 0
+
+
+def wait_for_main() -> None:
+    """A barrier of every rank (so the others read what rank 0 wrote); a no-op under one process."""
+    if launched_world() > 1:
+        process_accelerator().wait_for_everyone()
+
+
+T = TypeVar("T")
+
+
+def on_main(compute: Callable[[], T]) -> T:
+    """``compute()`` run by rank 0 alone, its result given to every rank (a barrier: the others wait). An
+    exception on rank 0 is raised on every rank (rank 0's own with its traceback), so no rank waits for a
+    partner that stopped. Under one process: ``compute()``. The result must pickle."""
+    if launched_world() == 1:
+        return compute()
+    rank, _ = rank_and_world()
+    payload: list = [None]
+    error = None
+    if rank == 0:
+        try:
+            payload[0] = (True, compute())
+        except Exception as e:  # every rank stops alike
+            error = e
+            try:
+                pickle.dumps(e)
+                payload[0] = (False, e)
+            except Exception:
+                payload[0] = (False, RuntimeError(f"rank 0: {type(e).__name__}: {e}"))
+    dist.broadcast_object_list(payload, src=0)
+    ok, value = payload[0]
+    if error is not None:
+        raise error
+    if not ok:
+        raise value
+    return value
 
 
 def share(n: int, rank: int, world: int) -> range:
