@@ -42,7 +42,7 @@ from dmoerm.pipeline.state import (
 from dmoerm.reward_model import MODEL_FILE
 from dmoerm.tracking import Tracker
 from dmoerm.training.distributed import is_main_process, launched_world, on_main, wait_for_main
-from dmoerm.training.loop import TrunkCache
+from dmoerm.training.trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
 

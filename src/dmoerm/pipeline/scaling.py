@@ -121,7 +121,7 @@ def run_scaling(config: ScalingConfig, progress: bool = True) -> dict:
     """Run (or resume) every run of the study, score the out-of-distribution sets, write the summary."""
     from dmoerm.pipeline.config import PipelineConfig
     from dmoerm.pipeline.run import run_pipeline
-    from dmoerm.training.loop import TrunkCache
+    from dmoerm.training.trunk_cache import TrunkCache
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,6 @@ from dmoerm.reward_model import RewardModel
 from dmoerm.taxonomy import Taxonomy, assign_categories, load_taxonomy
 from dmoerm.tracking import Tracker
 from dmoerm.training.distributed import on_main
-from dmoerm.training.loop import TrunkCache
 from dmoerm.training.phases import (
     WARM_START,
     labels_to_items,
@@ -44,6 +43,7 @@ from dmoerm.training.phases import (
     train_warm_start,
 )
 from dmoerm.training.single import train_reward_model
+from dmoerm.training.trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
 

@@ -162,13 +162,18 @@ def length_correlation_penalty(
     return length_correlation(rewards, lengths, groups) ** 2
 
 
+def pair_weights(items: Sequence[RankedItem]) -> list[float]:
+    """Each untied pair's weight in the ranking loss, in item order: every item weighs the same (its
+    ``weight``), however many pairs it has."""
+    return [item.weight / len(item.pairs) for item in items for _ in item.pairs]
+
+
 def batch_items(bank, items: Sequence[RankedItem], cache: TrunkCache) -> dict[str, torch.Tensor]:
     """Flatten a batch of ranked items: trunk states [N, T, H], mask [N, T], pairs [P, 2], weights [P],
     response lengths in tokens [N] and the item each response belongs to [N]."""
     flat, where = flatten(items)
     pairs = [(rows.start + b, rows.start + w) for item, rows in zip(items, where) for b, w in item.pairs]
-    # Each item weighs the same, however many pairs it has.
-    weights = [item.weight / len(item.pairs) for item in items for _ in item.pairs]
+    weights = pair_weights(items)
     groups = [k for k, item in enumerate(items) for _ in item.inputs]
     states, mask, _ = padded_states(bank, flat, cache)
     return {
@@ -295,8 +300,7 @@ class _ExpertRun:
 
     def _rewards(self, items: Sequence[RankedItem]) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rewards [n] of its share and its ranking-loss share over the batch's total weight."""
-        weights = [item.weight / len(item.pairs) for item in items for _ in item.pairs]
-        total = torch.tensor(weights, dtype=torch.float32).sum().clamp(min=1e-8)
+        total = torch.tensor(pair_weights(items), dtype=torch.float32).sum().clamp(min=1e-8)
         mine = list(items)[self._slice(len(items))]
         if mine:
             batch = batch_items(self.bank, mine, self.cache)
@@ -321,8 +325,10 @@ class _ExpertRun:
                     sum(len(items[i].inputs) for i in share(len(items), r, self.world))
                     for r in range(self.world)
                 ]
-                flat = [e for item in items for e in item.inputs]
-                groups = torch.tensor([k for k, item in enumerate(items) for _ in item.inputs])
+                flat, where = flatten(items)
+                groups = torch.tensor(
+                    [k for k, rows in enumerate(where) for _ in range(rows.start, rows.stop)]
+                )
                 full = with_other_ranks(rewards, counts)  # [N] the whole batch's rewards
                 penalty = length_correlation_penalty(full, response_lengths(flat), groups)
                 loss = loss + config.length_penalty * penalty
