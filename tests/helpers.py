@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import threading
 
 from dmoerm.data import Message, PreferenceRecord
 
@@ -90,3 +92,18 @@ def job_config(tmp_path, tiny_backbone, **overrides):
     from dmoerm.pipeline import PipelineConfig
 
     return PipelineConfig.from_dict(job_config_dict(tmp_path, tiny_backbone, **overrides))
+
+
+@contextlib.contextmanager
+def http_server(handler):
+    """A real threaded HTTP server on 127.0.0.1 (a free port) for ``handler``; yields its ``http://host:port``."""
+    from http.server import ThreadingHTTPServer
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -4,8 +4,6 @@ Labeller entry that labels given records with a judge configuration (what the tr
 from __future__ import annotations
 
 import dataclasses
-import threading
-from http.server import ThreadingHTTPServer
 
 import pytest
 
@@ -14,6 +12,7 @@ from dmoerm.labelling.api import OpenAIJudge
 from dmoerm.labelling.config import ApiJudgeConfig, JudgeConfig, LocalJudgeConfig, make_judge
 from dmoerm.labelling.local import LocalJudge
 from dmoerm.labelling.pipeline import LabelConfig, LabelJudgeConfig, Labeller, label_pairs, label_records
+from helpers import http_server
 from test_labelling_api import KEY_ENV, SECRET, TAX, FakeServer, _handler, _pairs
 
 API_ONLY = {"base_url", "api_key_env", "mode", "concurrency", "requests_per_second", "timeout_s", "max_retries",
@@ -109,13 +108,9 @@ def test_the_pipeline_labels_section_builds_without_data_or_output():
 def server(monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
     state = FakeServer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(_handler(state)) as base:
+        state.url = f"{base}/v1"
+        yield state
 
 
 def test_labeller_keeps_one_judge_across_files_and_equals_label_pairs(server, tmp_path):

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-from http.server import ThreadingHTTPServer
 
 import pytest
 
 from dmoerm.config_check import RunStopped
 from dmoerm.pipeline import PipelineConfig, build_splits, load_preferences, run_pipeline
 from dmoerm.taxonomy import load_taxonomy
-from helpers import job_config_dict
+from helpers import http_server, job_config_dict
 from test_labelling_api import KEY_ENV, SECRET, FakeServer, _handler
 
 
@@ -21,13 +19,9 @@ from test_labelling_api import KEY_ENV, SECRET, FakeServer, _handler
 def judge_server(monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
     state = FakeServer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(_handler(state)) as base:
+        state.url = f"{base}/v1"
+        yield state
 
 
 def _config(tmp_path, tiny_backbone, url: str, run: str, **labels) -> PipelineConfig:

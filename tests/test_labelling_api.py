@@ -16,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from dmoerm.labelling.pairs import LabelPair
 from dmoerm.labelling.pipeline import LabelConfig, label_pairs, run_label
 from dmoerm.labelling.schema import read_labels
 from dmoerm.taxonomy import Capability, Category, Taxonomy
+from helpers import http_server
 
 SECRET = "sk-test-DO-NOT-LEAK-8c1f2e9a"
 KEY_ENV = "DMOERM_TEST_JUDGE_KEY"
@@ -170,14 +171,9 @@ def _handler(state: FakeServer):
 def server(monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
     state = FakeServer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(_handler(state)) as base:
+        state.url = f"{base}/v1"
+        yield state
 
 
 def _pairs(n: int = 6) -> list[LabelPair]:

@@ -10,10 +10,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from dataclasses import replace
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from dmoerm.labelling.pairs import LabelPair
 from dmoerm.labelling.pipeline import label_pairs
 from dmoerm.labelling.schema import read_labels
 from dmoerm.taxonomy import Capability, Category, Taxonomy
+from helpers import http_server
 from test_labelling_api import KEY_ENV, SECRET, TAX, FakeServer, _expected_winner, _handler, _pairs
 
 ONE_POINT = Taxonomy(
@@ -40,13 +39,9 @@ ONE_POINT = Taxonomy(
 def slow_server(monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
     state = FakeServer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(_handler(state)) as base:
+        state.url = f"{base}/v1"
+        yield state
 
 
 def _judge(server: FakeServer, cache: JudgeCache | None, concurrency: int = 8) -> OpenAIJudge:
