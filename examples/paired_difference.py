@@ -18,9 +18,10 @@ import numpy as np
 def pair_outcomes(model, records, cache) -> list[list[float]]:
     """Per record, 1 / 0.5 / 0 for each untied pair ranked as the human did (reward ties count half)."""
     from dmoerm.encoding import encode_record
-    from dmoerm.pipeline.evaluate import _flat, score_cached
+    from dmoerm.pipeline.evaluate import score_cached
+    from dmoerm.scoring import flatten
 
-    flat, where = _flat([encode_record(model.tokenizer, r, model.max_length) for r in records])
+    flat, where = flatten([encode_record(model.tokenizer, r, model.max_length) for r in records])
     rewards, _, _ = score_cached(model, flat, cache)
     out = []
     for r, span in zip(records, where):
