@@ -1,0 +1,88 @@
+"""How much of DMoERM's gap to the single RM is routing? A run's DMoERM scored twice on its own test pairs: with
+the router's choice (as `dmoerm train` evaluates it) and with every record sent to its labelled category's inner
+model (an oracle router), beside the run's single RM, each with a paired bootstrap against the single RM:
+
+    python examples/oracle_routing.py runs/scaling-test100/n384_seed0 runs/scaling-test100/n384_seed1
+
+Prints, per run, the router's test routing agreement and the three agreements with their differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _outcomes(records, rewards, where) -> list[list[float]]:
+    """Per record, 1 / 0.5 / 0 for each untied pair ranked as the human did (reward ties count half)."""
+    out = []
+    for r, span in zip(records, where):
+        rw = rewards[span].tolist()
+        out.append([1.0 if rw[b] > rw[w] else 0.5 if rw[b] == rw[w] else 0.0 for b, w in r.pairs()])
+    return out
+
+
+def oracle_rewards(model, records, flat, where, cache) -> torch.Tensor:
+    """Rewards [N] with each record's responses scored by its own category's inner model (no router)."""
+    from dmoerm.scoring import in_order, trunk_batches
+
+    category = [r.category for r, span in zip(records, where) for _ in range(span.start, span.stop)]
+    rewards = torch.empty(len(flat))
+    with torch.no_grad():
+        for b in trunk_batches(model.bank, flat, cache, batches=in_order(len(flat), 16)):
+            for c in sorted({category[i] for i in b.index}):
+                rows = [j for j, i in enumerate(b.index) if category[i] == c]
+                r, _, _ = model.inner_reward(b.states[rows], b.attention_mask[rows], c)  # [b_c]
+                rewards[[b.index[j] for j in rows]] = r.float().cpu()
+    return rewards
+
+
+def _paired(a, b, resamples: int) -> tuple[float, float, float]:
+    sa, sb = np.array([sum(x) for x in a]), np.array([sum(x) for x in b])
+    n = np.array([len(x) for x in a])
+    idx = np.random.default_rng(0).integers(0, len(n), size=(resamples, len(n)))  # records, both alike
+    diff = 100 * (sa[idx].sum(1) - sb[idx].sum(1)) / n[idx].sum(1)
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return 100 * (sa.sum() - sb.sum()) / n.sum(), lo, hi
+
+
+def main(argv: list[str]) -> int:
+    from dmoerm.data import load_data
+    from dmoerm.encoding import encode_record
+    from dmoerm.model import load_model
+    from dmoerm.pipeline.evaluate import score_cached
+    from dmoerm.scoring import flatten
+    from dmoerm.training.trunk_cache import TrunkCache
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run folders of `dmoerm train` (model/, baseline/, splits/)")
+    parser.add_argument("--trunk-cache-dir", default="runs/trunk-cache", help="the runs' on-disk trunk cache")
+    parser.add_argument("--resamples", type=int, default=2000)
+    args = parser.parse_args(argv)
+    cache = TrunkCache(6 << 30, args.trunk_cache_dir)
+    for run in map(Path, args.runs):
+        records = [r for r in load_data(str(run / "splits" / "test.jsonl")) if r.pairs() and r.category]
+        model, single = load_model(run / "model"), load_model(run / "baseline")
+        flat, where = flatten([encode_record(model.tokenizer, r, model.max_length) for r in records])
+        routed, category, _ = score_cached(model, flat, cache)
+        agree = np.mean([category[span.start] == r.category for r, span in zip(records, where)])
+        base = _outcomes(records, score_cached(single, flat, cache)[0], where)
+        n = sum(len(x) for x in base)
+        line = [f"{run}: routing agreement {100 * agree:.1f}%, single RM {100 * sum(map(sum, base)) / n:.1f}"]
+        for name, rewards in (
+            ("routed", routed),
+            ("oracle-routed", oracle_rewards(model, records, flat, where, cache)),
+        ):
+            out = _outcomes(records, rewards, where)
+            d, lo, hi = _paired(out, base, args.resamples)
+            line.append(f"DMoERM {name} {100 * sum(map(sum, out)) / n:.1f} ({d:+.1f} [{lo:+.1f}, {hi:+.1f}])")
+        print(", ".join(line) + f" ({n} pairs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
