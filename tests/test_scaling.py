@@ -48,7 +48,10 @@ def test_scaling_study_runs_nested_sizes_on_one_test_set(tmp_path, tiny_backbone
     assert tests[0] == tests[1] == tests[2]
     entry = summary["runs"]["n8_seed0"]
     assert set(entry["test"]) >= {"DMoERM", "single RM"}
-    assert set(entry["ood"][next(iter(entry["ood"]))]) == {"DMoERM", "single RM"}
+    assert set(entry["ood"][str(ood)]) == {
+        "DMoERM",
+        "single RM",
+    }  # keyed by the source, as the report reads it
     assert "ablation_cold_start_n8" in summary["runs"]
     # The ablation's single RM is the size's own (same inputs), copied, not retrained: identical weights.
     a, b = (study / n / "baseline" / "heads.safetensors" for n in ("n8_seed0", "ablation_cold_start_n8"))
@@ -56,6 +59,8 @@ def test_scaling_study_runs_nested_sizes_on_one_test_set(tmp_path, tiny_backbone
     assert "ablation_cold_start_n8 reuses the single RM of n8_seed0" in caplog.text
     report = (study / "scaling.md").read_text()
     assert "| 4 |" in report and "| 8 |" in report and "cold_start" in report
+    ood_table = report.split(f"## Out of distribution: {ood}")[1].split("##")[0]
+    assert "| 8 | - |" not in ood_table and "| 8 | " in ood_table  # the OOD agreements are in the table
     assert (study / "scaling_test.png").stat().st_size > 1000
 
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dmoerm.pipeline.files import copy_folder, save_figure, write_eval, write_json, write_text
+from dmoerm.pipeline.report import eval_folder
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,6 @@ def _score_ood(run_dir: Path, sources: Sequence[str], data_dir, cache) -> None:
     from dmoerm.evaluation import compute_metrics, response_token_lengths
     from dmoerm.model import load_model
     from dmoerm.pipeline.evaluate import score_cached
-    from dmoerm.pipeline.report import eval_folder
     from dmoerm.scoring import flatten
 
     systems = {"DMoERM": run_dir / "model", "single RM": run_dir / "baseline"}
@@ -234,9 +234,10 @@ def summarize(out: Path, config: ScalingConfig) -> dict:
         for p in sorted(run_dir.glob("eval/*/eval.json")):
             result = load_eval(p)
             entry["test"][result.system or p.parent.name] = _point(result)
-        for p in sorted(run_dir.glob("ood/*/*/eval.json")):
-            result = load_eval(p)
-            entry["ood"].setdefault(p.parent.parent.name, {})[result.system or p.parent.name] = _point(result)
+        for source in config.ood_sources:  # keyed by the source's name, as the report's tables look it up
+            for p in sorted((run_dir / "ood" / eval_folder(source)).glob("*/eval.json")):
+                result = load_eval(p)
+                entry["ood"].setdefault(source, {})[result.system or p.parent.name] = _point(result)
         runs[name] = entry
     summary = {"config": asdict(config), "runs": runs}
     write_json(out / "summary.json", summary)
