@@ -93,3 +93,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """The real data folder (DMOERM_DATA_DIR or ./shared/data or ../shared/data); skip when absent."""
+    from dmoerm.data import default_data_dir
+
+    try:
+        return default_data_dir()
+    except FileNotFoundError as e:
+        pytest.skip(f"no data folder: {e}")

@@ -28,15 +28,6 @@ from dmoerm.data import (
 SINGLE_SOURCES = [n for n in SOURCES if n not in SOURCE_GROUPS]
 
 
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    """The real data folder (DMOERM_DATA_DIR or ./shared/data or ../shared/data); skip when absent."""
-    try:
-        return default_data_dir()
-    except FileNotFoundError as e:
-        pytest.skip(f"no data folder: {e}")
-
-
 def write_jsonl(path: Path, lines: list) -> Path:
     """Write lines (dicts are JSON-encoded, strings written as they are) to a plain or gzip file."""
     path.parent.mkdir(parents=True, exist_ok=True)

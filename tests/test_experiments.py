@@ -31,7 +31,7 @@ def test_config_errors_name_the_field():
 
 
 @pytest.mark.slow
-def test_finegrained_experiment_runs_on_real_data(tmp_path, tiny_backbone):
+def test_finegrained_experiment_runs_on_real_data(tmp_path, tiny_backbone, data_dir):
     config = FineGrainedConfig(
         output_dir=str(tmp_path / "fg"),
         backbone=tiny_backbone,

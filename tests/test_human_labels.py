@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmoerm.data import Message, default_data_dir
+from dmoerm.data import Message
 from dmoerm.labelling.human import (
     HUMAN_SOURCES,
     LabelPlan,
@@ -25,15 +25,6 @@ from dmoerm.labelling.human import (
 )
 from dmoerm.labelling.schema import CapabilityLabel
 from dmoerm.taxonomy import LABEL_SOURCES, Capability, Category, Taxonomy, load_taxonomy, save_taxonomy
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    """The real data folder (DMOERM_DATA_DIR or ./shared/data or ../shared/data); skip when absent."""
-    try:
-        return default_data_dir()
-    except FileNotFoundError as e:
-        pytest.skip(f"no data folder: {e}")
 
 
 def raw_line(data_dir: Path, file: str, lineno: int) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmoerm.data import Message, PreferenceRecord, PromptRecord, default_data_dir, load_source
+from dmoerm.data import Message, PreferenceRecord, PromptRecord, load_source
 from dmoerm.taxonomy import (
     Capability,
     Category,
@@ -17,14 +17,6 @@ from dmoerm.taxonomy import (
     load_taxonomy,
     save_taxonomy,
 )
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    try:
-        return default_data_dir()
-    except FileNotFoundError as e:
-        pytest.skip(f"no data folder: {e}")
 
 
 @pytest.fixture(scope="module")
