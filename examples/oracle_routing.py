@@ -17,15 +17,6 @@ import numpy as np
 import torch
 
 
-def _outcomes(records, rewards, where) -> list[list[float]]:
-    """Per record, 1 / 0.5 / 0 for each untied pair ranked as the human did (reward ties count half)."""
-    out = []
-    for r, span in zip(records, where):
-        rw = rewards[span].tolist()
-        out.append([1.0 if rw[b] > rw[w] else 0.5 if rw[b] == rw[w] else 0.0 for b, w in r.pairs()])
-    return out
-
-
 def oracle_rewards(model, records, flat, where, cache) -> torch.Tensor:
     """Rewards [N] with each record's responses scored by its own category's inner model (no router)."""
     from dmoerm.scoring import in_order, trunk_batches
@@ -41,16 +32,9 @@ def oracle_rewards(model, records, flat, where, cache) -> torch.Tensor:
     return rewards
 
 
-def _paired(a, b, resamples: int) -> tuple[float, float, float]:
-    sa, sb = np.array([sum(x) for x in a]), np.array([sum(x) for x in b])
-    n = np.array([len(x) for x in a])
-    idx = np.random.default_rng(0).integers(0, len(n), size=(resamples, len(n)))  # records, both alike
-    diff = 100 * (sa[idx].sum(1) - sb[idx].sum(1)) / n[idx].sum(1)
-    lo, hi = np.percentile(diff, [2.5, 97.5])
-    return 100 * (sa.sum() - sb.sum()) / n.sum(), lo, hi
-
-
 def main(argv: list[str]) -> int:
+    from paired_difference import agreement, outcomes, paired_difference  # examples/, beside this script
+
     from dmoerm.data import load_data
     from dmoerm.encoding import encode_record
     from dmoerm.model import load_model
@@ -70,17 +54,16 @@ def main(argv: list[str]) -> int:
         flat, where = flatten([encode_record(model.tokenizer, r, model.max_length) for r in records])
         routed, category, _ = score_cached(model, flat, cache)
         agree = np.mean([category[span.start] == r.category for r, span in zip(records, where)])
-        base = _outcomes(records, score_cached(single, flat, cache)[0], where)
-        n = sum(len(x) for x in base)
-        line = [f"{run}: routing agreement {100 * agree:.1f}%, single RM {100 * sum(map(sum, base)) / n:.1f}"]
+        base = outcomes(records, score_cached(single, flat, cache)[0], where)
+        line = [f"{run}: routing agreement {100 * agree:.1f}%, single RM {agreement(base):.1f}"]
         for name, rewards in (
             ("routed", routed),
             ("oracle-routed", oracle_rewards(model, records, flat, where, cache)),
         ):
-            out = _outcomes(records, rewards, where)
-            d, lo, hi = _paired(out, base, args.resamples)
-            line.append(f"DMoERM {name} {100 * sum(map(sum, out)) / n:.1f} ({d:+.1f} [{lo:+.1f}, {hi:+.1f}])")
-        print(", ".join(line) + f" ({n} pairs)")
+            out = outcomes(records, rewards, where)
+            d, lo, hi = paired_difference(out, base, args.resamples)
+            line.append(f"DMoERM {name} {agreement(out):.1f} ({d:+.1f} [{lo:+.1f}, {hi:+.1f}])")
+        print(", ".join(line) + f" ({sum(map(len, base))} pairs)")
     return 0
 
 

@@ -15,19 +15,39 @@ from pathlib import Path
 import numpy as np
 
 
-def pair_outcomes(model, records, cache) -> list[list[float]]:
-    """Per record, 1 / 0.5 / 0 for each untied pair ranked as the human did (reward ties count half)."""
-    from dmoerm.encoding import encode_record
-    from dmoerm.pipeline.evaluate import score_cached
-    from dmoerm.scoring import flatten
-
-    flat, where = flatten([encode_record(model.tokenizer, r, model.max_length) for r in records])
-    rewards, _, _ = score_cached(model, flat, cache)
+def outcomes(records, rewards, where) -> list[list[float]]:
+    """Per record, 1 / 0.5 / 0 for each untied pair ranked as the human did (reward ties count half), from the
+    rewards [N] of the records' responses flattened in order (``where``: each record's slice)."""
     out = []
     for r, span in zip(records, where):
         rw = rewards[span].tolist()
         out.append([1.0 if rw[b] > rw[w] else 0.5 if rw[b] == rw[w] else 0.0 for b, w in r.pairs()])
     return out
+
+
+def pair_outcomes(model, records, cache) -> list[list[float]]:
+    """:func:`outcomes` of ``model``'s rewards, scored as the pipeline's evaluation scores them."""
+    from dmoerm.encoding import encode_record
+    from dmoerm.pipeline.evaluate import score_cached
+    from dmoerm.scoring import flatten
+
+    flat, where = flatten([encode_record(model.tokenizer, r, model.max_length) for r in records])
+    return outcomes(records, score_cached(model, flat, cache)[0], where)
+
+
+def paired_difference(a, b, resamples: int = 2000) -> tuple[float, float, float]:
+    """Agreement of ``a`` minus that of ``b`` (points) and its 95% interval, resampling records for both alike."""
+    sa, sb = np.array([sum(x) for x in a]), np.array([sum(x) for x in b])
+    n = np.array([len(x) for x in a])
+    idx = np.random.default_rng(0).integers(0, len(n), size=(resamples, len(n)))
+    diff = 100 * (sa[idx].sum(1) - sb[idx].sum(1)) / n[idx].sum(1)
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return 100 * (sa.sum() - sb.sum()) / n.sum(), lo, hi
+
+
+def agreement(a) -> float:
+    """Agreement (%) over every pair of :func:`outcomes`."""
+    return 100 * sum(map(sum, a)) / sum(map(len, a))
 
 
 def main(argv: list[str]) -> int:
@@ -45,15 +65,10 @@ def main(argv: list[str]) -> int:
         records = [r for r in load_data(str(run / "splits" / "test.jsonl")) if r.pairs()]
         a = pair_outcomes(load_model(run / "model"), records, cache)
         b = pair_outcomes(load_model(run / "baseline"), records, cache)
-        sa, sb = np.array([sum(x) for x in a]), np.array([sum(x) for x in b])
-        n = np.array([len(x) for x in a])
-        rng = np.random.default_rng(0)
-        idx = rng.integers(0, len(n), size=(args.resamples, len(n)))  # records resampled, both systems alike
-        diff = (sa[idx].sum(1) - sb[idx].sum(1)) / n[idx].sum(1)
-        lo, hi = np.percentile(100 * diff, [2.5, 97.5])
+        d, lo, hi = paired_difference(a, b, args.resamples)
         print(
-            f"{run}: DMoERM {100 * sa.sum() / n.sum():.1f}, single RM {100 * sb.sum() / n.sum():.1f}, "
-            f"difference {100 * (sa.sum() - sb.sum()) / n.sum():+.1f} [{lo:+.1f}, {hi:+.1f}] ({n.sum()} pairs)"
+            f"{run}: DMoERM {agreement(a):.1f}, single RM {agreement(b):.1f}, "
+            f"difference {d:+.1f} [{lo:+.1f}, {hi:+.1f}] ({sum(map(len, a))} pairs)"
         )
     return 0
 
