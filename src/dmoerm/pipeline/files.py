@@ -19,15 +19,20 @@ from pathlib import Path
 from dmoerm.training.distributed import is_main_process
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file beside it, then rename it into place."""
+def _replace(path: Path, write) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it into place (rank 0 alone)."""
     if not is_main_process():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    write(tmp)
     os.replace(tmp, path)
     return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return _replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(path: Path, obj) -> Path:
@@ -37,13 +42,9 @@ def write_json(path: Path, obj) -> Path:
 
 def save_records(records: Iterable, path: Path) -> None:
     """Preference records in the user JSONL schema (:func:`dmoerm.data.save_jsonl`), atomically."""
-    if not is_main_process():
-        return
     from dmoerm.data import save_jsonl
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_jsonl(records, tmp)
-    os.replace(tmp, path)
+    _replace(path, lambda tmp: save_jsonl(records, tmp))
 
 
 def save_model(model, directory: Path) -> None:
@@ -89,16 +90,12 @@ def save_curves(history: dict, path: Path, title: str) -> None:
 def save_rng_state(path: Path, after: str) -> None:
     """The process's global RNG states after stage ``after`` (torch's CPU one, and the current GPU's where
     there is one), atomically: a resumed run restores them (:func:`dmoerm.pipeline.state.restore_rng_on_resume`)."""
-    if not is_main_process():
-        return
     import torch
 
     state = {"after": after, "cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    _replace(path, lambda tmp: torch.save(state, tmp))
 
 
 def save_figure(fig, path: Path, dpi: int = 100) -> None:
