@@ -70,7 +70,7 @@ def test_residual_aggregator_starts_at_the_phase1_reward(trained):
     model, _, recs, _ = trained
     model = copy.deepcopy(model)
     names = [rm_expert("code")] + model.category_experts("code")
-    model.aggregators["code"] = Aggregator(len(names), model.bank.hidden_size, residual=True)
+    model.aggregators["code"] = Aggregator(len(names), model.bank.hidden_size, kind="residual")
     model.aggregator_experts["code"] = names
     convs = [list(r.conversation) for r in recs[:6]]
     resps = [r.responses[1] for r in recs[:6]]

@@ -263,7 +263,7 @@ class DMoERM(nn.Module):
                     "categories": self.categories,
                     "routing": asdict(self.routing),
                     "aggregator_experts": self.aggregator_experts,
-                    "residual_aggregators": sorted(c for c, m in self.aggregators.items() if m.residual),
+                    "aggregator_kinds": {c: m.kind for c, m in sorted(self.aggregators.items())},
                 },
                 indent=2,
             )
@@ -292,9 +292,12 @@ class DMoERM(nn.Module):
         model.aggregator_experts = {c: list(v) for c, v in config["aggregator_experts"].items()}
         if (directory / "aggregators.safetensors").exists():
             state = load_file(directory / "aggregators.safetensors")
-            residual = set(config.get("residual_aggregators", []))
+            # Folders saved before the linear aggregator name their residual ones only.
+            kinds = config.get("aggregator_kinds") or {
+                c: "residual" for c in config.get("residual_aggregators", [])
+            }
             for c, names in model.aggregator_experts.items():
-                agg = Aggregator(len(names), model.bank.hidden_size, residual=c in residual)
+                agg = Aggregator(len(names), model.bank.hidden_size, kind=kinds.get(c, "mlp"))
                 agg.load_state_dict({k[len(c) + 1 :]: v for k, v in state.items() if k.startswith(c + ".")})
                 model.aggregators[c] = agg
         model.requires_grad_(False)

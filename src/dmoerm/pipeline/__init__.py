@@ -9,6 +9,7 @@ from dmoerm.pipeline.config import (
     DataConfig,
     LabelsConfig,
     PipelineConfig,
+    SpecialiseConfig,
     judge_label_config,
 )
 from dmoerm.pipeline.evaluate import score_cached, standardized_scores
@@ -35,6 +36,7 @@ __all__ = [
     "DataConfig",
     "LabelsConfig",
     "PipelineConfig",
+    "SpecialiseConfig",
     "WARM_STARTS",
     "judge_label_config",
     "POOLED",

@@ -166,6 +166,29 @@ WARM_STARTS = ("none", "phase1", "baseline")
 
 
 @dataclass
+class SpecialiseConfig:
+    """How each category's inner model specialises from the pooled start (issue 13: specialising the single
+    RM on one category's records loses more than it gains). The defaults specialise as before."""
+
+    replay: float = 0.0
+    """Rehearsal: each category's phase 1 also trains on ``replay`` times as many phase-1 records of the
+    other categories as it has of its own (drawn with ``data.seed``; 0 for none, 1 for as many), so the
+    inner model keeps what the pooled model knows while it specialises."""
+    learning_rate: float | None = None
+    """Phase 1's learning rate when warm-started (None: ``phase1.learning_rate``, which the single RM
+    uses too); a smaller step keeps the specialised model near its pooled start."""
+    shared_expert: bool = False
+    """The pooled start (expert ``warmstart__rm``) joins every category's aggregator as an expert shared
+    by all categories (as DeepSeekMoE's shared experts), beside the category's own. Needs a warm start."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.replay, bool) or not 0.0 <= self.replay <= 100.0:
+            raise ValueError(f"replay: must be a number in [0, 100], got {self.replay!r}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"learning_rate: must be > 0 or null, got {self.learning_rate!r}")
+
+
+@dataclass
 class PipelineConfig:
     """``dmoerm train --config FILE``: everything the job does, saved resolved beside its outputs."""
 
@@ -202,6 +225,8 @@ class PipelineConfig:
     still sees no record its inner model trained on. ``baseline``: the single reward model (phase 1 + phase 3
     of every category; trained once, before the inner models, and reused). Either way the category's phase 1
     then specialises it, keeping the start when specialising does not beat it on dev."""
+    specialise: SpecialiseConfig = field(default_factory=SpecialiseConfig)
+    """How a warm-started inner model specialises on its category: rehearsal, step size, a shared expert."""
     trunk_cache_dir: str | None = None
     """Folder of the on-disk trunk-state cache shared between runs; None keeps states in memory only."""
     without_router: bool = False
@@ -224,6 +249,15 @@ class PipelineConfig:
             raise ValueError(f"warm_start: {self.warm_start!r} is not one of {', '.join(WARM_STARTS)}")
         if self.warm_start == "baseline" and not self.baseline:
             raise ValueError("warm_start: 'baseline' starts from the single reward model; set baseline: true")
+        if self.warm_start == "none" and self.specialise.shared_expert:
+            raise ValueError(
+                "specialise.shared_expert: true needs a pooled start to share; set warm_start to phase1 or baseline"
+            )
+        if self.warm_start == "none" and self.specialise.learning_rate is not None:
+            raise ValueError(
+                f"specialise.learning_rate: {self.specialise.learning_rate!r} applies to a warm-started phase 1; "
+                "with warm_start: none set phase1.learning_rate"
+            )
         if self.trunk_cache_gb <= 0:
             raise ValueError(f"trunk_cache_gb: must be > 0, got {self.trunk_cache_gb}")
         check_report_to(self.report_to)

@@ -213,25 +213,44 @@ def warm_start_stage(run: RunContext, model: DMoERM, data: RunData, items: Encod
 
 
 def phase1_stage(run: RunContext, model: DMoERM, category: str, items: Encoded) -> None:
-    """Stage ``phase1/<category>``: the category's reward model on its phase-1 human rankings."""
+    """Stage ``phase1/<category>``: the category's reward model on its phase-1 human rankings (with
+    ``specialise.replay``, some of the other categories' too)."""
     stage = f"phase1/{category}"
     if stage in run.stages:
         return
     t0 = time.perf_counter()
+    config = run.config
+    train = items["phase1"][category] + replay_items(config, items["phase1"], category)
+    optim = config.phase1
+    if config.warm_start != "none" and config.specialise.learning_rate is not None:
+        optim = dataclasses.replace(optim, learning_rate=config.specialise.learning_rate)
     res = train_phase1(
         model,
         category,
-        items["phase1"][category],
+        train,
         items["dev"][category],
-        run.config.phase1,
+        optim,
         run.cache,
         checkpoint_dir=checkpoint_dir(run.out, "phase1", category),
         progress=run.progress,
-        init_from=WARM_START if run.config.warm_start != "none" else None,
+        init_from=WARM_START if config.warm_start != "none" else None,
     )
     save_curves(res.history, run.out / "curves" / f"{category}_phase1.png", f"{category}: phase 1")
     info = {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps}
+    if len(train) > len(items["phase1"][category]):
+        info["replayed_records"] = len(train) - len(items["phase1"][category])
     run.record(stage, t0, info, res.history, model=model)
+
+
+def replay_items(config: PipelineConfig, phase1: dict[str, list], category: str) -> list:
+    """``specialise.replay`` times the category's phase-1 count of the other categories' phase-1 items
+    (all of them when they hold fewer), drawn with ``data.seed`` and the category's name: the same on every
+    rerun and rank."""
+    others = [it for c, its in phase1.items() if c != category for it in its]
+    k = min(len(others), round(config.specialise.replay * len(phase1[category])))
+    if k <= 0:
+        return []
+    return random.Random(f"{config.data.seed}:{category}:replay").sample(others, k)
 
 
 def capability_stages(
@@ -326,8 +345,10 @@ def phase3_stage(
         return
     t0 = time.perf_counter()
     names = model.category_experts(category) or [rm_expert(category)]
-    if names == [rm_expert(category)]:
+    if names == [rm_expert(category)] and not run.config.specialise.shared_expert:
         logger.warning("%s: no capability experts; phase 3 aggregates the phase-1 model alone", category)
+    if run.config.specialise.shared_expert:
+        names = [*names, WARM_START]  # the pooled start, shared by every category's aggregator
     res = train_phase3(
         model,
         category,

@@ -222,6 +222,17 @@ def stage_inputs(config, stage: str) -> dict:
         sections[name] = asdict(getattr(config, name))
     if kind in ("phase1", "phase2", "phase3"):  # where each inner model starts (issue 13's warm start)
         sections["warm_start"] = config.warm_start
+        # Only the fields set away from their defaults, which specialise as runs did before the section
+        # existed: those runs' folders resume, and any change of a field is still a changed input.
+        # The shared expert changes phase 3 only; rehearsal and step size change phase 1 and what follows.
+        default = asdict(type(config.specialise)())
+        changed = {
+            k: v
+            for k, v in asdict(config.specialise).items()
+            if v != default[k] and (kind == "phase3" or k != "shared_expert")
+        }
+        if changed:
+            sections["specialise"] = changed
     if stage.startswith("baseline_seed"):
         sections["phase1"]["seed"] += int(stage[len("baseline_seed") :])
     flat = _flatten(sections)

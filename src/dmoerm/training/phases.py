@@ -289,7 +289,8 @@ class AggregatorTrainConfig:
     aggregator: str = "mlp"
     """``mlp``: the paper's MLP over the experts' states is the reward. ``residual``: the category's phase-1
     reward plus an MLP correction that starts at zero; dev agreement is measured before the first step too,
-    so the correction is kept only when it beats "no correction" on dev (see
+    so the correction is kept only when it beats "no correction" on dev. ``linear``: one weight per expert
+    over their scalar scores, starting at the phase-1 reward, kept the same way (see
     :data:`dmoerm.aggregator.AGGREGATORS`)."""
     length_penalty: float = 0.0
     """Weight of the length decorrelation penalty on the aggregator's reward, as ``TrainConfig.length_penalty``
@@ -345,7 +346,7 @@ def train_phase3(
     times that weight, is added to the ranking loss (experts keep whatever length signal they learned; the
     aggregator is pushed not to pass it on)."""
     names = experts or model.category_experts(category)
-    residual = config.aggregator == "residual"
+    residual = config.aggregator != "mlp"
     if residual:
         names = [rm_expert(category)] + [n for n in names if n != rm_expert(category)]
     if not names:
@@ -355,7 +356,7 @@ def train_phase3(
     dev_data = _aggregator_inputs(model, names, dev, cache)
     lengths = response_lengths(flat)  # [N] response tokens, for the length penalty
     torch.manual_seed(config.seed)
-    agg = Aggregator(len(names), model.bank.hidden_size, residual=residual)
+    agg = Aggregator(len(names), model.bank.hidden_size, kind=config.aggregator)
     opt = torch.optim.AdamW(agg.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     result = TrainResult()
     tracker = _BestOnDev(agg, dev, dev_data, config.early_stopping_patience)

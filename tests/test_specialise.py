@@ -1,0 +1,161 @@
+# ruff: noqa: F811  (tests take the imported `trained` fixture as an argument)
+"""Issue 13's specialisation levers: rehearsal of the other categories' records in phase 1
+(``specialise.replay``), a smaller warm-started step (``specialise.learning_rate``), the pooled start as a
+shared expert in every aggregator (``specialise.shared_expert``) and the ``linear`` aggregator over the experts'
+scalar scores."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from dmoerm.aggregator import Aggregator
+from dmoerm.config_check import RunStopped
+from dmoerm.data import Message
+from dmoerm.encoding import encode_record
+from dmoerm.model import RoutingConfig, load_model, rm_expert
+from dmoerm.pipeline import PipelineConfig, SpecialiseConfig, run_pipeline, stage_inputs
+from dmoerm.pipeline import stages as pipeline_stages
+from dmoerm.pipeline.stages import replay_items
+from dmoerm.training.phases import WARM_START, AggregatorTrainConfig, train_phase3
+from dmoerm.training.trunk_cache import TrunkCache
+from helpers import job_config
+from test_dmoerm import trained  # noqa: F401  (the module-scoped fixture)
+
+
+def _convs_resps(recs, n=6, which=1):
+    return [list(r.conversation) for r in recs[:n]], [r.responses[which] for r in recs[:n]]
+
+
+def test_linear_aggregator_starts_at_the_phase1_reward(trained):
+    model, _, recs, _ = trained
+    model = copy.deepcopy(model)
+    names = [rm_expert("code")] + model.category_experts("code")
+    model.aggregators["code"] = Aggregator(len(names), model.bank.hidden_size, kind="linear")
+    model.aggregator_experts["code"] = names
+    convs, resps = _convs_resps(recs)
+    full = model.score(convs, resps)
+    model.routing = RoutingConfig(aggregation="phase1")
+    phase1 = model.score(convs, resps)
+    assert any(o.category == "code" for o in full)
+    for f, p in zip(full, phase1):
+        assert f.reward == pytest.approx(p.reward, abs=1e-6)
+    agg = model.aggregators["code"]
+    # K weights, one per expert, not an MLP over K*H states.
+    assert sum(p.numel() for p in agg.parameters()) == len(names)
+    assert agg.weight.tolist() == [1.0] + [0.0] * (len(names) - 1)
+
+
+def test_linear_aggregator_is_the_weighted_sum_of_scores():
+    agg = Aggregator(3, 4, kind="linear")
+    with torch.no_grad():
+        agg.weight.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    scores = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.5, -1.0]])  # [K=3, B=2]
+    hidden = torch.randn(3, 2, 4)  # ignored by the linear kind
+    out = agg(hidden, scores)
+    assert torch.equal(out, torch.tensor([0.5 - 3.0 + 1.0, 1.0 + 0.0 - 2.0]))
+    with pytest.raises(ValueError, match="a linear aggregator needs the experts' scores"):
+        agg(hidden)
+
+
+def test_linear_phase3_trains_only_its_weights_and_saves_them(trained, tmp_path):
+    model, _, recs, _ = trained
+    model = copy.deepcopy(model)
+    items = [encode_record(model.tokenizer, r, model.max_length) for r in recs]
+    # The code aggregator is replaced; everything else (backbone, experts, router, other aggregators) stays.
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("aggregators.code.")}
+    config = AggregatorTrainConfig(
+        epochs=3, aggregator="linear", learning_rate=5e-2, early_stopping_patience=0
+    )
+    res = train_phase3(model, "code", items[20:36], [], config, TrunkCache())
+    assert res.steps > 0
+    agg = model.aggregators["code"]
+    assert model.aggregator_experts["code"][0] == rm_expert("code")
+    # Every weight moved from its start (1, 0, ..., 0) and nothing outside the aggregator did.
+    start = torch.tensor([1.0] + [0.0] * (agg.num_experts - 1))
+    assert torch.all(agg.weight != start)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    convs, resps = _convs_resps(recs, 4, 0)
+    before = model.score(convs, resps)
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.aggregators["code"].kind == "linear"
+    assert [o.reward for o in loaded.score(convs, resps)] == pytest.approx(
+        [o.reward for o in before], abs=1e-6
+    )
+
+
+def test_replay_draws_other_categories_records_reproducibly():
+    config = PipelineConfig(specialise=SpecialiseConfig(replay=1.5))
+    phase1 = {"code": list(range(4)), "chat": list(range(100, 110)), "safety": list(range(200, 202))}
+    got = replay_items(config, phase1, "code")
+    assert len(got) == 6 and len(set(got)) == 6
+    assert not set(got) & set(phase1["code"])
+    assert got == replay_items(config, phase1, "code")  # the same on a rerun (and on every rank)
+    assert got != replay_items(config, phase1, "chat")[:6]
+    # Capped at what the other categories hold; none at the default.
+    assert len(replay_items(config, phase1, "chat")) == 6  # 15 asked, 4 + 2 held by the others
+    assert replay_items(PipelineConfig(), phase1, "code") == []
+
+
+def test_bad_specialise_values_are_named():
+    with pytest.raises(ValueError, match=r"replay: must be a number in \[0, 100\], got -1"):
+        SpecialiseConfig(replay=-1)
+    with pytest.raises(ValueError, match="learning_rate: must be > 0 or null, got 0"):
+        SpecialiseConfig(learning_rate=0)
+    with pytest.raises(ValueError, match="specialise.shared_expert: true needs a pooled start"):
+        PipelineConfig(specialise=SpecialiseConfig(shared_expert=True))
+    with pytest.raises(ValueError, match="specialise.learning_rate: 0.0001 applies to a warm-started"):
+        PipelineConfig(specialise=SpecialiseConfig(learning_rate=1e-4))
+    with pytest.raises(ValueError, match="specialise.replay"):
+        PipelineConfig.from_dict({"specialise": {"replay": "lots"}})
+
+
+def test_default_specialise_is_not_a_recorded_input():
+    """Run folders made before the section existed resume: its defaults specialise exactly as they did."""
+    plain = PipelineConfig(warm_start="baseline")
+    assert not any(k.startswith("specialise") for k in stage_inputs(plain, "phase3/code"))
+    shared = PipelineConfig(warm_start="baseline", specialise=SpecialiseConfig(shared_expert=True, replay=1))
+    assert stage_inputs(shared, "phase3/code")["specialise.shared_expert"] is True
+    assert "specialise.shared_expert" not in stage_inputs(shared, "phase1/code")  # phase 3 alone reads it
+    assert stage_inputs(shared, "phase1/code")["specialise.replay"] == 1
+
+
+def test_pipeline_specialises_with_replay_step_and_shared_expert(tmp_path, tiny_backbone, monkeypatch):
+    seen = {}
+    real = pipeline_stages.train_phase1
+
+    def spy(model, category, train, dev, config, *args, **kwargs):
+        seen[category] = (len(train), config.learning_rate)
+        return real(model, category, train, dev, config, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_stages, "train_phase1", spy)
+    overrides = dict(
+        warm_start="baseline",
+        labels={"source": "none"},
+        phase3={"epochs": 2, "batch_size": 8, "aggregator": "linear"},
+        specialise={"replay": 0.5, "learning_rate": 1e-4, "shared_expert": True},
+    )
+    config = job_config(tmp_path, tiny_backbone, **overrides)
+    run_pipeline(config, progress=False)
+    out = tmp_path / "run"
+    state = json.loads((out / "state.json").read_text())
+    for c in ("code", "chat"):
+        assert seen[c] == (12 + 6, 1e-4)  # 12 own records and half as many of the other category's
+        assert state[f"phase1/{c}"]["replayed_records"] == 6
+        assert state[f"phase3/{c}"]["experts"] == [rm_expert(c), WARM_START]
+    model = load_model(out / "model")
+    assert model.aggregator_experts["code"] == [rm_expert("code"), WARM_START]
+    assert model.aggregators["code"].kind == "linear"
+    convs = [[Message("user", f"def f(): pass #{i}")] for i in range(3)]
+    scores = model.score(convs, ["ok", "a longer answer", "x"])
+    assert all(s.reward == s.reward for s in scores)
+    # A changed lever is a changed input: the rerun stops and names it.
+    changed = job_config(tmp_path, tiny_backbone, **dict(overrides, specialise={"replay": 1.0}))
+    changed.specialise.shared_expert, changed.specialise.learning_rate = True, 1e-4
+    with pytest.raises(RunStopped, match=r"specialise.replay: 0.5 -> 1.0"):
+        run_pipeline(changed, progress=False)
