@@ -62,6 +62,19 @@ def test_scaling_study_runs_nested_sizes_on_one_test_set(tmp_path, tiny_backbone
     ood_table = report.split(f"## Out of distribution: {ood}")[1].split("##")[0]
     assert "| 8 | - |" not in ood_table and "| 8 | " in ood_table  # the OOD agreements are in the table
     assert (study / "scaling_test.png").stat().st_size > 1000
+    # One more ablation, run alone (`dmoerm scaling --only`): no other run is touched, it reuses the size's
+    # single RM, and the summary covers every finished run.
+    config.ablations["paper aggregator"] = ["phase3.aggregator=mlp"]
+    touched = {n: (study / n / "state.json").stat().st_mtime_ns for n in ("n4_seed0", "n8_seed0")}
+    with pytest.raises(
+        ValueError, match="--only: no run named ablation_bogus_n8 in this study; its runs: n4_seed0"
+    ):
+        run_scaling(config, progress=False, only=["ablation_bogus_n8"])
+    summary = run_scaling(config, progress=False, only=["ablation_paper_aggregator_n8"])
+    assert {n: (study / n / "state.json").stat().st_mtime_ns for n in touched} == touched
+    assert {"ablation_paper_aggregator_n8", "n4_seed1", "ablation_cold_start_n8"} <= set(summary["runs"])
+    b = study / "ablation_paper_aggregator_n8" / "baseline" / "heads.safetensors"
+    assert a.read_bytes() == b.read_bytes()
 
 
 def test_scaling_config_errors_name_the_field(tmp_path):

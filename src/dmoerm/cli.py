@@ -182,7 +182,7 @@ def _scaling(args: argparse.Namespace) -> int:
     if args.report_only:
         path = write_scaling_report(summarize(Path(config.output_dir), config), Path(config.output_dir))
     else:
-        run_scaling(config, progress=not args.no_progress)
+        run_scaling(config, progress=not args.no_progress, only=args.only or ())
         path = Path(config.output_dir) / "scaling.md"
     sys.stdout.write(path.read_text(encoding="utf-8"))
     return 0
@@ -299,6 +299,13 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, help="YAML of dmoerm.pipeline.scaling.ScalingConfig fields")
     p.add_argument("--report-only", action="store_true", help="rewrite scaling.md from finished runs")
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="RUN",
+        help="run (or resume) only this run of the study, e.g. ablation_cold_start_n384 (repeatable); "
+        "scaling.md still covers every finished run",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_scaling)
 

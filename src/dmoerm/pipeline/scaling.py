@@ -118,12 +118,19 @@ def _slug(name: str) -> str:
     return "_".join("".join(ch if ch.isalnum() else " " for ch in name.lower()).split())
 
 
-def run_scaling(config: ScalingConfig, progress: bool = True) -> dict:
-    """Run (or resume) every run of the study, score the out-of-distribution sets, write the summary."""
+def run_scaling(config: ScalingConfig, progress: bool = True, only: Sequence[str] = ()) -> dict:
+    """Run (or resume) every run of the study (or the runs named in ``only``), score the out-of-distribution
+    sets, write the summary of every finished run."""
     from dmoerm.pipeline.config import PipelineConfig
     from dmoerm.pipeline.run import run_pipeline
     from dmoerm.training.trunk_cache import TrunkCache
 
+    names = [name for name, _ in config.runs()]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise ValueError(
+            f"--only: no run named {', '.join(unknown)} in this study; its runs: {', '.join(names)}"
+        )
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "scaling_config.json", asdict(config))
@@ -133,10 +140,12 @@ def run_scaling(config: ScalingConfig, progress: bool = True) -> dict:
         run_dir = out / name
         pc = PipelineConfig.from_file(config.base_config, [*overrides, f"output_dir={run_dir}"])
         size = pc.data.phase1_records
-        if name.startswith("ablation_") and size in first_of_size:
-            _reuse_baseline(run_dir, *first_of_size[size], pc)
-        elif size not in first_of_size:
-            first_of_size[size] = (run_dir, pc)
+        reuse_from = first_of_size.get(size) if name.startswith("ablation_") else None
+        first_of_size.setdefault(size, (run_dir, pc))
+        if only and name not in only:
+            continue
+        if reuse_from is not None:
+            _reuse_baseline(run_dir, *reuse_from, pc)
         if cache is None:  # one trunk cache for the whole study: every run shares the backbone and data
             cache = TrunkCache(int(pc.trunk_cache_gb * (1 << 30)), pc.trunk_cache_dir)
         t0 = time.perf_counter()
