@@ -62,19 +62,26 @@ def test_scaling_study_runs_nested_sizes_on_one_test_set(tmp_path, tiny_backbone
     ood_table = report.split(f"## Out of distribution: {ood}")[1].split("##")[0]
     assert "| 8 | - |" not in ood_table and "| 8 | " in ood_table  # the OOD agreements are in the table
     assert (study / "scaling_test.png").stat().st_size > 1000
-    # One more ablation, run alone (`dmoerm scaling --only`): no other run is touched, it reuses the size's
-    # single RM, and the summary covers every finished run.
+    # Two more ablations, run alone (`dmoerm scaling --only`): no other run is touched, each reuses the single
+    # RM of its size's run with the same inputs (the second seed's for an ablation on seed 1), and the summary
+    # covers every finished run.
     config.ablations["paper aggregator"] = ["phase3.aggregator=mlp"]
+    config.ablations["cold start seed 1"] = ["warm_start=none"] + [
+        f"{s}.seed=1" for s in ("router", "phase1", "phase2", "phase3")
+    ]
+    config.ablation_sizes_of["cold start seed 1"] = [4]
+    new = ["ablation_paper_aggregator_n8", "ablation_cold_start_seed_1_n4"]
     touched = {n: (study / n / "state.json").stat().st_mtime_ns for n in ("n4_seed0", "n8_seed0")}
     with pytest.raises(
-        ValueError, match="--only: no run named ablation_bogus_n8 in this study; its runs: n4_seed0"
+        ValueError, match="--only: no run named ablation_bogus_n8 in this study; its runs: n4"
     ):
         run_scaling(config, progress=False, only=["ablation_bogus_n8"])
-    summary = run_scaling(config, progress=False, only=["ablation_paper_aggregator_n8"])
+    summary = run_scaling(config, progress=False, only=new)
     assert {n: (study / n / "state.json").stat().st_mtime_ns for n in touched} == touched
-    assert {"ablation_paper_aggregator_n8", "n4_seed1", "ablation_cold_start_n8"} <= set(summary["runs"])
-    b = study / "ablation_paper_aggregator_n8" / "baseline" / "heads.safetensors"
-    assert a.read_bytes() == b.read_bytes()
+    assert {*new, "n4_seed1", "ablation_cold_start_n8"} <= set(summary["runs"])
+    heads = lambda n: (study / n / "baseline" / "heads.safetensors").read_bytes()  # noqa: E731
+    assert heads("ablation_paper_aggregator_n8") == heads("n8_seed0")
+    assert heads("ablation_cold_start_seed_1_n4") == heads("n4_seed1") != heads("n4_seed0")
 
 
 def test_scaling_config_errors_name_the_field(tmp_path):

@@ -135,17 +135,18 @@ def run_scaling(config: ScalingConfig, progress: bool = True, only: Sequence[str
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "scaling_config.json", asdict(config))
     cache = None
-    first_of_size: dict[int, tuple[Path, object]] = {}  # size -> (run folder, config) of its first seed
+    of_size: dict[int, list[tuple[Path, object]]] = {}  # size -> (run folder, config) of its runs so far
     for name, overrides in config.runs():
         run_dir = out / name
         pc = PipelineConfig.from_file(config.base_config, [*overrides, f"output_dir={run_dir}"])
         size = pc.data.phase1_records
-        reuse_from = first_of_size.get(size) if name.startswith("ablation_") else None
-        first_of_size.setdefault(size, (run_dir, pc))
+        earlier = list(of_size.get(size, [])) if name.startswith("ablation_") else []
+        of_size.setdefault(size, []).append((run_dir, pc))
         if only and name not in only:
             continue
-        if reuse_from is not None:
-            _reuse_baseline(run_dir, *reuse_from, pc)
+        for source_dir, source_config in earlier:  # the first with the very same single-RM inputs
+            if _reuse_baseline(run_dir, source_dir, source_config, pc):
+                break
         if cache is None:  # one trunk cache for the whole study: every run shares the backbone and data
             cache = TrunkCache(int(pc.trunk_cache_gb * (1 << 30)), pc.trunk_cache_dir)
         t0 = time.perf_counter()
@@ -160,20 +161,24 @@ def run_scaling(config: ScalingConfig, progress: bool = True, only: Sequence[str
     return summary
 
 
-def _reuse_baseline(run_dir: Path, source_dir: Path, source_config, config) -> None:
+def _reuse_baseline(run_dir: Path, source_dir: Path, source_config, config) -> bool:
     """Copy the single RM of ``source_dir`` into ``run_dir`` when both runs give it the very same inputs (data,
     model, phase 1: :func:`dmoerm.pipeline.state.stage_inputs`): an ablation of DMoERM's levers does not change the
-    baseline, and retraining it would cost each ablation as much as the run itself."""
+    baseline, and retraining it would cost each ablation as much as the run itself. True when ``run_dir`` has
+    its single RM (already, or copied now)."""
     from dmoerm.pipeline.state import stage_inputs
     from dmoerm.reward_model import MODEL_FILE
 
     source, target = source_dir / "baseline", run_dir / "baseline"
-    if target.exists() or not (source / MODEL_FILE).exists():
-        return
+    if target.exists():
+        return True
+    if not (source / MODEL_FILE).exists():
+        return False
     if stage_inputs(config, "baseline") != stage_inputs(source_config, "baseline"):
-        return
+        return False
     copy_folder(source, target)
     logger.info("scaling: %s reuses the single RM of %s (same inputs)", run_dir.name, source_dir.name)
+    return True
 
 
 def _score_ood(run_dir: Path, sources: Sequence[str], data_dir, cache) -> None:
