@@ -81,6 +81,31 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_backbone, 
     assert (tmp_path / "two" / "single" / "train_result.json").exists()
 
 
+@pytest.mark.slow
+def test_train_expert_refuses_fsdp_and_zero3_before_sharding_the_bank(tiny_backbone, tmp_path):
+    """Under FSDP and DeepSpeed ZeRO-3 (2 gloo processes, accelerate's FSDP2 and ZeRO-3 states:
+    tests/fsdp_worker.py) train_expert stops on every rank with an error naming the gap before it prepares the
+    bank, so no rank holds a sharded bank whose heads and adapters would be scored and saved in pieces
+    (docs/scaling.md). Without the check, FSDP fails inside the first step instead."""
+    here = Path(__file__).parent
+    env = dict(
+        os.environ, PYTHONPATH=f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1"
+    )
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), str(here / "fsdp_worker.py"), tiny_backbone, str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        found = torch.load(tmp_path / f"rank{rank}.pt")
+        for kind, name in (("fsdp", "FSDP"), ("zero3", "DeepSpeed ZeRO-3")):
+            error = found[kind]["error"]
+            assert f"distributed_type {name}: sharding the expert bank's weights is not supported" in error
+            assert "docs/scaling.md" in error and "ddp-1x8.yaml" in error
+            assert found[kind]["bank_class"] == "ExpertBank" and found[kind]["unchanged"], (rank, kind)
+
+
 def test_the_shipped_accelerate_configs_load_with_accelerate():
     """configs/accelerate/*.yaml parse with accelerate's own loader, leave precision to the dmoerm config, and
     the DeepSpeed ones point at a JSON file whose micro batch size is an integer (no dataloader is prepared)."""

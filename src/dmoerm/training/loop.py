@@ -232,6 +232,25 @@ def full_weights(
     return [(state[n] if n in state else p).detach().clone() for n, p in zip(names, params, strict=True)]
 
 
+def check_whole_weights(accelerator) -> None:
+    """Raise ValueError when the launch shards the expert bank's own weights (FSDP, DeepSpeed ZeRO-3).
+
+    Both shard the bank in place when it is prepared (FSDP2 swaps its parameters for shards, FSDP1 and ZeRO-3
+    leave empty views), while dev scoring (each rank its share, through the bank), the restore of the best
+    weights, each stage's save and the next expert's training all read the bank's own, whole weights: the
+    run would crash or save partial value heads and adapters (measured under FSDP2: docs/scaling.md). DDP
+    and ZeRO-2 keep every weight whole on every rank."""
+    kind = accelerator.distributed_type  # a str enum: "FSDP", "DEEPSPEED", "MULTI_GPU", ...
+    stage = getattr(accelerator.state.deepspeed_plugin, "zero_stage", None)
+    if kind == "FSDP" or (kind == "DEEPSPEED" and stage == 3):
+        what = "FSDP" if kind == "FSDP" else "DeepSpeed ZeRO-3"
+        raise ValueError(
+            f"accelerate distributed_type {what}: sharding the expert bank's weights is not supported "
+            "(dev scoring, the best-weight restore and save_pretrained need them whole; docs/scaling.md, "
+            "'Known gaps'); launch with DDP (configs/accelerate/ddp-1x8.yaml) or DeepSpeed ZeRO-2"
+        )
+
+
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """One epoch's global batches of item indices: length buckets in an order shuffled under ``seed + epoch``,
     the same on every rank (each then takes its :func:`~dmoerm.training.distributed.share` of each batch)."""
@@ -265,6 +284,7 @@ class _ExpertRun:
     def __init__(self, bank, expert: str, train, dev, config: TrainConfig, cache: TrunkCache, desc):
         self.bank, self.expert, self.dev, self.config, self.cache = bank, expert, dev, config, cache
         self.accelerator = acc = process_accelerator()
+        check_whole_weights(acc)
         acc.gradient_accumulation_steps = config.gradient_accumulation_steps
         acc.step = (
             0  # accumulation counts from this run's first step, not from an earlier run's (resume sets it)
