@@ -133,3 +133,20 @@ def test_the_shipped_accelerate_configs_load_with_accelerate():
         "deepspeed-zero3": ("DEEPSPEED", 1, 8),
         "fsdp": ("FSDP", 1, 8),
     }
+
+
+def test_the_pipeline_refuses_fsdp_before_any_work(tiny_backbone, tmp_path, monkeypatch):
+    """`dmoerm train` under an FSDP launch stops before its first stage (not after the router and the labels,
+    where train_expert would first see it) and writes no run folder."""
+    from types import SimpleNamespace
+
+    from dmoerm.pipeline import run as pipeline_run
+    from dmoerm.pipeline import run_pipeline
+    from helpers import job_config
+
+    fsdp = SimpleNamespace(distributed_type="FSDP", state=SimpleNamespace(deepspeed_plugin=None))
+    monkeypatch.setattr(pipeline_run, "process_accelerator", lambda: fsdp)
+    config = job_config(tmp_path, tiny_backbone)
+    with pytest.raises(ValueError, match="distributed_type FSDP: sharding the expert bank's weights"):
+        run_pipeline(config, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -41,7 +41,14 @@ from dmoerm.pipeline.state import (
 )
 from dmoerm.reward_model import MODEL_FILE
 from dmoerm.tracking import Tracker
-from dmoerm.training.distributed import is_main_process, launched_world, on_main, wait_for_main
+from dmoerm.training.distributed import (
+    is_main_process,
+    launched_world,
+    on_main,
+    process_accelerator,
+    wait_for_main,
+)
+from dmoerm.training.loop import check_whole_weights
 from dmoerm.training.trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
@@ -81,6 +88,7 @@ def run_pipeline(
     from dmoerm.evaluation import comparison_table
 
     check_instance(config)  # the whole resolved config, typed, before any work
+    check_whole_weights(process_accelerator())  # an FSDP / ZeRO-3 launch stops here, not after the router
     if not progress:
         hide_library_bars()
     out = Path(config.output_dir)
