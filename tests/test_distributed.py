@@ -22,14 +22,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(tiny_backbone: str, out: Path) -> tuple[dict, dict]:
+def _two_processes(tiny_backbone: str, out: Path, worker: str = "distributed_worker.py") -> tuple[dict, dict]:
+    """``worker`` (a script beside this file) on 2 gloo processes; what each rank saved as rank<r>.pt."""
     here = Path(__file__).parent
     env = dict(
         os.environ, PYTHONPATH=f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1"
     )
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), str(here / "distributed_worker.py"), tiny_backbone, str(out),
+        "--master_port", str(_free_port()), str(here / worker), tiny_backbone, str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,18 +88,7 @@ def test_train_expert_refuses_fsdp_and_zero3_before_sharding_the_bank(tiny_backb
     tests/fsdp_worker.py) train_expert stops on every rank with an error naming the gap before it prepares the
     bank, so no rank holds a sharded bank whose heads and adapters would be scored and saved in pieces
     (docs/scaling.md). Without the check, FSDP fails inside the first step instead."""
-    here = Path(__file__).parent
-    env = dict(
-        os.environ, PYTHONPATH=f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1"
-    )
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), str(here / "fsdp_worker.py"), tiny_backbone, str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in (0, 1):
-        found = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, found in enumerate(_two_processes(tiny_backbone, tmp_path, "fsdp_worker.py")):
         for kind, name in (("fsdp", "FSDP"), ("zero3", "DeepSpeed ZeRO-3")):
             error = found[kind]["error"]
             assert f"distributed_type {name}: sharding the expert bank's weights is not supported" in error

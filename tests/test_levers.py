@@ -66,11 +66,13 @@ def test_a_prompt_routes_the_same_in_any_batch(trained):
         assert a.reward == pytest.approx(m.reward, abs=1e-5)
 
 
-def test_residual_aggregator_starts_at_the_phase1_reward(trained):
+@pytest.mark.parametrize("kind", ["residual", "linear"])
+def test_residual_aggregator_starts_at_the_phase1_reward(trained, kind):
+    """Both aggregators that start from the phase-1 reward score exactly as it before any training."""
     model, _, recs, _ = trained
     model = copy.deepcopy(model)
     names = [rm_expert("code")] + model.category_experts("code")
-    model.aggregators["code"] = Aggregator(len(names), model.bank.hidden_size, kind="residual")
+    model.aggregators["code"] = Aggregator(len(names), model.bank.hidden_size, kind=kind)
     model.aggregator_experts["code"] = names
     convs = [list(r.conversation) for r in recs[:6]]
     resps = [r.responses[1] for r in recs[:6]]
@@ -80,8 +82,11 @@ def test_residual_aggregator_starts_at_the_phase1_reward(trained):
     assert any(o.category == "code" for o in full)
     for f, p in zip(full, phase1):
         assert f.reward == pytest.approx(p.reward, abs=1e-6)
-    # The correction's first layers are random, its output layer zero: only training moves the reward.
     agg = model.aggregators["code"]
+    if kind == "linear":  # weight 1 on the phase-1 score, 0 on the others'
+        assert agg.weight.tolist() == [1.0] + [0.0] * (len(names) - 1)
+        return
+    # The correction's first layers are random, its output layer zero: only training moves the reward.
     assert torch.count_nonzero(agg.mlp[0].weight) > 0 and torch.count_nonzero(agg.mlp[-1].weight) == 0
 
 

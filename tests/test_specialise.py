@@ -16,7 +16,7 @@ from dmoerm.aggregator import Aggregator
 from dmoerm.config_check import RunStopped
 from dmoerm.data import Message
 from dmoerm.encoding import encode_record
-from dmoerm.model import RoutingConfig, load_model, rm_expert
+from dmoerm.model import load_model, rm_expert
 from dmoerm.pipeline import PipelineConfig, SpecialiseConfig, run_pipeline, stage_inputs
 from dmoerm.pipeline import stages as pipeline_stages
 from dmoerm.pipeline.stages import replay_items
@@ -24,29 +24,6 @@ from dmoerm.training.phases import WARM_START, AggregatorTrainConfig, train_phas
 from dmoerm.training.trunk_cache import TrunkCache
 from helpers import job_config
 from test_dmoerm import trained  # noqa: F401  (the module-scoped fixture)
-
-
-def _convs_resps(recs, n=6, which=1):
-    return [list(r.conversation) for r in recs[:n]], [r.responses[which] for r in recs[:n]]
-
-
-def test_linear_aggregator_starts_at_the_phase1_reward(trained):
-    model, _, recs, _ = trained
-    model = copy.deepcopy(model)
-    names = [rm_expert("code")] + model.category_experts("code")
-    model.aggregators["code"] = Aggregator(len(names), model.bank.hidden_size, kind="linear")
-    model.aggregator_experts["code"] = names
-    convs, resps = _convs_resps(recs)
-    full = model.score(convs, resps)
-    model.routing = RoutingConfig(aggregation="phase1")
-    phase1 = model.score(convs, resps)
-    assert any(o.category == "code" for o in full)
-    for f, p in zip(full, phase1):
-        assert f.reward == pytest.approx(p.reward, abs=1e-6)
-    agg = model.aggregators["code"]
-    # K weights, one per expert, not an MLP over K*H states.
-    assert sum(p.numel() for p in agg.parameters()) == len(names)
-    assert agg.weight.tolist() == [1.0] + [0.0] * (len(names) - 1)
 
 
 def test_linear_aggregator_is_the_weighted_sum_of_scores():
@@ -59,6 +36,8 @@ def test_linear_aggregator_is_the_weighted_sum_of_scores():
     assert torch.equal(out, torch.tensor([0.5 - 3.0 + 1.0, 1.0 + 0.0 - 2.0]))
     with pytest.raises(ValueError, match="a linear aggregator needs the experts' scores"):
         agg(hidden)
+    # K weights, one per expert, not an MLP over K*H states (its start at the phase-1 reward: test_levers.py).
+    assert [p.shape for p in agg.parameters()] == [torch.Size([3])]
 
 
 def test_linear_phase3_trains_only_its_weights_and_saves_them(trained, tmp_path):
@@ -79,7 +58,7 @@ def test_linear_phase3_trains_only_its_weights_and_saves_them(trained, tmp_path)
     assert torch.all(agg.weight != start)
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
-    convs, resps = _convs_resps(recs, 4, 0)
+    convs, resps = [list(r.conversation) for r in recs[:4]], [r.responses[0] for r in recs[:4]]
     before = model.score(convs, resps)
     model.save_pretrained(tmp_path / "m")
     loaded = load_model(tmp_path / "m")
