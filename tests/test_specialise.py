@@ -15,12 +15,14 @@ import torch
 from dmoerm.aggregator import Aggregator
 from dmoerm.config_check import RunStopped
 from dmoerm.data import Message
-from dmoerm.encoding import encode_record
+from dmoerm.encoding import RankedItem, encode_record
 from dmoerm.model import load_model, rm_expert
 from dmoerm.pipeline import PipelineConfig, SpecialiseConfig, run_pipeline, stage_inputs
 from dmoerm.pipeline import stages as pipeline_stages
 from dmoerm.pipeline.stages import replay_items
-from dmoerm.training.phases import WARM_START, AggregatorTrainConfig, train_phase3
+from dmoerm.training import phases
+from dmoerm.training.loop import TrainResult
+from dmoerm.training.phases import WARM_START, AggregatorTrainConfig, sign_test_p, train_phase3
 from dmoerm.training.trunk_cache import TrunkCache
 from helpers import job_config
 from test_dmoerm import trained  # noqa: F401  (the module-scoped fixture)
@@ -102,6 +104,9 @@ def test_default_specialise_is_not_a_recorded_input():
     assert stage_inputs(shared, "phase3/code")["specialise.shared_expert"] is True
     assert "specialise.shared_expert" not in stage_inputs(shared, "phase1/code")  # phase 3 alone reads it
     assert stage_inputs(shared, "phase1/code")["specialise.replay"] == 1
+    assert "phase3.gate_alpha" not in stage_inputs(plain, "phase3/code")
+    plain.phase3 = AggregatorTrainConfig(aggregator="residual", gate_alpha=0.05)
+    assert stage_inputs(plain, "phase3/code")["phase3.gate_alpha"] == 0.05
 
 
 def test_pipeline_specialises_with_replay_step_and_shared_expert(tmp_path, tiny_backbone, monkeypatch):
@@ -138,3 +143,55 @@ def test_pipeline_specialises_with_replay_step_and_shared_expert(tmp_path, tiny_
     changed.specialise.shared_expert, changed.specialise.learning_rate = True, 1e-4
     with pytest.raises(RunStopped, match=r"specialise.replay: 0.5 -> 1.0"):
         run_pipeline(changed, progress=False)
+
+
+def test_sign_test_p_is_exact():
+    assert sign_test_p(5, 0) == 1 / 32
+    assert sign_test_p(3, 1) == (4 + 1) / 16
+    assert sign_test_p(0, 3) == 1.0 and sign_test_p(0, 0) == 1.0
+
+
+def _flipping_dev(n_pairs: int):
+    """Dev items of two responses each (the first better) and the scores of two experts: the first expert
+    (the start, weight 1) ranks every pair wrong, the second ranks every pair right."""
+    items = [RankedItem((None, None), ((0, 1),)) for _ in range(n_pairs)]
+    first = torch.tensor([0.0, 1.0] * n_pairs)  # [N]: worse above better
+    scores = torch.stack([first, 1.0 - first])  # [K=2, N]
+    where = [[2 * i, 2 * i + 1] for i in range(n_pairs)]
+    return items, (torch.zeros(2, 2 * n_pairs, 4), scores, where, None)
+
+
+@pytest.mark.parametrize("n_pairs, kept", [(6, True), (4, False)])
+def test_the_gate_keeps_a_correction_only_when_dev_is_sure(n_pairs, kept):
+    """A correction that turns every dev pair right is kept at alpha 0.05 on 6 pairs (p = 1/64) but not on 4
+    (p = 1/16): with too few dev pairs the aggregator goes back to exactly its start."""
+    items, data = _flipping_dev(n_pairs)
+    agg = Aggregator(2, 4, kind="linear")
+    tracker = phases._BestOnDev(agg, items, data, patience=0)
+    result = TrainResult()
+    tracker.evaluate(result)
+    tracker.keep_start()
+    with torch.no_grad():
+        agg.weight.copy_(torch.tensor([0.0, 1.0]))  # the trained correction: every pair right
+    tracker.evaluate(result)
+    tracker.restore()
+    assert result.best_dev_agreement == 1.0
+    gate = tracker.gate(0.05, result)
+    assert gate == {"turned_right": n_pairs, "turned_wrong": 0, "p": 0.5**n_pairs, "kept": kept}
+    assert agg.weight.tolist() == ([0.0, 1.0] if kept else [1.0, 0.0])
+    assert result.best_dev_agreement == (1.0 if kept else 0.0)
+
+
+def test_gated_phase3_records_the_gate(trained):
+    model, _, recs, _ = trained
+    model = copy.deepcopy(model)
+    items = [encode_record(model.tokenizer, r, model.max_length) for r in recs]
+    config = AggregatorTrainConfig(epochs=3, aggregator="residual", learning_rate=1e-2, gate_alpha=1e-9)
+    res = train_phase3(model, "code", items[20:36], items[36:40], config, TrunkCache())
+    # No dev set makes p < 1e-9: the correction's output layer is back at exactly zero.
+    assert res.gate["kept"] is False and res.gate["p"] >= 1e-9
+    assert torch.count_nonzero(model.aggregators["code"].mlp[-1].weight) == 0
+    with pytest.raises(ValueError, match=r"gate_alpha: must be in \(0, 1\], got 0"):
+        AggregatorTrainConfig(aggregator="residual", gate_alpha=0)
+    with pytest.raises(ValueError, match="gate_alpha: the gate compares a correction with its start"):
+        AggregatorTrainConfig(aggregator="mlp", gate_alpha=0.05)

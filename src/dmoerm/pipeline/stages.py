@@ -360,6 +360,8 @@ def phase3_stage(
     )
     save_curves(res.history, run.out / "curves" / f"{category}_phase3.png", f"{category}: phase 3 aggregator")
     info = {"experts": model.aggregator_experts[category], "label_counts": label_counts}
+    if res.gate:
+        info["gate"] = res.gate
     run.record(stage, t0, dict(info, best_dev_agreement=res.best_dev_agreement), res.history, model=model)
 
 

@@ -207,6 +207,16 @@ _NOT_INPUTS = {"labels.max_failed_share"} | {
 outage may finish a started labelling stage)."""
 
 
+_ADDED_LATER = {
+    "phase3.gate_alpha": 1.0,
+    "specialise.replay": 0.0,
+    "specialise.learning_rate": None,
+    "specialise.shared_expert": False,
+}
+"""Fields added after runs were recorded, at the value that does what those runs did: left out of a stage's
+inputs at that value, so such a run folder resumes, while any other value is a changed input."""
+
+
 def stage_inputs(config, stage: str) -> dict:
     """The config fields stage ``stage`` (``phase2/code/correctness``) depends on, flattened: ``{"phase1.epochs":
     3, ...}``. Every stage reads the ``data`` and ``model`` sections; ``eval`` reruns each time (none)."""
@@ -222,20 +232,13 @@ def stage_inputs(config, stage: str) -> dict:
         sections[name] = asdict(getattr(config, name))
     if kind in ("phase1", "phase2", "phase3"):  # where each inner model starts (issue 13's warm start)
         sections["warm_start"] = config.warm_start
-        # Only the fields set away from their defaults, which specialise as runs did before the section
-        # existed: those runs' folders resume, and any change of a field is still a changed input.
-        # The shared expert changes phase 3 only; rehearsal and step size change phase 1 and what follows.
-        default = asdict(type(config.specialise)())
-        changed = {
-            k: v
-            for k, v in asdict(config.specialise).items()
-            if v != default[k] and (kind == "phase3" or k != "shared_expert")
-        }
-        if changed:
-            sections["specialise"] = changed
+        specialise = asdict(config.specialise)
+        if kind != "phase3":  # the shared expert changes phase 3 only
+            specialise.pop("shared_expert")
+        sections["specialise"] = specialise
     if stage.startswith("baseline_seed"):
         sections["phase1"]["seed"] += int(stage[len("baseline_seed") :])
-    flat = _flatten(sections)
+    flat = {k: v for k, v in _flatten(sections).items() if _ADDED_LATER.get(k, _MISSING) != v}
     files = list(enumerate(config.data.sources))
     if kind in ("labels", "phase2", "phase3") and config.labels.source == "file" and config.labels.file:
         files.append(("labels.file", config.labels.file))

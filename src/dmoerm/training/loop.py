@@ -215,6 +215,9 @@ class TrainResult:
         default_factory=lambda: {"step": [], "loss": [], "dev_step": [], "dev_agreement": []}
     )
     stopped_early: bool = False
+    gate: dict = field(default_factory=dict)
+    """Phase 3 with ``gate_alpha`` < 1: the dev pairs the correction turned right and wrong, the sign test's
+    p and whether the correction was kept (empty otherwise)."""
 
 
 def _autocast(accelerator, mixed_precision: str):
