@@ -20,6 +20,7 @@ from dmoerm.model import load_model, rm_expert
 from dmoerm.pipeline import PipelineConfig, SpecialiseConfig, run_pipeline, stage_inputs
 from dmoerm.pipeline import stages as pipeline_stages
 from dmoerm.pipeline.stages import replay_items
+from dmoerm.pipeline.state import _recorded
 from dmoerm.training import phases
 from dmoerm.training.loop import TrainResult
 from dmoerm.training.phases import WARM_START, AggregatorTrainConfig, sign_test_p, train_phase3
@@ -107,6 +108,9 @@ def test_default_specialise_is_not_a_recorded_input():
     assert "phase3.gate_alpha" not in stage_inputs(plain, "phase3/code")
     plain.phase3 = AggregatorTrainConfig(aggregator="residual", gate_alpha=0.05)
     assert stage_inputs(plain, "phase3/code")["phase3.gate_alpha"] == 0.05
+    # A folder that wrote such a field down at its old value compares equal too; any other value does not.
+    recorded = {"data.dev_share": 0.1, "data.test_share": 0.35, "phase1.epochs": 3}
+    assert _recorded(recorded) == {"data.test_share": 0.35, "phase1.epochs": 3}
 
 
 def test_pipeline_specialises_with_replay_step_and_shared_expert(tmp_path, tiny_backbone, monkeypatch):

@@ -76,12 +76,12 @@ class StageState:
         write_json(self.path, {**self.done, _INPUTS: self.inputs})
 
     def _check_inputs(self) -> None:
-        changed = [s for s, old in self.inputs.items() if stage_inputs(self.config, s) != old]
+        changed = [s for s, old in self.inputs.items() if stage_inputs(self.config, s) != _recorded(old)]
         if changed and self.config.resume == "restart":
             self._restart(changed)
             return
         for stage in changed:
-            old, new = self.inputs[stage], stage_inputs(self.config, stage)
+            old, new = _recorded(self.inputs[stage]), stage_inputs(self.config, stage)
             changed = [
                 f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
                 for k in sorted(set(old) | set(new))
@@ -208,13 +208,22 @@ outage may finish a started labelling stage)."""
 
 
 _ADDED_LATER = {
+    "data.test_share": 0.1,
+    "data.dev_share": 0.1,
     "phase3.gate_alpha": 1.0,
     "specialise.replay": 0.0,
     "specialise.learning_rate": None,
     "specialise.shared_expert": False,
 }
 """Fields added after runs were recorded, at the value that does what those runs did: left out of a stage's
-inputs at that value, so such a run folder resumes, while any other value is a changed input."""
+inputs at that value (computed or recorded), so such a run folder resumes, while any other value is a changed
+input."""
+
+
+def _recorded(inputs: dict) -> dict:
+    """A stage's recorded inputs as :func:`stage_inputs` gives them now (:data:`_ADDED_LATER` at their old
+    value left out: a folder recorded while one of them was written down at that value also resumes)."""
+    return {k: v for k, v in inputs.items() if _ADDED_LATER.get(k, _MISSING) != v}
 
 
 def stage_inputs(config, stage: str) -> dict:
