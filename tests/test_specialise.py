@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,8 +92,10 @@ def test_bad_specialise_values_are_named():
         SpecialiseConfig(learning_rate=0)
     with pytest.raises(ValueError, match="specialise.shared_expert: true needs a pooled start"):
         PipelineConfig(specialise=SpecialiseConfig(shared_expert=True))
-    with pytest.raises(ValueError, match="specialise.learning_rate: 0.0001 applies to a warm-started"):
-        PipelineConfig(specialise=SpecialiseConfig(learning_rate=1e-4))
+    # The main job's cold-start ablation: the smaller step is for a warm start and is not used without one.
+    main = Path(__file__).resolve().parents[1] / "configs" / "main.yaml"
+    cold = PipelineConfig.from_file(main, ["warm_start=none"])
+    assert cold.specialise.learning_rate == 1e-4 and cold.phase1.learning_rate == 1e-3
     with pytest.raises(ValueError, match="specialise.replay"):
         PipelineConfig.from_dict({"specialise": {"replay": "lots"}})
 

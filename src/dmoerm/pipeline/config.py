@@ -176,7 +176,9 @@ class SpecialiseConfig:
     inner model keeps what the pooled model knows while it specialises."""
     learning_rate: float | None = None
     """Phase 1's learning rate when warm-started (None: ``phase1.learning_rate``, which the single RM
-    uses too); a smaller step keeps the specialised model near its pooled start."""
+    uses too); a smaller step keeps the specialised model near its pooled start. With ``warm_start: none``
+    phase 1 has no start to stay near and uses ``phase1.learning_rate`` (so ``--set warm_start=none`` on
+    the main job is its cold-start ablation as it stands)."""
     shared_expert: bool = False
     """The pooled start (expert ``warmstart__rm``) joins every category's aggregator as an expert shared
     by all categories (as DeepSeekMoE's shared experts), beside the category's own. Needs a warm start."""
@@ -252,11 +254,6 @@ class PipelineConfig:
         if self.warm_start == "none" and self.specialise.shared_expert:
             raise ValueError(
                 "specialise.shared_expert: true needs a pooled start to share; set warm_start to phase1 or baseline"
-            )
-        if self.warm_start == "none" and self.specialise.learning_rate is not None:
-            raise ValueError(
-                f"specialise.learning_rate: {self.specialise.learning_rate!r} applies to a warm-started phase 1; "
-                "with warm_start: none set phase1.learning_rate"
             )
         if self.trunk_cache_gb <= 0:
             raise ValueError(f"trunk_cache_gb: must be > 0, got {self.trunk_cache_gb}")
