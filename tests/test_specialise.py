@@ -7,6 +7,7 @@ scalar scores."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,11 +24,22 @@ from dmoerm.pipeline import stages as pipeline_stages
 from dmoerm.pipeline.stages import replay_items
 from dmoerm.pipeline.state import _recorded
 from dmoerm.training import phases
-from dmoerm.training.loop import TrainResult
-from dmoerm.training.phases import WARM_START, AggregatorTrainConfig, sign_test_p, train_phase3
+from dmoerm.training.loop import TrainResult, score_items
+from dmoerm.training.phases import (
+    WARM_START,
+    AggregatorTrainConfig,
+    sign_test_p,
+    train_phase1,
+    train_phase3,
+    train_warm_start,
+)
 from dmoerm.training.trunk_cache import TrunkCache
-from helpers import job_config
-from test_dmoerm import trained  # noqa: F401  (the module-scoped fixture)
+from helpers import job_config, length_records
+from test_dmoerm import (
+    FAST,
+    make_model,
+    trained,  # noqa: F401  (the module-scoped fixture)
+)
 
 
 def test_linear_aggregator_is_the_weighted_sum_of_scores():
@@ -202,3 +214,26 @@ def test_gated_phase3_records_the_gate(trained):
         AggregatorTrainConfig(aggregator="residual", gate_alpha=0)
     with pytest.raises(ValueError, match="gate_alpha: the gate compares a correction with its start"):
         AggregatorTrainConfig(aggregator="mlp", gate_alpha=0.05)
+
+
+def test_gated_phase1_goes_back_to_exactly_its_start(tiny_backbone):
+    """A warm-started phase 1 whose specialisation does not pass the sign test (alpha 1e-9: none can) scores
+    exactly as its start afterwards; ``copy_expert`` copies adapter and head, and names a missing expert."""
+    model = make_model(tiny_backbone)
+    cache = TrunkCache()
+    tok, n = model.tokenizer, model.max_length
+    code = [encode_record(tok, r, n) for r in length_records(16, seed=0, category="code")]
+    train_warm_start(model, code[:8], code[8:], FAST, cache, progress=False)
+    fast = dataclasses.replace(FAST, learning_rate=5e-2)
+    gated = dict(progress=False, init_from=WARM_START, gate_alpha=1e-9)
+    res = train_phase1(model, "code", code[:12], code[12:], fast, cache, **gated)
+    assert res.steps > 0 and res.gate["kept"] is False and res.gate["p"] >= 1e-9
+    got, start = (score_items(model.bank, e, code, cache) for e in (rm_expert("code"), WARM_START))
+    assert got == start
+    with pytest.raises(ValueError, match="copy_expert: no expert named 'chat__rm'"):
+        model.bank.copy_expert("chat__rm", WARM_START)
+    # Without the gate (alpha 1.0) the specialised weights stay and no gate is recorded.
+    res = train_phase1(model, "code", code[:12], code[12:], fast, cache, progress=False, init_from=WARM_START)
+    assert res.gate == {}
+    with pytest.raises(ValueError, match=r"gate_alpha: must be in \(0, 1\], got 2"):
+        SpecialiseConfig(gate_alpha=2)

@@ -169,6 +169,17 @@ class ExpertBank(nn.Module):
             self.backbone.model.requires_grad_(False)
             self._hook_lora_layers()
 
+    def copy_expert(self, src: str, dst: str) -> None:
+        """Overwrite existing expert ``dst``'s adapter and head with ``src``'s (phase 1 going back to its warm
+        start when the sign-test gate rejects its specialisation)."""
+        for name in (src, dst):
+            if name not in self.heads:
+                raise ValueError(f"copy_expert: no expert named {name!r}")
+        self.heads[dst].load_state_dict(self.heads[src].state_dict())
+        if self.peft_model is not None:
+            self._set_adapter_state(dst, self._adapter_state(src), f"copy_expert {src!r}")
+        self.backbone.model.requires_grad_(False)
+
     def import_expert(self, other: ExpertBank, src: str, dst: str) -> None:
         """Add expert ``dst`` as a copy of ``other``'s expert ``src`` (adapter and head), through PEFT's public
         state-dict API; both banks must share the backbone and LoRA settings (e.g. a warm start from a

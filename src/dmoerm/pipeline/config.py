@@ -182,12 +182,20 @@ class SpecialiseConfig:
     shared_expert: bool = False
     """The pooled start (expert ``warmstart__rm``) joins every category's aggregator as an expert shared
     by all categories (as DeepSeekMoE's shared experts), beside the category's own. Needs a warm start."""
+    gate_alpha: float = 1.0
+    """How sure dev must be before a warm-started phase 1 keeps its specialisation: over the dev pairs the
+    specialised model ranks differently from its start, those it turns right must outnumber those it turns
+    wrong at this level of a one-sided sign test, else the model goes back to exactly its start (state.json
+    ``phase1/<category>.gate``). 1.0 keeps it whenever its dev agreement is higher (the rule before this
+    field); ``phase3.gate_alpha`` is the same gate for the aggregator's correction."""
 
     def __post_init__(self) -> None:
         if isinstance(self.replay, bool) or not 0.0 <= self.replay <= 100.0:
             raise ValueError(f"replay: must be a number in [0, 100], got {self.replay!r}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"learning_rate: must be > 0 or null, got {self.learning_rate!r}")
+        if isinstance(self.gate_alpha, bool) or not 0.0 < self.gate_alpha <= 1.0:
+            raise ValueError(f"gate_alpha: must be in (0, 1], got {self.gate_alpha!r}")
 
 
 @dataclass

@@ -234,9 +234,12 @@ def phase1_stage(run: RunContext, model: DMoERM, category: str, items: Encoded) 
         checkpoint_dir=checkpoint_dir(run.out, "phase1", category),
         progress=run.progress,
         init_from=WARM_START if config.warm_start != "none" else None,
+        gate_alpha=config.specialise.gate_alpha,
     )
     save_curves(res.history, run.out / "curves" / f"{category}_phase1.png", f"{category}: phase 1")
     info = {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps}
+    if res.gate:
+        info["gate"] = res.gate
     if len(train) > len(items["phase1"][category]):
         info["replayed_records"] = len(train) - len(items["phase1"][category])
     run.record(stage, t0, info, res.history, model=model)

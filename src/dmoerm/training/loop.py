@@ -216,8 +216,8 @@ class TrainResult:
     )
     stopped_early: bool = False
     gate: dict = field(default_factory=dict)
-    """Phase 3 with ``gate_alpha`` < 1: the dev pairs the correction turned right and wrong, the sign test's
-    p and whether the correction was kept (empty otherwise)."""
+    """Phase 1 (``specialise.gate_alpha``) or phase 3 (``gate_alpha``) with a gate below 1: the dev pairs the
+    change turned right and wrong against its start, the sign test's p and whether it was kept (else empty)."""
 
 
 def _autocast(accelerator, mixed_precision: str):

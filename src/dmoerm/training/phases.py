@@ -37,6 +37,7 @@ from dmoerm.training.loop import (
     pair_agreement,
     ranking_loss,
     response_lengths,
+    score_items,
     train_expert,
 )
 from dmoerm.training.trunk_cache import TrunkCache
@@ -203,15 +204,18 @@ def train_phase1(
     checkpoint_dir=None,
     progress: bool = True,
     init_from: str | None = None,
+    gate_alpha: float = 1.0,
 ) -> TrainResult:
     """Phase 1: the category's reward model (adapter ``<category>__rm`` and its head) on human rankings.
 
     ``init_from`` (e.g. :data:`WARM_START`) copies that expert's adapter and head first; its weights are then
-    measured on dev before the first step, so specialising is kept only when it beats the start on dev."""
+    measured on dev before the first step, so specialising is kept only when it beats the start on dev; with
+    ``gate_alpha`` < 1 only when it also passes :func:`sign_test_gate` against the start on dev, else the
+    expert goes back to exactly the start (``result.gate`` says which)."""
     name = rm_expert(category)
     if name not in model.bank.heads:
         model.bank.add_expert(name, init_from=init_from)
-    return train_expert(
+    result = train_expert(
         model.bank,
         name,
         train,
@@ -222,6 +226,13 @@ def train_phase1(
         desc=f"{category} phase 1" if progress else None,
         evaluate_first=init_from is not None,
     )
+    if init_from is not None and gate_alpha < 1.0 and dev:
+        specialised, start = (score_items(model.bank, n, dev, cache) for n in (name, init_from))
+        result.gate = sign_test_gate(dev, specialised, start, gate_alpha)
+        if not result.gate["kept"]:
+            model.bank.copy_expert(init_from, name)
+            result.best_dev_agreement = pair_agreement(dev, start)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- phase 2
@@ -327,6 +338,19 @@ def sign_test_p(wins: int, losses: int) -> float:
     """One-sided sign test: the chance of at least ``wins`` of ``wins + losses`` fair coin flips."""
     n = wins + losses
     return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
+
+
+def sign_test_gate(items: Sequence[RankedItem], changed, start, alpha: float) -> dict:
+    """Does ``changed`` (rewards per item, as :func:`~dmoerm.training.loop.score_items` gives them) beat
+    ``start`` on the pairs of ``items`` they rank differently? The pairs it turns right and wrong, the
+    one-sided sign test's p, and ``kept``: p < ``alpha``."""
+    wins = losses = 0
+    for item, c, s in zip(items, changed, start, strict=True):
+        for better, worse in item.pairs:
+            right_c, right_s = c[better] > c[worse], s[better] > s[worse]
+            wins, losses = wins + (right_c and not right_s), losses + (right_s and not right_c)
+    p = sign_test_p(wins, losses)
+    return {"turned_right": wins, "turned_wrong": losses, "p": p, "kept": p < alpha}
 
 
 def _aggregator_inputs(model: DMoERM, names: list[str], items: Sequence[RankedItem], cache: TrunkCache):
@@ -492,15 +516,9 @@ class _BestOnDev:
         kept = {k: v.clone() for k, v in self.agg.state_dict().items()}
         self.agg.load_state_dict(self.start)
         start = self._dev_rewards()
-        wins = losses = 0
-        for item, b, s in zip(self.dev, best, start, strict=True):
-            for better, worse in item.pairs:
-                right_b, right_s = b[better] > b[worse], s[better] > s[worse]
-                wins, losses = wins + (right_b and not right_s), losses + (right_s and not right_b)
-        p = sign_test_p(wins, losses)
-        keep = p < alpha
-        if keep:
+        gate = sign_test_gate(self.dev, best, start, alpha)
+        if gate["kept"]:
             self.agg.load_state_dict(kept)
         else:
             result.best_dev_agreement = pair_agreement(self.dev, start)
-        return {"turned_right": wins, "turned_wrong": losses, "p": p, "kept": keep}
+        return gate
