@@ -9,7 +9,6 @@ Prints, per run, the router's test routing agreement and the three agreements wi
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -33,21 +32,20 @@ def oracle_rewards(model, records, flat, where, cache) -> torch.Tensor:
 
 
 def main(argv: list[str]) -> int:
-    from paired_difference import agreement, outcomes, paired_difference  # examples/, beside this script
+    from paired_difference import (  # examples/, beside this script
+        agreement,
+        outcomes,
+        paired_difference,
+        run_arguments,
+    )
 
     from dmoerm.data import load_data
     from dmoerm.encoding import encode_record
     from dmoerm.model import load_model
     from dmoerm.pipeline.evaluate import score_cached
     from dmoerm.scoring import flatten
-    from dmoerm.training.trunk_cache import TrunkCache
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run folders of `dmoerm train` (model/, baseline/, splits/)")
-    parser.add_argument("--trunk-cache-dir", default="runs/trunk-cache", help="the runs' on-disk trunk cache")
-    parser.add_argument("--resamples", type=int, default=2000)
-    args = parser.parse_args(argv)
-    cache = TrunkCache(6 << 30, args.trunk_cache_dir)
+    args, cache = run_arguments(argv, __doc__)
     for run in map(Path, args.runs):
         records = [r for r in load_data(str(run / "splits" / "test.jsonl")) if r.pairs() and r.category]
         model, single = load_model(run / "model"), load_model(run / "baseline")

@@ -50,17 +50,23 @@ def agreement(a) -> float:
     return 100 * sum(map(sum, a)) / sum(map(len, a))
 
 
-def main(argv: list[str]) -> int:
-    from dmoerm.data import load_data
-    from dmoerm.model import load_model
+def run_arguments(argv: list[str], doc: str):
+    """(arguments, trunk cache) of a script over run folders: ``runs``, ``--trunk-cache-dir``, ``--resamples``."""
     from dmoerm.training.trunk_cache import TrunkCache
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders of `dmoerm train` (model/, baseline/, splits/)")
     parser.add_argument("--trunk-cache-dir", default="runs/trunk-cache", help="the runs' on-disk trunk cache")
     parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args(argv)
-    cache = TrunkCache(6 << 30, args.trunk_cache_dir)
+    return args, TrunkCache(6 << 30, args.trunk_cache_dir)
+
+
+def main(argv: list[str]) -> int:
+    from dmoerm.data import load_data
+    from dmoerm.model import load_model
+
+    args, cache = run_arguments(argv, __doc__)
     for run in map(Path, args.runs):
         records = [r for r in load_data(str(run / "splits" / "test.jsonl")) if r.pairs()]
         a = pair_outcomes(load_model(run / "model"), records, cache)

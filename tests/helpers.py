@@ -44,6 +44,23 @@ def tiny_taxonomy():
     )
 
 
+def add_capability_experts(model, taxonomy, with_rm: bool = True) -> None:
+    """Every category's experts on ``model`` (its phase-1 ``<category>__rm`` first with ``with_rm``, then one per
+    capability point, in the taxonomy's order, so their random starts are drawn alike) and a paper-MLP aggregator
+    over the capability experts."""
+    from dmoerm.aggregator import Aggregator
+    from dmoerm.model import capability_expert_name, rm_expert
+
+    for category in taxonomy.categories:
+        if with_rm:
+            model.bank.add_expert(rm_expert(category.name))
+        names = [capability_expert_name(category.name, c.name) for c in category.capabilities]
+        for name in names:
+            model.bank.add_expert(name)
+        model.aggregators[category.name] = Aggregator(len(names), model.bank.hidden_size)
+        model.aggregator_experts[category.name] = names
+
+
 def job_config_dict(tmp_path, tiny_backbone, **overrides) -> dict:
     """A pipeline config (as a dict) for a tiny job on two categories of length-rule pairs written under
     ``tmp_path``: a few seconds a phase on a tiny backbone."""

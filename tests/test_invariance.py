@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from conftest import build_tiny_backbone
-from dmoerm.aggregator import Aggregator
 from dmoerm.data import Message
 from dmoerm.encoding import collate
 from dmoerm.experts import BackboneConfig, ExpertBank
-from dmoerm.model import DMoERM, capability_expert_name, rm_expert
+from dmoerm.model import DMoERM
 from dmoerm.reward_model import RewardModel
 from dmoerm.training.trunk_cache import TrunkCache
-from helpers import WORDS, tiny_taxonomy
+from helpers import WORDS, add_capability_experts, tiny_taxonomy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -56,13 +55,7 @@ def reward_model(wide_backbone) -> RewardModel:
 def dmoerm(wide_backbone) -> DMoERM:
     taxonomy = tiny_taxonomy()
     model = DMoERM(_bank(wide_backbone), taxonomy, ["code", "chat"])
-    for category in taxonomy.categories:
-        model.bank.add_expert(rm_expert(category.name))
-        names = [capability_expert_name(category.name, c.name) for c in category.capabilities]
-        for name in names:
-            model.bank.add_expert(name)
-        model.aggregators[category.name] = Aggregator(len(names), model.bank.hidden_size)
-        model.aggregator_experts[category.name] = names
+    add_capability_experts(model, taxonomy)
     with torch.no_grad():
         model.router.head.bias.zero_()  # both categories are routed to by the random router's features
     model.requires_grad_(False)

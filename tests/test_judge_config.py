@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (tests take the imported `server` fixture as an argument)
 """The typed judge configurations (API and local apart), the flat command options that select one, and the
 Labeller entry that labels given records with a judge configuration (what the training pipeline calls)."""
 
@@ -12,8 +13,12 @@ from dmoerm.labelling.api import OpenAIJudge
 from dmoerm.labelling.config import ApiJudgeConfig, JudgeConfig, LocalJudgeConfig, make_judge
 from dmoerm.labelling.local import LocalJudge
 from dmoerm.labelling.pipeline import LabelConfig, LabelJudgeConfig, Labeller, label_pairs, label_records
-from helpers import http_server
-from test_labelling_api import KEY_ENV, SECRET, TAX, FakeServer, _handler, _pairs
+from test_labelling_api import (
+    KEY_ENV,
+    TAX,
+    _pairs,
+    server,  # noqa: F401  (the fake judge fixture)
+)
 
 API_ONLY = {"base_url", "api_key_env", "mode", "concurrency", "requests_per_second", "timeout_s", "max_retries",
             "backoff_base_s", "backoff_max_s", "malformed_retries", "temperature", "logprobs",
@@ -102,15 +107,6 @@ def test_the_pipeline_labels_section_builds_without_data_or_output():
         LabelJudgeConfig(backend="openai", model="m", consistency="margin")
     with pytest.raises(TypeError, match="config: expected a LabelJudgeConfig"):
         Labeller(ApiJudgeConfig(model="m"), TAX)
-
-
-@pytest.fixture()
-def server(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, SECRET)
-    state = FakeServer()
-    with http_server(_handler(state)) as base:
-        state.url = f"{base}/v1"
-        yield state
 
 
 def test_labeller_keeps_one_judge_across_files_and_equals_label_pairs(server, tmp_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmoerm.aggregator import Aggregator
 from dmoerm.backbone import last_token_pool, position_ids_from_mask
 from dmoerm.encoding import collate, encode_record
 from dmoerm.experts import BackboneConfig, ExpertBank
@@ -21,7 +20,7 @@ from dmoerm.model import new_dmoerm
 from dmoerm.taxonomy import Capability, Category, Taxonomy
 from dmoerm.training.loop import TrainConfig, train_expert
 from dmoerm.training.trunk_cache import TrunkCache, pad_states
-from helpers import length_records
+from helpers import add_capability_experts, length_records
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -109,12 +108,7 @@ def test_batched_experts_equal_separate_with_bf16_trunk(tiny_backbone):
 def _dmoerm(tiny_backbone):
     torch.manual_seed(0)
     model = new_dmoerm(_config(tiny_backbone), TAXONOMY, ["code", "chat"], init_lora_weights=False)
-    for category in TAXONOMY.categories:
-        names = [f"{category.name}__{c.name}" for c in category.capabilities]
-        for name in names:
-            model.bank.add_expert(name)
-        model.aggregators[category.name] = Aggregator(len(names), model.bank.hidden_size)
-        model.aggregator_experts[category.name] = names
+    add_capability_experts(model, TAXONOMY, with_rm=False)
     with torch.no_grad():  # a router that sends rows both ways
         model.router.head.weight.normal_(0.0, 3.0)
     model.requires_grad_(False)

@@ -12,13 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmoerm.aggregator import Aggregator
 from dmoerm.data import PreferenceRecord
 from dmoerm.encoding import encode_record
 from dmoerm.experts import BackboneConfig
 from dmoerm.labelling.human import expert_agreement
 from dmoerm.labelling.schema import CapabilityLabel
-from dmoerm.model import DMoERM, capability_expert_name, new_dmoerm, rm_expert
+from dmoerm.model import DMoERM, capability_expert_name, new_dmoerm
 from dmoerm.pipeline import score_cached
 from dmoerm.reward_model import RewardModel
 from dmoerm.scoring import (
@@ -33,7 +32,7 @@ from dmoerm.scoring import (
 )
 from dmoerm.training.loop import score_items
 from dmoerm.training.trunk_cache import TrunkCache, pad_states
-from helpers import length_records, tiny_taxonomy
+from helpers import add_capability_experts, length_records, tiny_taxonomy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = 1e-5
@@ -46,13 +45,7 @@ def dmoerm(tiny_backbone) -> DMoERM:
     config = BackboneConfig(backbone=tiny_backbone, num_top_layers=2, trunk_dtype="float32", max_length=64)
     taxonomy = tiny_taxonomy()
     model = new_dmoerm(config, taxonomy, ["code", "chat"], init_lora_weights=False)
-    for category in taxonomy.categories:
-        model.bank.add_expert(rm_expert(category.name))
-        names = [capability_expert_name(category.name, c.name) for c in category.capabilities]
-        for name in names:
-            model.bank.add_expert(name)
-        model.aggregators[category.name] = Aggregator(len(names), model.bank.hidden_size)
-        model.aggregator_experts[category.name] = names
+    add_capability_experts(model, taxonomy)
     with torch.no_grad():
         model.router.head.bias.zero_()
         model.router.head.weight.mul_(50)  # both categories win some prompts
