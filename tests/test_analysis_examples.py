@@ -51,3 +51,34 @@ def test_paired_difference_resamples_records_for_both_systems_alike():
     assert d == pytest.approx(100 * (3 - 1.5) / 4)
     assert lo <= d <= hi and lo >= 0.0  # a is never worse than b on any record
     assert paired.agreement(a) == pytest.approx(75.0)
+
+
+def _pair(category: str, chosen: str, rejected: str, ranks=(0, 1)):
+    from dmoerm.data import Message, PreferenceRecord
+
+    user = (Message("user", f"a {category} prompt"),)
+    return PreferenceRecord(user, (chosen, rejected), ranks, category=category, source="rmb/test")
+
+
+def test_length_conflict_keeps_only_shorter_chosen_pairs_in_the_concise_categories(tmp_path, capsys):
+    conflict = _load("length_conflict_data")
+    records = [
+        _pair("code", "short", "much longer"),  # kept: the chosen answer is the shorter
+        _pair("code", "much longer", "short"),  # dropped
+        _pair("code", "same!", "same?", ranks=(0, 0)),  # a tie: dropped
+        _pair("chat", "much longer", "short"),  # another category: kept whatever the lengths
+        _pair("chat", "short", "much longer"),
+        _pair(None, "short", "much longer"),  # no category: no inner model can take it
+    ]
+    kept = conflict.conflict_records(records, {"code"})
+    assert kept == [records[0], records[3], records[4]]
+    assert conflict.shorter_chosen(_pair("code", "much longer", "short", ranks=(1, 0)))
+    # The script writes what the pipeline reads back: same records, same categories.
+    from dmoerm.data import load_jsonl
+
+    out = tmp_path / "conflict.jsonl"
+    conflict.save_jsonl(kept, out)
+    again = load_jsonl(out)
+    assert [(r.category, r.responses, r.ranks) for r in again] == [
+        (r.category, r.responses, r.ranks) for r in kept
+    ]
