@@ -210,6 +210,11 @@ def test_gated_phase3_records_the_gate(trained):
     # No dev set makes p < 1e-9: the correction's output layer is back at exactly zero.
     assert res.gate["kept"] is False and res.gate["p"] >= 1e-9
     assert torch.count_nonzero(model.aggregators["code"].mlp[-1].weight) == 0
+    # Held gate records: the test counts their pairs only (one pair each), dev still picks the epoch.
+    res = train_phase3(
+        model, "code", items[20:32], items[32:36], config, TrunkCache(), gate_items=items[36:40]
+    )
+    assert res.gate["turned_right"] + res.gate["turned_wrong"] <= 4 and res.gate["kept"] is False
     with pytest.raises(ValueError, match=r"gate_alpha: must be in \(0, 1\], got 0"):
         AggregatorTrainConfig(aggregator="residual", gate_alpha=0)
     with pytest.raises(ValueError, match="gate_alpha: the gate compares a correction with its start"):
@@ -237,3 +242,61 @@ def test_gated_phase1_goes_back_to_exactly_its_start(tiny_backbone):
     assert res.gate == {}
     with pytest.raises(ValueError, match=r"gate_alpha: must be in \(0, 1\], got 2"):
         SpecialiseConfig(gate_alpha=2)
+
+
+def test_gate_split_holds_back_the_last_share_of_dev_for_the_gates():
+    dev = list(range(10))
+    config = PipelineConfig(specialise=SpecialiseConfig(gate_share=0.3))
+    assert pipeline_stages.gate_split(config, dev) == ([0, 1, 2, 3, 4, 5, 6], [7, 8, 9])
+    assert pipeline_stages.gate_split(PipelineConfig(), dev) == (dev, None)  # share 0: one dev for both
+    assert pipeline_stages.gate_split(config, [0]) == ([0], None)  # early stopping keeps a record at least
+    config.specialise.gate_share = 0.9
+    assert pipeline_stages.gate_split(config, [0, 1]) == ([0], [1])
+    with pytest.raises(ValueError, match=r"gate_share: must be a share in \[0, 1\), got 1"):
+        SpecialiseConfig(gate_share=1)
+    assert "specialise.gate_share" not in stage_inputs(PipelineConfig(), "phase1/code")
+    held = PipelineConfig(specialise=SpecialiseConfig(gate_share=0.5))
+    assert stage_inputs(held, "phase3/code")["specialise.gate_share"] == 0.5
+    assert "specialise.gate_share" not in stage_inputs(
+        held, "baseline"
+    )  # the single RM reads every dev record
+
+
+def test_the_gate_reads_held_records_when_given_not_the_dev_that_picked_the_epoch():
+    """A correction that turns all 6 dev pairs right (p = 1/64, kept on dev alone) is dropped when the held
+    gate records, which it turns wrong, decide; the dev agreement then is the start's."""
+    items, data = _flipping_dev(6)
+    held_items, held = _flipping_dev(6)
+    held = (held[0], held[1].flip(0), held[2], None)  # [K=2, N]: the correction is wrong on every held pair
+    agg = Aggregator(2, 4, kind="linear")
+    tracker = phases._BestOnDev(agg, items, data, patience=0)
+    result = TrainResult()
+    tracker.evaluate(result)
+    tracker.keep_start()
+    with torch.no_grad():
+        agg.weight.copy_(torch.tensor([0.0, 1.0]))
+    tracker.evaluate(result)
+    tracker.restore()
+    gate = tracker.gate(0.05, result, (held_items, held))
+    assert gate == {"turned_right": 0, "turned_wrong": 6, "p": 1.0, "kept": False}
+    assert agg.weight.tolist() == [1.0, 0.0] and result.best_dev_agreement == 0.0
+
+
+def test_gated_phase1_tests_on_the_gate_records(tiny_backbone, monkeypatch):
+    """With ``gate_items`` the sign test counts the pairs of those records only (early stopping reads dev)."""
+    model = make_model(tiny_backbone)
+    cache = TrunkCache()
+    tok, n = model.tokenizer, model.max_length
+    code = [encode_record(tok, r, n) for r in length_records(20, seed=1, category="code")]
+    train_warm_start(model, code[:8], code[8:12], FAST, cache, progress=False)
+    fast = dataclasses.replace(FAST, learning_rate=5e-2)
+    gated = dict(progress=False, init_from=WARM_START, gate_alpha=0.5, gate_items=code[16:])
+    seen, real = [], phases.sign_test_gate
+    monkeypatch.setattr(
+        phases, "sign_test_gate", lambda items, *a: seen.append(list(items)) or real(items, *a)
+    )
+    res = train_phase1(model, "code", code[:12], code[12:16], fast, cache, **gated)
+    assert seen == [code[16:]] and res.gate["turned_right"] + res.gate["turned_wrong"] <= 4
+    kept = res.gate["kept"]
+    got, start = (score_items(model.bank, e, code, cache) for e in (rm_expert("code"), WARM_START))
+    assert (got == start) is not kept

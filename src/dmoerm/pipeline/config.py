@@ -188,6 +188,12 @@ class SpecialiseConfig:
     wrong at this level of a one-sided sign test, else the model goes back to exactly its start (state.json
     ``phase1/<category>.gate``). 1.0 keeps it whenever its dev agreement is higher (the rule before this
     field); ``phase3.gate_alpha`` is the same gate for the aggregator's correction."""
+    gate_share: float = 0.0
+    """Share of each category's dev records that both gates (``gate_alpha`` here, ``phase3.gate_alpha``) read
+    alone, while phase 1's and phase 3's early stopping read the rest: the sign test then sees records that
+    did not pick the best epoch (with one dev set for both, the best of many epochs wins its dev pairs by
+    chance and passes the test more often than ``gate_alpha`` says; measured in docs/levers.md). 0: both read
+    every dev record (the rule before this field). The pooled model and the single RM read every dev record."""
 
     def __post_init__(self) -> None:
         if isinstance(self.replay, bool) or not 0.0 <= self.replay <= 100.0:
@@ -196,6 +202,8 @@ class SpecialiseConfig:
             raise ValueError(f"learning_rate: must be > 0 or null, got {self.learning_rate!r}")
         if isinstance(self.gate_alpha, bool) or not 0.0 < self.gate_alpha <= 1.0:
             raise ValueError(f"gate_alpha: must be in (0, 1], got {self.gate_alpha!r}")
+        if isinstance(self.gate_share, bool) or not 0.0 <= self.gate_share < 1.0:
+            raise ValueError(f"gate_share: must be a share in [0, 1), got {self.gate_share!r}")
 
 
 @dataclass

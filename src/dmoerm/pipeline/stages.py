@@ -224,17 +224,19 @@ def phase1_stage(run: RunContext, model: DMoERM, category: str, items: Encoded) 
     optim = config.phase1
     if config.warm_start != "none" and config.specialise.learning_rate is not None:
         optim = dataclasses.replace(optim, learning_rate=config.specialise.learning_rate)
+    dev, gate = gate_split(config, items["dev"][category])
     res = train_phase1(
         model,
         category,
         train,
-        items["dev"][category],
+        dev,
         optim,
         run.cache,
         checkpoint_dir=checkpoint_dir(run.out, "phase1", category),
         progress=run.progress,
         init_from=WARM_START if config.warm_start != "none" else None,
         gate_alpha=config.specialise.gate_alpha,
+        gate_items=gate,
     )
     save_curves(res.history, run.out / "curves" / f"{category}_phase1.png", f"{category}: phase 1")
     info = {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps}
@@ -243,6 +245,16 @@ def phase1_stage(run: RunContext, model: DMoERM, category: str, items: Encoded) 
     if len(train) > len(items["phase1"][category]):
         info["replayed_records"] = len(train) - len(items["phase1"][category])
     run.record(stage, t0, info, res.history, model=model)
+
+
+def gate_split(config: PipelineConfig, dev: list) -> tuple[list, list | None]:
+    """A category's dev items as (early stopping's, the gates' or None): with ``specialise.gate_share`` > 0
+    its last share (dev is drawn in a seeded random order, so this is a random subset, the same on every
+    rerun and rank) goes to the gates alone."""
+    k = min(round(config.specialise.gate_share * len(dev)), len(dev) - 1)  # early stopping keeps one at least
+    if k <= 0:
+        return dev, None
+    return dev[: len(dev) - k], dev[len(dev) - k :]
 
 
 def replay_items(config: PipelineConfig, phase1: dict[str, list], category: str) -> list:
@@ -352,14 +364,16 @@ def phase3_stage(
         logger.warning("%s: no capability experts; phase 3 aggregates the phase-1 model alone", category)
     if run.config.specialise.shared_expert:
         names = [*names, WARM_START]  # the pooled start, shared by every category's aggregator
+    dev, gate = gate_split(run.config, items["dev"][category])
     res = train_phase3(
         model,
         category,
         items["phase3"][category],
-        items["dev"][category],
+        dev,
         run.config.phase3,
         run.cache,
         experts=names,
+        gate_items=gate,
     )
     save_curves(res.history, run.out / "curves" / f"{category}_phase3.png", f"{category}: phase 3 aggregator")
     info = {"experts": model.aggregator_experts[category], "label_counts": label_counts}

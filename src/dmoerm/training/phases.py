@@ -205,13 +205,15 @@ def train_phase1(
     progress: bool = True,
     init_from: str | None = None,
     gate_alpha: float = 1.0,
+    gate_items: Sequence[RankedItem] | None = None,
 ) -> TrainResult:
     """Phase 1: the category's reward model (adapter ``<category>__rm`` and its head) on human rankings.
 
     ``init_from`` (e.g. :data:`WARM_START`) copies that expert's adapter and head first; its weights are then
     measured on dev before the first step, so specialising is kept only when it beats the start on dev; with
-    ``gate_alpha`` < 1 only when it also passes :func:`sign_test_gate` against the start on dev, else the
-    expert goes back to exactly the start (``result.gate`` says which)."""
+    ``gate_alpha`` < 1 only when it also passes :func:`sign_test_gate` against the start on ``gate_items``
+    (default: dev itself, which also picked the best epoch), else the expert goes back to exactly the start
+    (``result.gate`` says which)."""
     name = rm_expert(category)
     if name not in model.bank.heads:
         model.bank.add_expert(name, init_from=init_from)
@@ -226,12 +228,14 @@ def train_phase1(
         desc=f"{category} phase 1" if progress else None,
         evaluate_first=init_from is not None,
     )
-    if init_from is not None and gate_alpha < 1.0 and dev:
-        specialised, start = (score_items(model.bank, n, dev, cache) for n in (name, init_from))
-        result.gate = sign_test_gate(dev, specialised, start, gate_alpha)
+    gate = dev if gate_items is None else gate_items
+    if init_from is not None and gate_alpha < 1.0 and gate:
+        specialised, start = (score_items(model.bank, n, gate, cache) for n in (name, init_from))
+        result.gate = sign_test_gate(gate, specialised, start, gate_alpha)
         if not result.gate["kept"]:
             model.bank.copy_expert(init_from, name)
-            result.best_dev_agreement = pair_agreement(dev, start)
+            if dev:
+                result.best_dev_agreement = pair_agreement(dev, score_items(model.bank, name, dev, cache))
     return result
 
 
@@ -380,6 +384,7 @@ def train_phase3(
     config: AggregatorTrainConfig,
     cache: TrunkCache,
     experts: list[str] | None = None,
+    gate_items: Sequence[RankedItem] | None = None,
 ) -> TrainResult:
     """Phase 3: backbone and experts frozen; the category's aggregator MLP over the concatenated last-token
     states of its experts (default: its capability experts), trained on human rankings not used before.
@@ -388,7 +393,8 @@ def train_phase3(
     the MLP's zero-initialised output; "no correction" is then the first dev measurement to beat.
     With ``config.length_penalty`` > 0 the squared correlation of each batch's rewards with response length,
     times that weight, is added to the ranking loss (experts keep whatever length signal they learned; the
-    aggregator is pushed not to pass it on)."""
+    aggregator is pushed not to pass it on). ``config.gate_alpha`` < 1 tests the kept correction against "no
+    correction" on ``gate_items`` (default: dev, which also picked the best epoch)."""
     names = experts or model.category_experts(category)
     residual = config.aggregator != "mlp"
     if residual:
@@ -431,7 +437,10 @@ def train_phase3(
             break
     tracker.restore()
     if residual and config.gate_alpha < 1.0:
-        result.gate = tracker.gate(config.gate_alpha, result)
+        held = (
+            None if gate_items is None else (gate_items, _aggregator_inputs(model, names, gate_items, cache))
+        )
+        result.gate = tracker.gate(config.gate_alpha, result, held)
     agg.requires_grad_(False)
     agg.eval()
     model.aggregators[category] = agg
@@ -482,11 +491,15 @@ class _BestOnDev:
         self.stopping = EarlyStopping(patience)
         self.start = None
 
-    def _dev_rewards(self) -> list[list[float]]:
+    def _dev_rewards(self, data=None) -> list[list[float]]:
+        """Rewards per item of ``data`` (``_aggregator_inputs``' output; default: dev's)."""
+        feats, scores, where = (self.feats, self.scores, self.where) if data is None else data[:3]
+        if feats is None:
+            return [[] for _ in where]
         self.agg.eval()
         with torch.no_grad():
-            r = self.agg(self.feats, self.scores).tolist()
-        return [[r[j] for j in w] for w in self.where]
+            r = self.agg(feats, scores).tolist()
+        return [[r[j] for j in w] for w in where]
 
     def evaluate(self, result: TrainResult) -> bool:
         """Record dev agreement; True when training should stop."""
@@ -507,18 +520,20 @@ class _BestOnDev:
         if self.stopping.best is not None:
             self.agg.load_state_dict(self.stopping.best)
 
-    def gate(self, alpha: float, result: TrainResult) -> dict:
-        """After :meth:`restore`: keep the restored correction only when its dev pairs turned right beat
-        those turned wrong (against the start) by a one-sided sign test at ``alpha``; else load the start."""
-        if self.feats is None or self.start is None:
+    def gate(self, alpha: float, result: TrainResult, held=None) -> dict:
+        """After :meth:`restore`: keep the restored correction only when the pairs it turns right beat those it
+        turns wrong (against the start) by a one-sided sign test at ``alpha``; else load the start. The test
+        reads dev, or ``held`` (items, their ``_aggregator_inputs``) when given: records that did not pick
+        the best epoch."""
+        items, data = (self.dev, None) if held is None else held
+        if self.start is None or (self.feats if held is None else data[0]) is None:
             return {}
-        best = self._dev_rewards()
+        best = self._dev_rewards(data)
         kept = {k: v.clone() for k, v in self.agg.state_dict().items()}
         self.agg.load_state_dict(self.start)
-        start = self._dev_rewards()
-        gate = sign_test_gate(self.dev, best, start, alpha)
+        gate = sign_test_gate(items, best, self._dev_rewards(data), alpha)
         if gate["kept"]:
             self.agg.load_state_dict(kept)
-        else:
-            result.best_dev_agreement = pair_agreement(self.dev, start)
+        elif self.feats is not None:
+            result.best_dev_agreement = pair_agreement(self.dev, self._dev_rewards())
         return gate
