@@ -20,7 +20,7 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType
 
 from dmoerm.encoding import encode_record
 from dmoerm.experts import BackboneConfig, ExpertBank
-from dmoerm.training import loop
+from dmoerm.training import loop, sharding
 from dmoerm.training.distributed import process_accelerator
 from dmoerm.training.loop import TrainConfig, score_items, train_expert
 from dmoerm.training.trunk_cache import TrunkCache
@@ -29,6 +29,8 @@ from helpers import length_records
 # 10 training items in batches of 3: every batch leaves the ranks uneven shares, and the last (1 item) leaves
 # rank 0 none; 3 dev items (1 and 2 a rank). Clipping at the default norm acts on every update here.
 CONFIG = TrainConfig(epochs=2, batch_size=3, learning_rate=3e-3, early_stopping_patience=0, max_grad_norm=1.0)
+# The top layers fine-tuned (finetune: full), with gradient accumulation and the length penalty.
+FULL = dataclasses.replace(CONFIG, gradient_accumulation_steps=2, length_penalty=0.5)
 FSDP_YAML = Path(__file__).parent.parent / "configs" / "accelerate" / "fsdp.yaml"
 REFUSED = {  # launcher environment variables (accelerate config keys fsdp_version, fsdp_auto_wrap_policy)
     # FSDP1's plugin looks for a GPU for sync_module_states (the launcher's default): off on the CPU
@@ -65,27 +67,37 @@ def fsdp_plugin(env: dict[str, str]) -> FullyShardedDataParallelPlugin:
                 os.environ[k] = v
 
 
-def fresh_bank(backbone: str) -> ExpertBank:
+def fresh_bank(backbone: str, finetune: str = "lora") -> ExpertBank:
     torch.manual_seed(0)
-    config = BackboneConfig(backbone=backbone, num_top_layers=2, trunk_dtype="float32", max_length=64)
+    config = BackboneConfig(
+        backbone=backbone, num_top_layers=2, trunk_dtype="float32", max_length=64, finetune=finetune
+    )
     bank = ExpertBank(config, init_lora_weights=False)
     bank.add_expert("rm")
     return bank
 
 
 def expert_weights(bank: ExpertBank) -> dict:
-    return {
-        n: p.detach().clone() for n, p in bank.named_parameters() if ".rm." in n or n.startswith("heads.")
-    }
+    return {n: p.detach().clone() for n, p in zip(bank_names(bank), bank.expert_parameters("rm"))}
+
+
+def bank_names(bank: ExpertBank) -> list[str]:
+    names = {id(p): n for n, p in bank.named_parameters()}
+    return [names[id(p)] for p in bank.expert_parameters("rm")]
 
 
 def expert_run(
-    backbone: str, config: TrainConfig, checkpoint_dir=None, interrupt: bool = False, save_to=None
+    backbone: str,
+    config: TrainConfig,
+    checkpoint_dir=None,
+    interrupt: bool = False,
+    save_to=None,
+    finetune: str = "lora",
 ) -> dict:
     """train_expert on a fresh tiny bank: its weights, losses, dev agreements, whether any bank parameter is
     left sharded, the test rewards of the trained bank and (``save_to``) of its saved-then-loaded copy. ``interrupt``:
     killed at the start of epoch 2 (after epoch 1's checkpoint), then rerun on a fresh bank."""
-    bank = fresh_bank(backbone)
+    bank = fresh_bank(backbone, finetune)
     items = [encode_record(bank.tokenizer, r, 64) for r in length_records(16, seed=3)]
     train, dev, test = items[:10], items[10:13], items[13:]
     if interrupt:
@@ -104,7 +116,7 @@ def expert_run(
             pass
         finally:
             loop.epoch_batches = original
-        bank = fresh_bank(backbone)
+        bank = fresh_bank(backbone, finetune)
     result = train_expert(bank, "rm", train, dev, config, TrunkCache(), checkpoint_dir)
     from torch.distributed.tensor import DTensor
 
@@ -121,6 +133,27 @@ def expert_run(
         loaded = ExpertBank.load(save_to)
         found["loaded_scores"] = torch.tensor(score_items(loaded, "rm", test, TrunkCache()))
     return found
+
+
+PREPARED: list[dict] = []
+
+
+class RecordingShardedExpert(sharding.ShardedExpert):
+    """What FSDP2 made of each training view: the unit's class and the trained weights' local and whole sizes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        PREPARED.append(
+            {
+                "fsdp_module": isinstance(self.model, FSDPModule),
+                "dtensors": all(isinstance(p, DTensor) for p in self.params),
+                "local": sum(p.to_local().numel() for p in self.params),
+                "whole": sum(p.numel() for p in self.params),
+            }
+        )
 
 
 def switch_to(accelerator, kind: str, env: dict[str, str] | None = None) -> None:
@@ -157,18 +190,22 @@ if __name__ == "__main__":
     accelerator = process_accelerator()
     rank = accelerator.process_index
     assert accelerator.distributed_type == DistributedType.MULTI_CPU and accelerator.num_processes == 2
-    found = {"ddp": expert_run(backbone, CONFIG)}  # what DDP gives, for FSDP2 to equal
+    # What DDP gives, for FSDP2 to equal.
+    found = {"ddp": expert_run(backbone, CONFIG), "ddp_full": expert_run(backbone, FULL, finetune="full")}
     shipped = launch_env()
     switch_to(accelerator, "fsdp", shipped)
+    loop.ShardedExpert = RecordingShardedExpert
     assert accelerator.is_fsdp2
     found |= {
         "clip": expert_run(backbone, CONFIG, f"{out}/clip", save_to=f"{out}/bank{rank}"),
         "noclip": expert_run(backbone, dataclasses.replace(CONFIG, max_grad_norm=0.0)),
         "resumed": expert_run(backbone, CONFIG, f"{out}/resumed", interrupt=True),
+        "full": expert_run(backbone, FULL, finetune="full"),
     }
     for kind, settings in REFUSED.items():
         switch_to(accelerator, "fsdp", shipped | settings)
         found[kind] = refused(backbone)
     switch_to(accelerator, "zero3")
     found["zero3"] = refused(backbone)
+    found["prepared"] = PREPARED
     torch.save(found, f"{out}/rank{rank}.pt")
