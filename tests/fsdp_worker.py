@@ -31,6 +31,7 @@ from helpers import length_records
 CONFIG = TrainConfig(epochs=2, batch_size=3, learning_rate=3e-3, early_stopping_patience=0, max_grad_norm=1.0)
 # The top layers fine-tuned (finetune: full), with gradient accumulation and the length penalty.
 FULL = dataclasses.replace(CONFIG, gradient_accumulation_steps=2, length_penalty=0.5)
+BF16 = dataclasses.replace(CONFIG, mixed_precision="bf16")  # dmoerm's autocast of the top layers
 FSDP_YAML = Path(__file__).parent.parent / "configs" / "accelerate" / "fsdp.yaml"
 REFUSED = {  # launcher environment variables (accelerate config keys fsdp_version, fsdp_auto_wrap_policy)
     # FSDP1's plugin looks for a GPU for sync_module_states (the launcher's default): off on the CPU
@@ -191,7 +192,11 @@ if __name__ == "__main__":
     rank = accelerator.process_index
     assert accelerator.distributed_type == DistributedType.MULTI_CPU and accelerator.num_processes == 2
     # What DDP gives, for FSDP2 to equal.
-    found = {"ddp": expert_run(backbone, CONFIG), "ddp_full": expert_run(backbone, FULL, finetune="full")}
+    found = {
+        "ddp": expert_run(backbone, CONFIG),
+        "ddp_full": expert_run(backbone, FULL, finetune="full"),
+        "ddp_bf16": expert_run(backbone, BF16),
+    }
     shipped = launch_env()
     switch_to(accelerator, "fsdp", shipped)
     loop.ShardedExpert = RecordingShardedExpert
@@ -201,6 +206,7 @@ if __name__ == "__main__":
         "noclip": expert_run(backbone, dataclasses.replace(CONFIG, max_grad_norm=0.0)),
         "resumed": expert_run(backbone, CONFIG, f"{out}/resumed", interrupt=True),
         "full": expert_run(backbone, FULL, finetune="full"),
+        "bf16": expert_run(backbone, BF16),
     }
     for kind, settings in REFUSED.items():
         switch_to(accelerator, "fsdp", shipped | settings)

@@ -93,20 +93,20 @@ def test_train_expert_under_fsdp2_trains_like_ddp_and_one_process_and_hands_back
     """train_expert under accelerate's FSDP2 with the shipped fsdp.yaml (2 gloo processes: tests/fsdp_worker.py)
     ends with the same weights on both ranks, those of DDP on the same 2 processes, and those of one process with
     the same global batch (with and without clipping), and DDP's also with finetune: full, gradient
-    accumulation and the length penalty; the bank handed back holds plain tensors, its saved and
+    accumulation and the length penalty, and with bf16 autocast; the bank handed back holds plain tensors, its saved and
     loaded copy scores the same, a run killed after epoch 1 resumes to the straight run's weights, and FSDP1, a
     per-layer wrap and ZeRO-3 stop on every rank before the bank is touched."""
     from fsdp_worker import CONFIG, expert_run, expert_weights, fresh_bank
 
     r0, r1 = _two_processes(tiny_backbone, tmp_path, "fsdp_worker.py")
-    for run in ("ddp", "ddp_full", "clip", "noclip", "resumed", "full"):
+    for run in ("ddp", "ddp_full", "ddp_bf16", "clip", "noclip", "resumed", "full", "bf16"):
         assert _max_diff(r0[run]["weights"], r1[run]["weights"]) == 0.0, run  # the ranks are identical
         assert r0[run]["sharded"] == r1[run]["sharded"] == [], run  # no DTensor left in the bank
         assert r0[run]["bank_class"] == r1[run]["bank_class"] == "ExpertBank", run
     # FSDP2 did shard: each training view was an FSDP unit whose trained weights were DTensors, about half of
-    # each on a rank (5 runs: clip, noclip, resumed twice, full).
+    # each on a rank (6 runs: clip, noclip, resumed twice, full, bf16).
     for found in (r0, r1):
-        assert len(found["prepared"]) == 5
+        assert len(found["prepared"]) == 6
         for seen in found["prepared"]:
             assert seen["fsdp_module"] and seen["dtensors"], seen
             assert 0.4 * seen["whole"] <= seen["local"] <= 0.6 * seen["whole"], seen
@@ -115,13 +115,15 @@ def test_train_expert_under_fsdp2_trains_like_ddp_and_one_process_and_hands_back
     diffs = {
         "fsdp2 vs ddp (2 processes)": _max_diff(r0["clip"]["weights"], r0["ddp"]["weights"]),
         "finetune full, fsdp2 vs ddp": _max_diff(r0["full"]["weights"], r0["ddp_full"]["weights"]),
+        "bf16 autocast, fsdp2 vs ddp": _max_diff(r0["bf16"]["weights"], r0["ddp_bf16"]["weights"]),
         **{f"{run} weights": _max_diff(one[run]["weights"], r0[run]["weights"]) for run in one},
         **{f"{run} test rewards": _max_diff(one[run]["scores"], r0[run]["scores"]) for run in one},
         **{f"{run} losses": _max_diff(one[run]["loss"], r0[run]["loss"]) for run in one},
     }
     print("max abs difference, FSDP2 on 2 processes vs:", diffs)
-    assert diffs["fsdp2 vs ddp (2 processes)"] <= 1e-6 and diffs["finetune full, fsdp2 vs ddp"] <= 1e-6
+    assert all(d <= 1e-6 for k, d in diffs.items() if "vs ddp" in k), diffs
     assert all(d <= ATOL for k, d in diffs.items() if k != "clip weights"), diffs
+    assert _max_diff(r0["bf16"]["weights"], r0["clip"]["weights"]) > 1e-4  # bf16 did autocast
     # With clipping, Adam turns the data-parallel summation order's rounding in a few near-zero LoRA-B gradient
     # entries into larger steps; DDP on the same 2 processes lands on the same weights as FSDP2 (above).
     assert diffs["clip weights"] <= 5e-5, diffs
