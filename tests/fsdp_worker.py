@@ -96,8 +96,8 @@ def expert_run(
     finetune: str = "lora",
 ) -> dict:
     """train_expert on a fresh tiny bank: its weights, losses, dev agreements, whether any bank parameter is
-    left sharded, the test rewards of the trained bank and (``save_to``) of its saved-then-loaded copy. ``interrupt``:
-    killed at the start of epoch 2 (after epoch 1's checkpoint), then rerun on a fresh bank."""
+    left sharded, the test rewards of the trained bank and (``save_to``) of its saved-then-loaded copy.
+    ``interrupt``: killed at the start of epoch 2 (after epoch 1's checkpoint), then rerun on a fresh bank."""
     bank = fresh_bank(backbone, finetune)
     items = [encode_record(bank.tokenizer, r, 64) for r in length_records(16, seed=3)]
     train, dev, test = items[:10], items[10:13], items[13:]

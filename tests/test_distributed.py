@@ -91,10 +91,10 @@ def test_train_expert_under_fsdp2_trains_like_ddp_and_one_process_and_hands_back
     tiny_backbone, tmp_path, one_torch_thread
 ):
     """train_expert under accelerate's FSDP2 with the shipped fsdp.yaml (2 gloo processes: tests/fsdp_worker.py)
-    ends with the same weights on both ranks, those of DDP on the same 2 processes, and those of one process with
-    the same global batch (with and without clipping), and DDP's also with finetune: full, gradient
-    accumulation and the length penalty, and with bf16 autocast; the bank handed back holds plain tensors, its saved and
-    loaded copy scores the same, a run killed after epoch 1 resumes to the straight run's weights, and FSDP1, a
+    ends with the same weights on both ranks, as DDP on the same 2 processes (also with finetune: full,
+    gradient accumulation and the length penalty, and with bf16 autocast) and as one process with the same
+    global batch (with and without clipping). The bank handed back holds plain tensors, its saved and loaded
+    copy scores the same, a run killed after epoch 1 resumes to the straight run's weights, and FSDP1, a
     per-layer wrap and ZeRO-3 stop on every rank before the bank is touched."""
     from fsdp_worker import CONFIG, expert_run, expert_weights, fresh_bank
 
@@ -136,19 +136,15 @@ def test_train_expert_under_fsdp2_trains_like_ddp_and_one_process_and_hands_back
     assert _max_diff(r0["resumed"]["weights"], r0["clip"]["weights"]) <= 1e-6
     for found in (r0, r1):  # ExpertBank.save then load on each rank: the same test rewards
         assert torch.equal(found["clip"]["loaded_scores"], found["clip"]["scores"])
+    stops = {
+        "fsdp1": "fsdp_version: 1 is not supported",
+        "layer_wrap": "fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP is not supported, use NO_WRAP",
+        "zero3": "distributed_type DeepSpeed ZeRO-3: sharding the expert bank's weights is not supported",
+    }
     for rank, found in enumerate((r0, r1)):
-        for kind, expected in (
-            ("fsdp1", "fsdp_version: 1 is not supported"),
-            ("layer_wrap", "fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP is not supported, use NO_WRAP"),
-            (
-                "zero3",
-                "distributed_type DeepSpeed ZeRO-3: sharding the expert bank's weights is not supported",
-            ),
-        ):
-            assert expected in found[kind]["error"] and "docs/scaling.md" in found[kind]["error"], (
-                rank,
-                kind,
-            )
+        for kind, expected in stops.items():
+            error = found[kind]["error"]
+            assert expected in error and "docs/scaling.md" in error, (rank, kind, error)
             assert found[kind]["bank_class"] == "ExpertBank" and found[kind]["unchanged"], (rank, kind)
 
 
@@ -184,6 +180,11 @@ def test_each_unsupported_fsdp_setting_is_named(env, message):
     check_whole_weights(_fsdp_launch())
     with pytest.raises(ValueError, match=re.escape(message)):
         check_whole_weights(_fsdp_launch(**env))
+
+
+def test_fsdp_with_accelerate_mixed_precision_is_refused():
+    from dmoerm.training.loop import check_whole_weights
+
     bf16 = _fsdp_launch()
     bf16.mixed_precision = "bf16"
     with pytest.raises(ValueError, match="mixed_precision: 'bf16' in the accelerate config is not supported"):
