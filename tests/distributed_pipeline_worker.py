@@ -6,6 +6,10 @@ Two test-only additions, set by environment variables:
   folder raises and prints ``RANK-WRITE`` to stderr (the test fails on it): rank 0 alone writes the run folder.
 - ``DMOERM_TEST_KILL_AFTER=<stage>``: once every rank recorded the stage (rank 0 wrote state.json), rank 1
   exits at once (``os._exit``, like a killed process); the launcher then ends rank 0 mid-run.
+- ``DMOERM_TEST_FSDP=<accelerate config file>``: the accelerator's state switched to that file's FSDP settings
+  (accelerate on the CPU falls back to DDP: tests/fsdp_worker.py) before the command runs; at exit each rank
+  prints ``FSDP-UNITS rank <r>: <n> sharded <m>``: n training views prepared by FSDP2, m of them with every
+  trained weight a DTensor shard.
 """
 
 import builtins
@@ -81,6 +85,19 @@ if __name__ == "__main__":
         _guard(os.environ["DMOERM_TEST_GUARD"])
     if os.environ.get("DMOERM_TEST_KILL_AFTER"):
         _kill_after(os.environ["DMOERM_TEST_KILL_AFTER"])
+    if os.environ.get("DMOERM_TEST_FSDP"):
+        import atexit
+
+        from dmoerm.training import loop
+        from dmoerm.training.distributed import process_accelerator
+        from fsdp_worker import PREPARED, RecordingShardedExpert, launch_env, switch_to
+
+        switch_to(process_accelerator(), "fsdp", launch_env(os.environ["DMOERM_TEST_FSDP"]))
+        loop.ShardedExpert = RecordingShardedExpert
+        sharded = lambda: sum(u["fsdp_module"] and u["dtensors"] for u in PREPARED)  # noqa: E731
+        atexit.register(
+            lambda: sys.stderr.write(f"FSDP-UNITS rank {RANK}: {len(PREPARED)} sharded {sharded()}\n")
+        )
     from dmoerm.cli import main
 
     sys.exit(main(sys.argv[1:]))

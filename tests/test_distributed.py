@@ -1,8 +1,11 @@
 """Data parallelism with the same global batch: two CPU processes (gloo, through accelerate) end with the same
 weights as one process, for phase 1 (train_expert, with the length penalty and gradient accumulation), the
-router, phase 3 and the single reward model; both ranks alike; a resumed 2-process run equals a straight one."""
+router, phase 3 and the single reward model; both ranks alike; a resumed 2-process run equals a straight one.
+train_expert under FSDP2 too, and the FSDP settings it cannot train under are named before any work."""
 
+import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,6 +15,7 @@ import pytest
 import torch
 
 from distributed_worker import single_rm_weights, train_all
+from fsdp_worker import REFUSED
 
 ATOL = 1e-5
 
@@ -83,17 +87,118 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_backbone, 
 
 
 @pytest.mark.slow
-def test_train_expert_refuses_fsdp_and_zero3_before_sharding_the_bank(tiny_backbone, tmp_path):
-    """Under FSDP and DeepSpeed ZeRO-3 (2 gloo processes, accelerate's FSDP2 and ZeRO-3 states:
-    tests/fsdp_worker.py) train_expert stops on every rank with an error naming the gap before it prepares the
-    bank, so no rank holds a sharded bank whose heads and adapters would be scored and saved in pieces
-    (docs/scaling.md). Without the check, FSDP fails inside the first step instead."""
-    for rank, found in enumerate(_two_processes(tiny_backbone, tmp_path, "fsdp_worker.py")):
-        for kind, name in (("fsdp", "FSDP"), ("zero3", "DeepSpeed ZeRO-3")):
+def test_train_expert_under_fsdp2_trains_like_ddp_and_one_process_and_hands_back_a_whole_bank(
+    tiny_backbone, tmp_path, one_torch_thread
+):
+    """train_expert under accelerate's FSDP2 with the shipped fsdp.yaml (2 gloo processes: tests/fsdp_worker.py)
+    ends with the same weights on both ranks, as DDP on the same 2 processes (also with finetune: full,
+    gradient accumulation and the length penalty, and with bf16 autocast) and as one process with the same
+    global batch (with and without clipping). The bank handed back holds plain tensors, its saved and loaded
+    copy scores the same, a run killed after epoch 1 resumes to the straight run's weights, and FSDP1, a
+    per-layer wrap and ZeRO-3 stop on every rank before the bank is touched."""
+    from fsdp_worker import CONFIG, expert_run, expert_weights, fresh_bank
+
+    r0, r1 = _two_processes(tiny_backbone, tmp_path, "fsdp_worker.py")
+    for run in ("ddp", "ddp_full", "ddp_bf16", "clip", "noclip", "resumed", "full", "bf16"):
+        assert _max_diff(r0[run]["weights"], r1[run]["weights"]) == 0.0, run  # the ranks are identical
+        assert r0[run]["sharded"] == r1[run]["sharded"] == [], run  # no DTensor left in the bank
+        assert r0[run]["bank_class"] == r1[run]["bank_class"] == "ExpertBank", run
+    # FSDP2 did shard: each training view was an FSDP unit whose trained weights were DTensors, about half of
+    # each on a rank (6 runs: clip, noclip, resumed twice, full, bf16).
+    for found in (r0, r1):
+        assert len(found["prepared"]) == 6
+        for seen in found["prepared"]:
+            assert seen["fsdp_module"] and seen["dtensors"], seen
+            assert 0.4 * seen["whole"] <= seen["local"] <= 0.6 * seen["whole"], seen
+    noclip = dataclasses.replace(CONFIG, max_grad_norm=0.0)
+    one = {"clip": expert_run(tiny_backbone, CONFIG), "noclip": expert_run(tiny_backbone, noclip)}
+    diffs = {
+        "fsdp2 vs ddp (2 processes)": _max_diff(r0["clip"]["weights"], r0["ddp"]["weights"]),
+        "finetune full, fsdp2 vs ddp": _max_diff(r0["full"]["weights"], r0["ddp_full"]["weights"]),
+        "bf16 autocast, fsdp2 vs ddp": _max_diff(r0["bf16"]["weights"], r0["ddp_bf16"]["weights"]),
+        **{f"{run} weights": _max_diff(one[run]["weights"], r0[run]["weights"]) for run in one},
+        **{f"{run} test rewards": _max_diff(one[run]["scores"], r0[run]["scores"]) for run in one},
+        **{f"{run} losses": _max_diff(one[run]["loss"], r0[run]["loss"]) for run in one},
+    }
+    print("max abs difference, FSDP2 on 2 processes vs:", diffs)
+    assert all(d <= 1e-6 for k, d in diffs.items() if "vs ddp" in k), diffs
+    assert all(d <= ATOL for k, d in diffs.items() if k != "clip weights"), diffs
+    assert _max_diff(r0["bf16"]["weights"], r0["clip"]["weights"]) > 1e-4  # bf16 did autocast
+    # With clipping, Adam turns the data-parallel summation order's rounding in a few near-zero LoRA-B gradient
+    # entries into larger steps; DDP on the same 2 processes lands on the same weights as FSDP2 (above).
+    assert diffs["clip weights"] <= 5e-5, diffs
+    assert torch.equal(one["clip"]["dev"], r0["clip"]["dev"])  # dev scored on each rank's share of the bank
+    # Clipping acted, and training moved the weights (no comparison between untrained models).
+    assert _max_diff(r0["clip"]["weights"], r0["noclip"]["weights"]) > 1e-3
+    assert _max_diff(r0["clip"]["weights"], expert_weights(fresh_bank(tiny_backbone))) > 1e-3
+    assert _max_diff(r0["full"]["weights"], expert_weights(fresh_bank(tiny_backbone, "full"))) > 1e-3
+    # A kill after epoch 1's checkpoint (whole weights and optimizer state), rerun: the straight run's weights.
+    assert _max_diff(r0["resumed"]["weights"], r0["clip"]["weights"]) <= 1e-6
+    for found in (r0, r1):  # ExpertBank.save then load on each rank: the same test rewards
+        assert torch.equal(found["clip"]["loaded_scores"], found["clip"]["scores"])
+    stops = {
+        "fsdp1": "fsdp_version: 1 is not supported",
+        "layer_wrap": "fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP is not supported, use NO_WRAP",
+        "zero3": "distributed_type DeepSpeed ZeRO-3: sharding the expert bank's weights is not supported",
+    }
+    for rank, found in enumerate((r0, r1)):
+        for kind, expected in stops.items():
             error = found[kind]["error"]
-            assert f"distributed_type {name}: sharding the expert bank's weights is not supported" in error
-            assert "docs/scaling.md" in error and "ddp-1x8.yaml" in error
+            assert expected in error and "docs/scaling.md" in error, (rank, kind, error)
             assert found[kind]["bank_class"] == "ExpertBank" and found[kind]["unchanged"], (rank, kind)
+
+
+def _fsdp_launch(**env):
+    """An accelerator-like launch under the shipped fsdp.yaml's FSDP plugin, launcher variables ``env`` changed."""
+    from types import SimpleNamespace
+
+    from fsdp_worker import fsdp_plugin, launch_env
+
+    state = SimpleNamespace(fsdp_plugin=fsdp_plugin(launch_env() | env), deepspeed_plugin=None)
+    return SimpleNamespace(distributed_type="FSDP", state=state, mixed_precision="no")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (REFUSED["fsdp1"], "fsdp_version: 1 is not supported, use 2"),
+        (
+            {"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"},
+            "fsdp_auto_wrap_policy: SIZE_BASED_WRAP is not supported",
+        ),
+        ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, "fsdp_cpu_ram_efficient_loading: true is not supported"),
+        ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "fsdp_activation_checkpointing: true is not supported"),
+        ({"FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params: true is not supported"),
+        ({"FSDP_IGNORED_MODULES": "heads"}, "fsdp_ignored_modules: not supported"),
+    ],
+)
+def test_each_unsupported_fsdp_setting_is_named(env, message):
+    """The shipped fsdp.yaml passes the check (as accelerate's launcher hands it to the plugin); each setting
+    dmoerm cannot train under raises ValueError naming its accelerate config key."""
+    from dmoerm.training.loop import check_whole_weights
+
+    check_whole_weights(_fsdp_launch())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_whole_weights(_fsdp_launch(**env))
+
+
+def test_fsdp_with_accelerate_mixed_precision_is_refused():
+    from dmoerm.training.loop import check_whole_weights
+
+    bf16 = _fsdp_launch()
+    bf16.mixed_precision = "bf16"
+    with pytest.raises(ValueError, match="mixed_precision: 'bf16' in the accelerate config is not supported"):
+        check_whole_weights(bf16)
+
+
+def test_train_expert_refuses_a_bad_fsdp_setting_before_touching_the_bank(tiny_backbone, monkeypatch):
+    from dmoerm.training import loop
+    from fsdp_worker import refused
+
+    monkeypatch.setattr(loop, "process_accelerator", lambda: _fsdp_launch(**REFUSED["fsdp1"]))
+    found = refused(tiny_backbone)
+    assert "accelerate distributed_type FSDP: unsupported settings" in found["error"]
+    assert "fsdp_version: 1 is not supported" in found["error"] and found["unchanged"]
 
 
 def test_the_shipped_accelerate_configs_load_with_accelerate():
@@ -126,17 +231,15 @@ def test_the_shipped_accelerate_configs_load_with_accelerate():
 
 
 def test_the_pipeline_refuses_fsdp_before_any_work(tiny_backbone, tmp_path, monkeypatch):
-    """`dmoerm train` under an FSDP launch stops before its first stage (not after the router and the labels,
-    where train_expert would first see it) and writes no run folder."""
-    from types import SimpleNamespace
-
+    """`dmoerm train` under an FSDP launch dmoerm cannot train under (FSDP1) stops before its first stage (not
+    after the router and the labels, where train_expert would first see it) and writes no run folder."""
     from dmoerm.pipeline import run as pipeline_run
     from dmoerm.pipeline import run_pipeline
     from helpers import job_config
 
-    fsdp = SimpleNamespace(distributed_type="FSDP", state=SimpleNamespace(deepspeed_plugin=None))
-    monkeypatch.setattr(pipeline_run, "process_accelerator", lambda: fsdp)
+    fsdp1 = _fsdp_launch(**REFUSED["fsdp1"])
+    monkeypatch.setattr(pipeline_run, "process_accelerator", lambda: fsdp1)
     config = job_config(tmp_path, tiny_backbone)
-    with pytest.raises(ValueError, match="distributed_type FSDP: sharding the expert bank's weights"):
+    with pytest.raises(ValueError, match="distributed_type FSDP: unsupported settings .* fsdp_version: 1"):
         run_pipeline(config, progress=False)
     assert not (tmp_path / "run").exists()

@@ -25,11 +25,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], guard: Path | None = None, kill_after: str | None = None, check: bool = True):
-    """``dmoerm <args>`` as 2 processes; the finished process."""
+def _launch(
+    args: list[str],
+    guard: Path | None = None,
+    kill_after: str | None = None,
+    check: bool = True,
+    fsdp: Path | None = None,
+):
+    """``dmoerm <args>`` as 2 processes (``fsdp``: under that accelerate config's FSDP); the finished process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    env.pop("DMOERM_TEST_GUARD", None), env.pop("DMOERM_TEST_KILL_AFTER", None)
+    (
+        env.pop("DMOERM_TEST_GUARD", None),
+        env.pop("DMOERM_TEST_KILL_AFTER", None),
+        env.pop("DMOERM_TEST_FSDP", None),
+    )
+    if fsdp is not None:
+        env["DMOERM_TEST_FSDP"] = str(fsdp)
     if guard is not None:
         env["DMOERM_TEST_GUARD"] = str(guard)
     if kill_after is not None:
@@ -118,6 +130,26 @@ def test_two_process_train_gives_the_one_process_model_and_rank0_alone_writes(ru
     # The shared on-disk trunk cache: both ranks wrote their shares into one SQLite file, and it holds the
     # states of the 1-process run's (every input's), no more.
     assert len(TrunkStore(folder / "two_trunk_cache")) == len(TrunkStore(folder / "one_trunk_cache")) > 0
+
+
+@pytest.mark.slow
+def test_two_process_train_under_fsdp2_gives_the_one_process_model(runs, tiny_backbone):
+    """`dmoerm train` on 2 processes under the shipped configs/accelerate/fsdp.yaml (FSDP2): every bank stage
+    (warm start, phase 1, phase-2 experts, single RM) trains sharded and hands back a whole bank, so the saved
+    model scores the test responses as the 1-process run's does, and the run folder has the same files."""
+    folder, one, _ = runs
+    config = _config_file(folder, tiny_backbone, "fsdp")
+    fsdp = config.with_suffix("")
+    args = ["train", "--config", str(config), "--no-progress"]
+    proc = _launch(args, guard=fsdp, fsdp=HERE.parent / "configs" / "accelerate" / "fsdp.yaml")
+    units = re.findall(r"FSDP-UNITS rank (\d): (\d+) sharded (\d+)", proc.stderr)
+    print("FSDP2 training views per rank (prepared, sharded):", units)
+    assert sorted(r for r, _, _ in units) == ["0", "1"] and all(n == m != "0" for _, n, m in units), units
+    test = _test_records(one)
+    diff = float((_test_rewards(one, test) - _test_rewards(fsdp, test)).abs().max())
+    print("max |reward difference|, 1 process vs 2 under FSDP2, on the test responses:", diff)
+    assert diff <= ATOL
+    assert _files(one) == _files(fsdp)
 
 
 @pytest.mark.slow

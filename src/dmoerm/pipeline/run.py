@@ -88,7 +88,7 @@ def run_pipeline(
     from dmoerm.evaluation import comparison_table
 
     check_instance(config)  # the whole resolved config, typed, before any work
-    check_whole_weights(process_accelerator())  # an FSDP / ZeRO-3 launch stops here, not after the router
+    check_whole_weights(process_accelerator())  # ZeRO-3, a bad FSDP setting: stops here, not after the router
     if not progress:
         hide_library_bars()
     out = Path(config.output_dir)

@@ -3,7 +3,9 @@
 Only the top layers (with one expert's LoRA adapter) and its value head train, so the frozen trunk's states
 are computed once per input and reused across phases, experts and epochs (the performance issue; see
 :mod:`dmoerm.training.trunk_cache`); scoring goes through :mod:`dmoerm.scoring`.
-Training runs through Hugging Face ``accelerate``: the same code runs on several processes (DDP).
+Training runs through Hugging Face ``accelerate``: the same code runs on several processes (DDP, DeepSpeed
+ZeRO-2, or FSDP2 sharding the trained weights of a training view while the bank stays whole:
+:mod:`dmoerm.training.sharding`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dmoerm.training.distributed import (
     with_other_ranks,
 )
 from dmoerm.training.early_stopping import EarlyStopping
+from dmoerm.training.sharding import ShardedExpert, check_sharding, is_fsdp
 from dmoerm.training.trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
@@ -228,30 +231,18 @@ def _autocast(accelerator, mixed_precision: str):
 def full_weights(
     accelerator, model, names: Sequence[str], params: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """Copies of the weights ``names`` of a prepared ``model``, whole where DeepSpeed ZeRO-3 or FSDP shard them
-    (``accelerator.get_state_dict`` gathers them; every rank must call this, and where only rank 0 receives
-    the gathered dict the others copy their ``params``). Under DDP or one process: the model's own weights."""
+    """Copies of the weights ``names`` of a prepared ``model`` (``accelerator.get_state_dict``; every rank must
+    call this, and where only rank 0 receives the gathered dict the others copy their ``params``). Under DDP,
+    ZeRO-2 or one process: the model's own weights (FSDP2 gathers its own: :class:`ShardedExpert`)."""
     state = accelerator.get_state_dict(model)
     return [(state[n] if n in state else p).detach().clone() for n, p in zip(names, params, strict=True)]
 
 
 def check_whole_weights(accelerator) -> None:
-    """Raise ValueError when the launch shards the expert bank's own weights (FSDP, DeepSpeed ZeRO-3).
-
-    Both shard the bank in place when it is prepared (FSDP2 swaps its parameters for shards, FSDP1 and ZeRO-3
-    leave empty views), while dev scoring (each rank its share, through the bank), the restore of the best
-    weights, each stage's save and the next expert's training all read the bank's own, whole weights: the
-    run would crash or save partial value heads and adapters (measured under FSDP2: docs/scaling.md). DDP
-    and ZeRO-2 keep every weight whole on every rank."""
-    kind = accelerator.distributed_type  # a str enum: "FSDP", "DEEPSPEED", "MULTI_GPU", ...
-    stage = getattr(accelerator.state.deepspeed_plugin, "zero_stage", None)
-    if kind == "FSDP" or (kind == "DEEPSPEED" and stage == 3):
-        what = "FSDP" if kind == "FSDP" else "DeepSpeed ZeRO-3"
-        raise ValueError(
-            f"accelerate distributed_type {what}: sharding the expert bank's weights is not supported "
-            "(dev scoring, the best-weight restore and save_pretrained need them whole; docs/scaling.md, "
-            "'Known gaps'); launch with DDP (configs/accelerate/ddp-1x8.yaml) or DeepSpeed ZeRO-2"
-        )
+    """Raise ValueError when the launch would shard the expert bank in a way training cannot read back whole
+    (DeepSpeed ZeRO-3, or an FSDP setting other than FSDP2 as one unit): every setting at fault is named
+    (:func:`dmoerm.training.sharding.check_sharding`). ``dmoerm train`` calls it before its first stage."""
+    check_sharding(accelerator)
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -282,7 +273,10 @@ class _ExpertRun:
 
     Every rank builds the same global batches; each takes a contiguous share of a batch's items, and its loss
     is its share of the batch's loss (pair weights over the whole batch's total) times the world size, because
-    DDP averages the ranks' gradients: the update equals the one-process full-batch update."""
+    DDP (and FSDP2's reduce-scatter) averages the ranks' gradients: the update equals the one-process
+    full-batch update. ``params`` are the bank's own trainable weights; ``trained`` the ones the optimizer
+    steps: the same under DDP, the training view's shards under FSDP2 (``sharded``), which are copied into
+    the bank whole for dev scoring and at the end."""
 
     def __init__(self, bank, expert: str, train, dev, config: TrainConfig, cache: TrunkCache, desc):
         self.bank, self.expert, self.dev, self.config, self.cache = bank, expert, dev, config, cache
@@ -312,14 +306,32 @@ class _ExpertRun:
         cache.get(bank, inputs, desc=desc and f"{desc} trunk")
         optimizer, self.scheduler = _expert_optimizer(self.params, config, len(train))
         # The scheduler stays unprepared: accelerate would step it once per process and update.
-        self.model, self.optimizer = acc.prepare(bank, optimizer)
+        self.sharded = ShardedExpert(acc, bank, self.params, self.names, optimizer) if is_fsdp(acc) else None
+        if self.sharded is not None:
+            self.model, self.optimizer = self.sharded.model, self.sharded.optimizer
+            self.trained = self.sharded.params
+        else:
+            self.model, self.optimizer = acc.prepare(bank, optimizer)
+            self.trained = self.params
 
     def _slice(self, n: int) -> slice:
         s = share(n, self.rank, self.world)
         return slice(s.start, s.stop)
 
     def weights(self) -> list[torch.Tensor]:
+        """Copies of the trained weights, whole on every rank (every rank calls this at once)."""
+        if self.sharded is not None:
+            return self.sharded.weights()
         return full_weights(self.accelerator, self.model, self.names, self.params)
+
+    def finish(self, best: list[torch.Tensor] | None) -> None:
+        """Leave the bank's own weights at ``best`` (else at the trained ones), whole on every rank."""
+        if self.sharded is not None:
+            self.sharded.to_bank()
+        if best is not None:
+            with torch.no_grad():
+                for p, v in zip(self.params, best, strict=True):
+                    p.copy_(v)
 
     def _rewards(self, items: Sequence[RankedItem]) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rewards [n] of its share and its ranking-loss share over the batch's total weight."""
@@ -358,7 +370,7 @@ class _ExpertRun:
                 logged = logged + (config.length_penalty * penalty).detach()
             acc.backward(loss * self.world)
             if acc.sync_gradients and config.max_grad_norm > 0:
-                acc.clip_grad_norm_(self.params, config.max_grad_norm)
+                acc.clip_grad_norm_(self.trained, config.max_grad_norm)
             self.optimizer.step()
             if acc.sync_gradients:
                 self.scheduler.step()
@@ -367,6 +379,8 @@ class _ExpertRun:
 
     def dev_agreement(self) -> float:
         """Pair agreement on dev: each rank scores its share, the rewards are gathered, every rank agrees."""
+        if self.sharded is not None:
+            self.sharded.to_bank()  # each rank then scores its own share on the whole bank, no collective
         own = list(self.dev)[self._slice(len(self.dev))]
         return pair_agreement(self.dev, gather_lists(score_items(self.bank, self.expert, own, self.cache)))
 
@@ -380,7 +394,10 @@ class _ExpertRun:
             )
         if checkpoint is None or not checkpoint.exists():
             return 0, TrainResult(), EarlyStopping(patience)
-        state = checkpoint.load(self.params, self.optimizer, self.scheduler)
+        optimizer = self.optimizer if self.sharded is None else self.sharded.whole_optimizer()
+        state = checkpoint.load(self.params, optimizer, self.scheduler)
+        if self.sharded is not None:
+            self.sharded.from_bank()
         result = TrainResult(**state.result)
         self.accelerator.step = result.steps  # where gradient accumulation stood
         logger.info("%s: resumed from %s at epoch %d", self.expert, checkpoint.path, state.epoch)
@@ -393,9 +410,10 @@ class _ExpertRun:
     def save(self, checkpoint: Checkpoint, epoch: int, result: TrainResult, stopping: EarlyStopping) -> None:
         """Rank 0 writes the checkpoint (weights gathered whole on every rank first); all ranks wait for it."""
         weights = self.weights()
+        optimizer = self.optimizer if self.sharded is None else self.sharded.whole_optimizer().gather()
         if self.accelerator.is_main_process:
             state = ResumeState(epoch, asdict(result), stopping.best, stopping.bad)
-            checkpoint.save(weights, self.optimizer, self.scheduler, state)
+            checkpoint.save(weights, optimizer, self.scheduler, state)
         self.accelerator.wait_for_everyone()
 
 
@@ -418,7 +436,8 @@ def train_expert(
     Exactly ``bank.expert_parameters(expert)`` change; everything else stays frozen. With ``checkpoint_dir``,
     the trainable weights, optimizer, scheduler and position are saved after each epoch, and a rerun resumes
     from there. The weights with the best dev agreement are restored at the end. Under several processes
-    (``accelerate launch``) the result equals one process's with the same global batch (:class:`_ExpertRun`).
+    (``accelerate launch``) the result equals one process's with the same global batch (:class:`_ExpertRun`);
+    under FSDP2 too, and the bank handed back is unsharded (:mod:`dmoerm.training.sharding`).
     """
     if not train:
         raise ValueError(f"{expert}: no training items")
@@ -469,10 +488,7 @@ def train_expert(
             logger.info("%s: early stop after epoch %d", expert, epoch + 1)
         if checkpoint is not None:
             run.save(checkpoint, epoch + 1, result, stopping)
-    if stopping.best is not None:
-        with torch.no_grad():
-            for p, v in zip(run.params, stopping.best, strict=True):
-                p.copy_(v)
+    run.finish(stopping.best)
     bank.requires_grad_(False)
     bank.eval()
     run.accelerator.free_memory()
