@@ -11,7 +11,6 @@ from dmoerm.encoding import encode_record
 from dmoerm.experts import BackboneConfig
 from dmoerm.model import rm_expert
 from dmoerm.reward_model import RewardModel
-from dmoerm.training import loop
 from dmoerm.training.loop import TrainConfig
 from dmoerm.training.phases import (
     AggregatorTrainConfig,
@@ -23,7 +22,7 @@ from dmoerm.training.phases import (
 )
 from dmoerm.training.single import train_reward_model
 from dmoerm.training.trunk_cache import TrunkCache
-from helpers import length_records
+from helpers import killed_in_epoch_two, length_records
 from test_dmoerm import make_model, route_examples
 
 PHASE1 = TrainConfig(
@@ -52,21 +51,7 @@ def _single_rm(backbone: str, folder: str, interrupt: bool = False) -> dict:
     model = _fresh_rm(backbone)
     data = (length_records(10, seed=1), length_records(3, seed=2), _backbone_config(backbone), SINGLE, folder)
     if interrupt:  # a crash at the start of epoch 2, after epoch 1's checkpoint, then a rerun resumes
-        original = loop.epoch_batches
-
-        def crash(lengths, batch_size, seed, epoch):
-            if epoch == 1:
-                raise KeyboardInterrupt("killed")
-            return original(lengths, batch_size, seed, epoch)
-
-        loop.epoch_batches = crash
-        try:
-            train_reward_model(*data, model=model, progress=False)
-            raise AssertionError("the interruption did not happen")
-        except KeyboardInterrupt:
-            pass
-        finally:
-            loop.epoch_batches = original
+        killed_in_epoch_two(lambda: train_reward_model(*data, model=model, progress=False))
         model = _fresh_rm(backbone)
     train_reward_model(*data, model=model, progress=False)
     return single_rm_weights(backbone, model)

@@ -24,7 +24,7 @@ from dmoerm.training import loop, sharding
 from dmoerm.training.distributed import process_accelerator
 from dmoerm.training.loop import TrainConfig, score_items, train_expert
 from dmoerm.training.trunk_cache import TrunkCache
-from helpers import length_records
+from helpers import killed_in_epoch_two, length_records
 
 # 10 training items in batches of 3: every batch leaves the ranks uneven shares, and the last (1 item) leaves
 # rank 0 none; 3 dev items (1 and 2 a rank). Clipping at the default norm acts on every update here.
@@ -102,21 +102,9 @@ def expert_run(
     items = [encode_record(bank.tokenizer, r, 64) for r in length_records(16, seed=3)]
     train, dev, test = items[:10], items[10:13], items[13:]
     if interrupt:
-        original = loop.epoch_batches
-
-        def crash(lengths, batch_size, seed, epoch):
-            if epoch == 1:
-                raise KeyboardInterrupt("killed")
-            return original(lengths, batch_size, seed, epoch)
-
-        loop.epoch_batches = crash
-        try:
-            train_expert(bank, "rm", train, dev, config, TrunkCache(), checkpoint_dir)
-            raise AssertionError("the interruption did not happen")
-        except KeyboardInterrupt:
-            pass
-        finally:
-            loop.epoch_batches = original
+        killed_in_epoch_two(
+            lambda: train_expert(bank, "rm", train, dev, config, TrunkCache(), checkpoint_dir)
+        )
         bank = fresh_bank(backbone, finetune)
     result = train_expert(bank, "rm", train, dev, config, TrunkCache(), checkpoint_dir)
     from torch.distributed.tensor import DTensor

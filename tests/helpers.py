@@ -124,3 +124,25 @@ def http_server(handler):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def killed_in_epoch_two(train) -> None:
+    """Run ``train()`` (a training call) with a kill at the start of its second epoch, after epoch 1's
+    checkpoint: the interruption a rerun must resume from (raises when the kill never came)."""
+    from dmoerm.training import loop
+
+    original = loop.epoch_batches
+
+    def crash(lengths, batch_size, seed, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("killed")
+        return original(lengths, batch_size, seed, epoch)
+
+    loop.epoch_batches = crash
+    try:
+        train()
+        raise AssertionError("the interruption did not happen")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        loop.epoch_batches = original

@@ -180,10 +180,9 @@ def _flipping_dev(n_pairs: int):
     return items, (torch.zeros(2, 2 * n_pairs, 4), scores, where, None)
 
 
-@pytest.mark.parametrize("n_pairs, kept", [(6, True), (4, False)])
-def test_the_gate_keeps_a_correction_only_when_dev_is_sure(n_pairs, kept):
-    """A correction that turns every dev pair right is kept at alpha 0.05 on 6 pairs (p = 1/64) but not on 4
-    (p = 1/16): with too few dev pairs the aggregator goes back to exactly its start."""
+def _corrected_on_dev(n_pairs: int):
+    """A linear aggregator tracked on :func:`_flipping_dev`, its start recorded, then set to the correction
+    that turns every dev pair right and restored as the best epoch: (aggregator, tracker, result)."""
     items, data = _flipping_dev(n_pairs)
     agg = Aggregator(2, 4, kind="linear")
     tracker = phases._BestOnDev(agg, items, data, patience=0)
@@ -194,6 +193,14 @@ def test_the_gate_keeps_a_correction_only_when_dev_is_sure(n_pairs, kept):
         agg.weight.copy_(torch.tensor([0.0, 1.0]))  # the trained correction: every pair right
     tracker.evaluate(result)
     tracker.restore()
+    return agg, tracker, result
+
+
+@pytest.mark.parametrize("n_pairs, kept", [(6, True), (4, False)])
+def test_the_gate_keeps_a_correction_only_when_dev_is_sure(n_pairs, kept):
+    """A correction that turns every dev pair right is kept at alpha 0.05 on 6 pairs (p = 1/64) but not on 4
+    (p = 1/16): with too few dev pairs the aggregator goes back to exactly its start."""
+    agg, tracker, result = _corrected_on_dev(n_pairs)
     assert result.best_dev_agreement == 1.0
     gate = tracker.gate(0.05, result)
     assert gate == {"turned_right": n_pairs, "turned_wrong": 0, "p": 0.5**n_pairs, "kept": kept}
@@ -265,18 +272,9 @@ def test_gate_split_holds_back_the_last_share_of_dev_for_the_gates():
 def test_the_gate_reads_held_records_when_given_not_the_dev_that_picked_the_epoch():
     """A correction that turns all 6 dev pairs right (p = 1/64, kept on dev alone) is dropped when the held
     gate records, which it turns wrong, decide; the dev agreement then is the start's."""
-    items, data = _flipping_dev(6)
+    agg, tracker, result = _corrected_on_dev(6)
     held_items, held = _flipping_dev(6)
     held = (held[0], held[1].flip(0), held[2], None)  # [K=2, N]: the correction is wrong on every held pair
-    agg = Aggregator(2, 4, kind="linear")
-    tracker = phases._BestOnDev(agg, items, data, patience=0)
-    result = TrainResult()
-    tracker.evaluate(result)
-    tracker.keep_start()
-    with torch.no_grad():
-        agg.weight.copy_(torch.tensor([0.0, 1.0]))
-    tracker.evaluate(result)
-    tracker.restore()
     gate = tracker.gate(0.05, result, (held_items, held))
     assert gate == {"turned_right": 0, "turned_wrong": 6, "p": 1.0, "kept": False}
     assert agg.weight.tolist() == [1.0, 0.0] and result.best_dev_agreement == 0.0
