@@ -298,3 +298,23 @@ def test_gated_phase1_tests_on_the_gate_records(tiny_backbone, monkeypatch):
     kept = res.gate["kept"]
     got, start = (score_items(model.bank, e, code, cache) for e in (rm_expert("code"), WARM_START))
     assert (got == start) is not kept
+
+
+def test_the_report_names_every_gate_decision(tmp_path):
+    """report.md lists each category's gates: pairs turned right / wrong, p and the decision."""
+    from dmoerm.pipeline.report import write_report
+
+    sizes = {c: {"phase1": 24, "labels": 2, "phase3": 24, "dev": 16, "test": 48} for c in ("code", "chat")}
+    state = {
+        "phase1/code": {"gate": {"turned_right": 6, "turned_wrong": 0, "p": 1 / 64, "kept": True}},
+        "phase3/code": {"gate": {"turned_right": 2, "turned_wrong": 1, "p": 0.5, "kept": False}},
+        "phase1/chat": {"best_dev_agreement": 0.5},  # ungated: no cell
+    }
+    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    (tmp_path / "config.yaml").write_text("model: {backbone: tiny}\n")
+    report = write_report(tmp_path).read_text()
+    assert "| code | 6 / 0, p = 0.0156: kept | 2 / 1, p = 0.5: back to its start |" in report
+    assert "| chat | - | - |" in report and "1 of 2 gates kept their change." in report
+    (tmp_path / "state.json").write_text(json.dumps({"phase1/chat": {}}))
+    assert "Sign-test gates" not in write_report(tmp_path).read_text()  # a run that gated nothing

@@ -72,6 +72,7 @@ def write_report(run_dir: str | Path) -> Path:
         )
     lines += _category_lines(sizes, done)
     lines += _expert_lines(done)
+    lines += _gate_lines(sizes, done)
     lines += ["", "## Wall time (seconds)", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
     curves = sorted(run.glob("curves/*.png"))
@@ -132,6 +133,38 @@ def _expert_lines(done: dict) -> list[str]:
         "|---|---|---|---:|---:|---:|",
         *rows,
     ]
+
+
+def _gate_lines(sizes: dict, done: dict) -> list[str]:
+    """Per category, each sign-test gate's decision (``specialise.gate_alpha``, ``phase3.gate_alpha``): the
+    pairs the change turned right and wrong against its start, the one-sided p, and whether it was kept;
+    nothing when the run gated nothing."""
+    gates = {
+        (c, phase): done.get(f"{phase}/{c}", {}).get("gate") for c in sizes for phase in ("phase1", "phase3")
+    }
+    if not any(gates.values()):
+        return []
+
+    def cell(gate: dict | None) -> str:
+        if not gate:
+            return "-"
+        verdict = "kept" if gate["kept"] else "back to its start"
+        return f"{gate['turned_right']} / {gate['turned_wrong']}, p = {gate['p']:.3g}: {verdict}"
+
+    lines = [
+        "",
+        "## Sign-test gates (pairs turned right / wrong against the start)",
+        "",
+        "Phase 1's specialisation of the pooled start and phase 3's correction of the phase-1 reward are kept only"
+        " when the pairs they turn right outnumber those they turn wrong by a one-sided sign test; otherwise the"
+        " category scores exactly as its start.",
+        "",
+        "| category | phase 1: specialisation | phase 3: correction |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {c} | {cell(gates[c, 'phase1'])} | {cell(gates[c, 'phase3'])} |" for c in sizes]
+    kept = sum(bool(g and g["kept"]) for g in gates.values())
+    return [*lines, "", f"{kept} of {sum(bool(g) for g in gates.values())} gates kept their change."]
 
 
 def _fmt(x) -> str:
