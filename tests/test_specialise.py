@@ -257,6 +257,10 @@ def test_gate_split_holds_back_the_last_share_of_dev_for_the_gates():
     assert pipeline_stages.gate_split(config, dev) == ([0, 1, 2, 3, 4, 5, 6], [7, 8, 9])
     assert pipeline_stages.gate_split(PipelineConfig(), dev) == (dev, None)  # share 0: one dev for both
     assert pipeline_stages.gate_split(config, [0]) == ([0], None)  # early stopping keeps a record at least
+    assert pipeline_stages.gate_split(config, dev, gated=False) == (
+        dev,
+        None,
+    )  # no gate: early stopping reads all
     config.specialise.gate_share = 0.9
     assert pipeline_stages.gate_split(config, [0, 1]) == ([0], [1])
     with pytest.raises(ValueError, match=r"gate_share: must be a share in \[0, 1\), got 1"):

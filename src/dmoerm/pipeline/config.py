@@ -193,7 +193,8 @@ class SpecialiseConfig:
     alone, while phase 1's and phase 3's early stopping read the rest: the sign test then sees records that
     did not pick the best epoch (with one dev set for both, the best of many epochs wins its dev pairs by
     chance and passes the test more often than ``gate_alpha`` says; measured in docs/levers.md). 0: both read
-    every dev record (the rule before this field). The pooled model and the single RM read every dev record."""
+    every dev record (the rule before this field). The pooled model, the single RM and an ungated phase read
+    every dev record."""
 
     def __post_init__(self) -> None:
         if isinstance(self.replay, bool) or not 0.0 <= self.replay <= 100.0:

@@ -224,7 +224,8 @@ def phase1_stage(run: RunContext, model: DMoERM, category: str, items: Encoded) 
     optim = config.phase1
     if config.warm_start != "none" and config.specialise.learning_rate is not None:
         optim = dataclasses.replace(optim, learning_rate=config.specialise.learning_rate)
-    dev, gate = gate_split(config, items["dev"][category])
+    gated = config.warm_start != "none" and config.specialise.gate_alpha < 1.0
+    dev, gate = gate_split(config, items["dev"][category], gated)
     res = train_phase1(
         model,
         category,
@@ -247,12 +248,12 @@ def phase1_stage(run: RunContext, model: DMoERM, category: str, items: Encoded) 
     run.record(stage, t0, info, res.history, model=model)
 
 
-def gate_split(config: PipelineConfig, dev: list) -> tuple[list, list | None]:
-    """A category's dev items as (early stopping's, the gates' or None): with ``specialise.gate_share`` > 0
-    its last share (dev is drawn in a seeded random order, so this is a random subset, the same on every
-    rerun and rank) goes to the gates alone."""
+def gate_split(config: PipelineConfig, dev: list, gated: bool = True) -> tuple[list, list | None]:
+    """A category's dev items as (early stopping's, the gate's or None): with ``specialise.gate_share`` > 0
+    and the phase ``gated``, its last share (dev is drawn in a seeded random order, so this is a random
+    subset, the same on every rerun and rank) goes to the gate alone; an ungated phase early-stops on all."""
     k = min(round(config.specialise.gate_share * len(dev)), len(dev) - 1)  # early stopping keeps one at least
-    if k <= 0:
+    if k <= 0 or not gated:
         return dev, None
     return dev[: len(dev) - k], dev[len(dev) - k :]
 
@@ -364,7 +365,8 @@ def phase3_stage(
         logger.warning("%s: no capability experts; phase 3 aggregates the phase-1 model alone", category)
     if run.config.specialise.shared_expert:
         names = [*names, WARM_START]  # the pooled start, shared by every category's aggregator
-    dev, gate = gate_split(run.config, items["dev"][category])
+    gated = run.config.phase3.aggregator != "mlp" and run.config.phase3.gate_alpha < 1.0
+    dev, gate = gate_split(run.config, items["dev"][category], gated)
     res = train_phase3(
         model,
         category,
