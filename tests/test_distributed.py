@@ -175,20 +175,20 @@ def _fsdp_launch(**env):
 def test_each_unsupported_fsdp_setting_is_named(env, message):
     """The shipped fsdp.yaml passes the check (as accelerate's launcher hands it to the plugin); each setting
     dmoerm cannot train under raises ValueError naming its accelerate config key."""
-    from dmoerm.training.loop import check_whole_weights
+    from dmoerm.training.sharding import check_sharding
 
-    check_whole_weights(_fsdp_launch())
+    check_sharding(_fsdp_launch())
     with pytest.raises(ValueError, match=re.escape(message)):
-        check_whole_weights(_fsdp_launch(**env))
+        check_sharding(_fsdp_launch(**env))
 
 
 def test_fsdp_with_accelerate_mixed_precision_is_refused():
-    from dmoerm.training.loop import check_whole_weights
+    from dmoerm.training.sharding import check_sharding
 
     bf16 = _fsdp_launch()
     bf16.mixed_precision = "bf16"
     with pytest.raises(ValueError, match="mixed_precision: 'bf16' in the accelerate config is not supported"):
-        check_whole_weights(bf16)
+        check_sharding(bf16)
 
 
 def test_train_expert_refuses_a_bad_fsdp_setting_before_touching_the_bank(tiny_backbone, monkeypatch):

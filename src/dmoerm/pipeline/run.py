@@ -48,7 +48,7 @@ from dmoerm.training.distributed import (
     process_accelerator,
     wait_for_main,
 )
-from dmoerm.training.loop import check_whole_weights
+from dmoerm.training.sharding import check_sharding
 from dmoerm.training.trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def run_pipeline(
     from dmoerm.evaluation import comparison_table
 
     check_instance(config)  # the whole resolved config, typed, before any work
-    check_whole_weights(process_accelerator())  # ZeRO-3, a bad FSDP setting: stops here, not after the router
+    check_sharding(process_accelerator())  # ZeRO-3, a bad FSDP setting: stops here, not after the router
     if not progress:
         hide_library_bars()
     out = Path(config.output_dir)

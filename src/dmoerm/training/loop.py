@@ -238,13 +238,6 @@ def full_weights(
     return [(state[n] if n in state else p).detach().clone() for n, p in zip(names, params, strict=True)]
 
 
-def check_whole_weights(accelerator) -> None:
-    """Raise ValueError when the launch would shard the expert bank in a way training cannot read back whole
-    (DeepSpeed ZeRO-3, or an FSDP setting other than FSDP2 as one unit): every setting at fault is named
-    (:func:`dmoerm.training.sharding.check_sharding`). ``dmoerm train`` calls it before its first stage."""
-    check_sharding(accelerator)
-
-
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """One epoch's global batches of item indices: length buckets in an order shuffled under ``seed + epoch``,
     the same on every rank (each then takes its :func:`~dmoerm.training.distributed.share` of each batch)."""
@@ -281,7 +274,7 @@ class _ExpertRun:
     def __init__(self, bank, expert: str, train, dev, config: TrainConfig, cache: TrunkCache, desc):
         self.bank, self.expert, self.dev, self.config, self.cache = bank, expert, dev, config, cache
         self.accelerator = acc = process_accelerator()
-        check_whole_weights(acc)
+        check_sharding(acc)  # ZeRO-3 or an unsupported FSDP setting stops before the bank is touched
         acc.gradient_accumulation_steps = config.gradient_accumulation_steps
         acc.step = (
             0  # accumulation counts from this run's first step, not from an earlier run's (resume sets it)

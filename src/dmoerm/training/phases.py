@@ -234,8 +234,9 @@ def train_phase1(
         result.gate = sign_test_gate(gate, specialised, start, gate_alpha)
         if not result.gate["kept"]:
             model.bank.copy_expert(init_from, name)
-            if dev:
-                result.best_dev_agreement = pair_agreement(dev, score_items(model.bank, name, dev, cache))
+            if dev:  # the start's dev agreement; its rewards are at hand when the gate read dev itself
+                at_start = start if gate is dev else score_items(model.bank, name, dev, cache)
+                result.best_dev_agreement = pair_agreement(dev, at_start)
     return result
 
 
@@ -531,9 +532,12 @@ class _BestOnDev:
         best = self._dev_rewards(data)
         kept = {k: v.clone() for k, v in self.agg.state_dict().items()}
         self.agg.load_state_dict(self.start)
-        gate = sign_test_gate(items, best, self._dev_rewards(data), alpha)
+        start = self._dev_rewards(data)
+        gate = sign_test_gate(items, best, start, alpha)
         if gate["kept"]:
             self.agg.load_state_dict(kept)
-        elif self.feats is not None:
-            result.best_dev_agreement = pair_agreement(self.dev, self._dev_rewards())
+        elif self.feats is not None:  # the start's dev agreement (its rewards at hand when the test read dev)
+            result.best_dev_agreement = pair_agreement(
+                self.dev, start if held is None else self._dev_rewards()
+            )
         return gate
