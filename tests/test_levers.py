@@ -139,7 +139,18 @@ def test_warm_started_phase1_starts_from_the_pooled_weights(tiny_backbone, monke
     }
     seen = {}
 
-    def spy(bank, expert, train, dev, config, cache, checkpoint_dir=None, desc=None, evaluate_first=False):
+    def spy(
+        bank,
+        expert,
+        train,
+        dev,
+        config,
+        cache,
+        checkpoint_dir=None,
+        desc=None,
+        evaluate_first=False,
+        pending=None,
+    ):
         seen["head"] = {k: v.clone() for k, v in bank.heads[expert].state_dict().items()}
         seen["lora"] = {
             name.replace(f".{expert}.", ".X."): p.detach().clone()

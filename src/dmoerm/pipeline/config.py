@@ -195,6 +195,13 @@ class SpecialiseConfig:
     chance and passes the test more often than ``gate_alpha`` says; measured in docs/levers.md). 0: both read
     every dev record (the rule before this field). The pooled model, the single RM and an ungated phase read
     every dev record."""
+    gate_cross_fit: bool = False
+    """Both gates read every dev record and still test none on the epoch it helped pick: each half of a
+    category's dev picks its own best evaluation (as early stopping would, reading that half alone), the pick
+    is tested against the start on the other half, and the halves' counts are summed into one sign test
+    (:func:`dmoerm.training.gates.cross_fit_gate`). What is kept is early stopping's pick on all of dev, so
+    the gate tests the rule that picked it, not that one model; training runs on until each half's patience
+    has run out too. Needs ``gate_share`` 0. False: the rule ``gate_share`` sets."""
 
     def __post_init__(self) -> None:
         if isinstance(self.replay, bool) or not 0.0 <= self.replay <= 100.0:
@@ -205,6 +212,12 @@ class SpecialiseConfig:
             raise ValueError(f"gate_alpha: must be in (0, 1], got {self.gate_alpha!r}")
         if isinstance(self.gate_share, bool) or not 0.0 <= self.gate_share < 1.0:
             raise ValueError(f"gate_share: must be a share in [0, 1), got {self.gate_share!r}")
+        if not isinstance(self.gate_cross_fit, bool):
+            raise ValueError(f"gate_cross_fit: must be true or false, got {self.gate_cross_fit!r}")
+        if self.gate_cross_fit and self.gate_share > 0:
+            raise ValueError(
+                f"gate_cross_fit: cross-fitting splits dev itself, so gate_share must be 0, got {self.gate_share!r}"
+            )
 
 
 @dataclass

@@ -238,6 +238,7 @@ def phase1_stage(run: RunContext, model: DMoERM, category: str, items: Encoded) 
         init_from=WARM_START if config.warm_start != "none" else None,
         gate_alpha=config.specialise.gate_alpha,
         gate_items=gate,
+        cross_fit=config.specialise.gate_cross_fit,
     )
     save_curves(res.history, run.out / "curves" / f"{category}_phase1.png", f"{category}: phase 1")
     info = {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps}
@@ -376,6 +377,7 @@ def phase3_stage(
         run.cache,
         experts=names,
         gate_items=gate,
+        cross_fit=run.config.specialise.gate_cross_fit,
     )
     save_curves(res.history, run.out / "curves" / f"{category}_phase3.png", f"{category}: phase 3 aggregator")
     info = {"experts": model.aggregator_experts[category], "label_counts": label_counts}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -218,6 +218,9 @@ class TrainResult:
         default_factory=lambda: {"step": [], "loss": [], "dev_step": [], "dev_agreement": []}
     )
     stopped_early: bool = False
+    dev_rewards: list = field(default_factory=list)
+    """Each dev evaluation's rewards per dev item (the start's first with ``evaluate_first``), kept only when
+    a cross-fitted gate reads them (``train_expert(pending=...)``)."""
     gate: dict = field(default_factory=dict)
     """Phase 1 (``specialise.gate_alpha``) or phase 3 (``gate_alpha``) with a gate below 1: the dev pairs the
     change turned right and wrong against its start, the sign test's p and whether it was kept (else empty)."""
@@ -370,12 +373,12 @@ class _ExpertRun:
             self.optimizer.zero_grad()
         return logged.item(), float(penalty.detach())
 
-    def dev_agreement(self) -> float:
-        """Pair agreement on dev: each rank scores its share, the rewards are gathered, every rank agrees."""
+    def dev_rewards(self) -> list[list[float]]:
+        """Rewards per dev item: each rank scores its share, the rewards are gathered, every rank has them."""
         if self.sharded is not None:
             self.sharded.to_bank()  # each rank then scores its own share on the whole bank, no collective
         own = list(self.dev)[self._slice(len(self.dev))]
-        return pair_agreement(self.dev, gather_lists(score_items(self.bank, self.expert, own, self.cache)))
+        return gather_lists(score_items(self.bank, self.expert, own, self.cache))
 
     def resume(self, checkpoint: Checkpoint | None) -> tuple[int, TrainResult, EarlyStopping]:
         """(first epoch, result so far, early stopping so far): from ``checkpoint`` when it exists."""
@@ -420,6 +423,7 @@ def train_expert(
     checkpoint_dir: str | Path | None = None,
     desc: str | None = None,
     evaluate_first: bool = False,
+    pending: Callable[[list], bool] | None = None,
 ) -> TrainResult:
     """Train expert ``expert`` (its adapter or the top layers, and its value head) with the ranking loss.
 
@@ -431,6 +435,11 @@ def train_expert(
     from there. The weights with the best dev agreement are restored at the end. Under several processes
     (``accelerate launch``) the result equals one process's with the same global batch (:class:`_ExpertRun`);
     under FSDP2 too, and the bank handed back is unsharded (:mod:`dmoerm.training.sharding`).
+
+    With ``pending`` every evaluation's dev rewards are kept in ``result.dev_rewards``, and once early
+    stopping's patience has run out training goes on (early stopping's pick then fixed) while
+    ``pending(result.dev_rewards)`` is true: a cross-fitted gate's halves each need their own stopping point
+    (:func:`dmoerm.training.gates.cross_fit_pending`).
     """
     if not train:
         raise ValueError(f"{expert}: no training items")
@@ -438,20 +447,25 @@ def train_expert(
     checkpoint = Checkpoint(checkpoint_dir) if checkpoint_dir else None
     start_epoch, result, stopping = run.resume(checkpoint)
 
-    def evaluate() -> None:
+    def evaluate(picking: bool = True) -> None:
         if dev:
-            agreement = run.dev_agreement()
+            rewards = run.dev_rewards()
+            agreement = pair_agreement(dev, rewards)
             result.history["dev_step"].append(result.steps)
             result.history["dev_agreement"].append(agreement)
             logger.info("%s: step %d dev agreement %.4f", expert, result.steps, agreement)
-            stopping.record(agreement, run.weights)
-            result.best_dev_agreement = stopping.best_agreement
+            if pending is not None:
+                result.dev_rewards.append(rewards)
+            if picking:
+                stopping.record(agreement, run.weights)
+                result.best_dev_agreement = stopping.best_agreement
 
     if evaluate_first and not result.history["dev_step"]:
         evaluate()  # the starting weights (a warm start) are the first candidate for "best on dev"
     for epoch in range(start_epoch, config.epochs):
         if result.stopped_early:
             break
+        picking = not stopping.should_stop  # else this epoch runs only for ``pending``'s sake
         run.model.train()
         penalties = []
         batches = epoch_batches(run.lengths, config.batch_size, config.seed, epoch)
@@ -467,7 +481,7 @@ def train_expert(
             result.history["step"].append(result.steps)
             result.history["loss"].append(loss)
             if config.eval_every and result.steps % config.eval_every == 0:
-                evaluate()
+                evaluate(picking)
                 run.model.train()
         if config.length_penalty > 0 and penalties:
             logger.info(
@@ -475,8 +489,8 @@ def train_expert(
                 expert, epoch + 1, sum(penalties) / len(penalties), config.length_penalty,
             )  # fmt: skip
         if not config.eval_every:
-            evaluate()
-        if stopping.should_stop:
+            evaluate(picking)
+        if stopping.should_stop and not (pending is not None and pending(result.dev_rewards)):
             result.stopped_early = True
             logger.info("%s: early stop after epoch %d", expert, epoch + 1)
         if checkpoint is not None:

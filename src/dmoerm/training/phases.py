@@ -29,6 +29,7 @@ from dmoerm.training.distributed import (
     with_other_ranks,
 )
 from dmoerm.training.early_stopping import EarlyStopping
+from dmoerm.training.gates import cross_fit_gate, cross_fit_pending, sign_test_gate, sign_test_p  # noqa: F401
 from dmoerm.training.loop import (
     TrainConfig,
     TrainResult,
@@ -206,6 +207,7 @@ def train_phase1(
     init_from: str | None = None,
     gate_alpha: float = 1.0,
     gate_items: Sequence[RankedItem] | None = None,
+    cross_fit: bool = False,
 ) -> TrainResult:
     """Phase 1: the category's reward model (adapter ``<category>__rm`` and its head) on human rankings.
 
@@ -213,10 +215,12 @@ def train_phase1(
     measured on dev before the first step, so specialising is kept only when it beats the start on dev; with
     ``gate_alpha`` < 1 only when it also passes :func:`sign_test_gate` against the start on ``gate_items``
     (default: dev itself, which also picked the best epoch), else the expert goes back to exactly the start
-    (``result.gate`` says which)."""
+    (``result.gate`` says which); with ``cross_fit`` the test is :func:`cross_fit_gate` over dev instead."""
     name = rm_expert(category)
     if name not in model.bank.heads:
         model.bank.add_expert(name, init_from=init_from)
+    gated = init_from is not None and gate_alpha < 1.0
+    patience = config.early_stopping_patience
     result = train_expert(
         model.bank,
         name,
@@ -227,9 +231,15 @@ def train_phase1(
         checkpoint_dir,
         desc=f"{category} phase 1" if progress else None,
         evaluate_first=init_from is not None,
+        pending=(lambda evs: cross_fit_pending(dev, evs, patience)) if gated and cross_fit else None,
     )
     gate = dev if gate_items is None else gate_items
-    if init_from is not None and gate_alpha < 1.0 and gate:
+    if gated and cross_fit and result.dev_rewards:
+        result.gate = cross_fit_gate(dev, result.dev_rewards, patience, gate_alpha)
+        if not result.gate.get("kept", True):
+            model.bank.copy_expert(init_from, name)
+            result.best_dev_agreement = pair_agreement(dev, result.dev_rewards[0])
+    elif gated and gate:
         specialised, start = (score_items(model.bank, n, gate, cache) for n in (name, init_from))
         result.gate = sign_test_gate(gate, specialised, start, gate_alpha)
         if not result.gate["kept"]:
@@ -339,25 +349,6 @@ class AggregatorTrainConfig:
             )
 
 
-def sign_test_p(wins: int, losses: int) -> float:
-    """One-sided sign test: the chance of at least ``wins`` of ``wins + losses`` fair coin flips."""
-    n = wins + losses
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
-
-
-def sign_test_gate(items: Sequence[RankedItem], changed, start, alpha: float) -> dict:
-    """Does ``changed`` (rewards per item, as :func:`~dmoerm.training.loop.score_items` gives them) beat
-    ``start`` on the pairs of ``items`` they rank differently? The pairs it turns right and wrong, the
-    one-sided sign test's p, and ``kept``: p < ``alpha``."""
-    wins = losses = 0
-    for item, c, s in zip(items, changed, start, strict=True):
-        for better, worse in item.pairs:
-            right_c, right_s = c[better] > c[worse], s[better] > s[worse]
-            wins, losses = wins + (right_c and not right_s), losses + (right_s and not right_c)
-    p = sign_test_p(wins, losses)
-    return {"turned_right": wins, "turned_wrong": losses, "p": p, "kept": p < alpha}
-
-
 def _aggregator_inputs(model: DMoERM, names: list[str], items: Sequence[RankedItem], cache: TrunkCache):
     """Frozen experts' states [K, N, H] and scalar scores [K, N] of every response, and each item's rows."""
     flat, slices = flatten(items)
@@ -386,6 +377,7 @@ def train_phase3(
     cache: TrunkCache,
     experts: list[str] | None = None,
     gate_items: Sequence[RankedItem] | None = None,
+    cross_fit: bool = False,
 ) -> TrainResult:
     """Phase 3: backbone and experts frozen; the category's aggregator MLP over the concatenated last-token
     states of its experts (default: its capability experts), trained on human rankings not used before.
@@ -395,7 +387,8 @@ def train_phase3(
     With ``config.length_penalty`` > 0 the squared correlation of each batch's rewards with response length,
     times that weight, is added to the ranking loss (experts keep whatever length signal they learned; the
     aggregator is pushed not to pass it on). ``config.gate_alpha`` < 1 tests the kept correction against "no
-    correction" on ``gate_items`` (default: dev, which also picked the best epoch)."""
+    correction" on ``gate_items`` (default: dev, which also picked the best epoch); with ``cross_fit`` by
+    :func:`cross_fit_gate` over dev instead."""
     names = experts or model.category_experts(category)
     residual = config.aggregator != "mlp"
     if residual:
@@ -410,7 +403,8 @@ def train_phase3(
     agg = Aggregator(len(names), model.bank.hidden_size, kind=config.aggregator)
     opt = torch.optim.AdamW(agg.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     result = TrainResult()
-    tracker = _BestOnDev(agg, dev, dev_data, config.early_stopping_patience)
+    crossed = cross_fit and residual and config.gate_alpha < 1.0
+    tracker = _BestOnDev(agg, dev, dev_data, config.early_stopping_patience, cross_fit=crossed)
     if residual:
         tracker.evaluate(result)  # step 0: the phase-1 reward alone, the bar the correction must clear
         tracker.keep_start()
@@ -486,11 +480,14 @@ def _aggregator_loss(agg, data, train, chunk, length_penalty: float, rank: int, 
 class _BestOnDev:
     """Dev agreement after each epoch; keeps the best weights and says when patience ran out."""
 
-    def __init__(self, agg: Aggregator, dev: Sequence[RankedItem], dev_data, patience: int):
+    def __init__(self, agg: Aggregator, dev: Sequence[RankedItem], dev_data, patience: int, cross_fit=False):
         self.agg, self.dev, self.patience = agg, dev, patience
         self.feats, self.scores, self.where, _ = dev_data
         self.stopping = EarlyStopping(patience)
         self.start = None
+        self.cross_fit = cross_fit
+        self.evaluations: list[list[list[float]]] = []
+        """With ``cross_fit``: each evaluation's rewards per dev item, the start's first."""
 
     def _dev_rewards(self, data=None) -> list[list[float]]:
         """Rewards per item of ``data`` (``_aggregator_inputs``' output; default: dev's)."""
@@ -503,14 +500,22 @@ class _BestOnDev:
         return [[r[j] for j in w] for w in where]
 
     def evaluate(self, result: TrainResult) -> bool:
-        """Record dev agreement; True when training should stop."""
+        """Record dev agreement; True when training should stop (with ``cross_fit``, once each half of dev
+        has run out of patience too: until then early stopping's pick is fixed and training goes on)."""
         if self.feats is None:
             return False
-        agreement = pair_agreement(self.dev, self._dev_rewards())
+        rewards = self._dev_rewards()
+        agreement = pair_agreement(self.dev, rewards)
         result.history["dev_step"].append(result.steps)
         result.history["dev_agreement"].append(agreement)
-        self.stopping.record(agreement, lambda: {k: v.clone() for k, v in self.agg.state_dict().items()})
-        result.best_dev_agreement = self.stopping.best_agreement
+        if not self.stopping.should_stop:
+            self.stopping.record(agreement, lambda: {k: v.clone() for k, v in self.agg.state_dict().items()})
+            result.best_dev_agreement = self.stopping.best_agreement
+        if self.cross_fit:
+            self.evaluations.append(rewards)
+            return self.stopping.should_stop and not cross_fit_pending(
+                self.dev, self.evaluations, self.patience
+            )
         return self.stopping.should_stop
 
     def keep_start(self) -> None:
@@ -529,6 +534,8 @@ class _BestOnDev:
         items, data = (self.dev, None) if held is None else held
         if self.start is None or (self.feats if held is None else data[0]) is None:
             return {}
+        if self.cross_fit:
+            return self._cross_fit_gate(alpha, result)
         best = self._dev_rewards(data)
         kept = {k: v.clone() for k, v in self.agg.state_dict().items()}
         self.agg.load_state_dict(self.start)
@@ -540,4 +547,12 @@ class _BestOnDev:
             result.best_dev_agreement = pair_agreement(
                 self.dev, start if held is None else self._dev_rewards()
             )
+        return gate
+
+    def _cross_fit_gate(self, alpha: float, result: TrainResult) -> dict:
+        """:func:`cross_fit_gate` over dev's evaluations (the start's first); the start loaded unless kept."""
+        gate = cross_fit_gate(self.dev, self.evaluations, self.patience, alpha)
+        if gate and not gate["kept"]:
+            self.agg.load_state_dict(self.start)
+            result.best_dev_agreement = pair_agreement(self.dev, self.evaluations[0])
         return gate
