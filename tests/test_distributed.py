@@ -217,7 +217,9 @@ def test_the_shipped_accelerate_configs_load_with_accelerate():
             config.num_machines,
             config.num_processes,
         )
-        assert config.mixed_precision == "no", path.name
+        assert config.mixed_precision in ("no", None), (
+            path.name
+        )  # None: the DeepSpeed ones (accelerate refuses it)
         if config.deepspeed_config:
             ds = json.loads((root / config.deepspeed_config["deepspeed_config_file"]).read_text())
             assert isinstance(ds["train_micro_batch_size_per_gpu"], int), path.name
@@ -243,3 +245,151 @@ def test_the_pipeline_refuses_fsdp_before_any_work(tiny_backbone, tmp_path, monk
     with pytest.raises(ValueError, match="distributed_type FSDP: unsupported settings .* fsdp_version: 1"):
         run_pipeline(config, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# DeepSpeed ZeRO-2 (tests/deepspeed_worker.py). The training tests need the deepspeed package (the `deepspeed`
+# extra); the checks of the DeepSpeed config run without it.
+ROOT = Path(__file__).parent.parent
+ZERO2_YAML = ROOT / "configs" / "accelerate" / "deepspeed-zero2.yaml"
+
+
+def _needs_deepspeed():
+    pytest.importorskip(
+        "deepspeed", reason="the deepspeed package is not installed (pip install -e '.[deepspeed]')"
+    )
+
+
+def _accelerate_launch(config_file: Path, script: Path, *args: str, **env_extra: str):
+    """``accelerate launch --config_file config_file --num_processes 2 script args`` from the repository root
+    (the config's DeepSpeed JSON path is relative to it); the finished process."""
+    here = Path(__file__).parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **env_extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+        "--num_processes", "2", "--main_process_port", str(_free_port()), str(script), *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_train_expert_under_deepspeed_zero2_trains_like_ddp_and_one_process(
+    tiny_backbone, tmp_path, one_torch_thread
+):
+    """train_expert under `accelerate launch` with the shipped deepspeed-zero2.yaml / ds-zero2.json on 2 CPU
+    processes (DeepSpeed's CPU accelerator over gloo): each run is a ZeRO-2 engine whose AdamW state is half
+    on each rank, filled from the train config (accumulation, clipping); both ranks end alike, as DDP on the
+    same processes (also with finetune: full, accumulation 2 and the length penalty, and with bf16 autocast)
+    and as one process with the same global batch. The bank handed back saves and loads to the same scores, a
+    run killed after epoch 1 resumes to the straight run's weights, and a DeepSpeed JSON contradicting the
+    train config, or casting the bank, stops on every rank before the bank is touched."""
+    _needs_deepspeed()
+    from fsdp_worker import CONFIG, expert_run, expert_weights, fresh_bank
+
+    _accelerate_launch(
+        ZERO2_YAML, Path(__file__).parent / "deepspeed_worker.py", tiny_backbone, str(tmp_path)
+    )
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for run in ("clip", "noclip", "resumed", "full", "bf16", "ddp", "ddp_full", "ddp_bf16"):
+        assert _max_diff(r0[run]["weights"], r1[run]["weights"]) == 0.0, run  # the ranks are identical
+        assert r0[run]["bank_class"] == r1[run]["bank_class"] == "ExpertBank", run
+    # ZeRO-2 did run: 6 engines a rank (clip, noclip, resumed twice, full, bf16), each holding half of the
+    # trained weights' AdamW state, with the train config's accumulation and clipping.
+    for found in (r0, r1):
+        assert [p["engine"] for p in found["prepared"]] == ["DeepSpeedEngine"] * 6
+        for seen in found["prepared"]:
+            assert seen["stage"] == 2 and 0.45 * seen["whole"] <= seen["local"] <= 0.55 * seen["whole"], seen
+        assert [p["gradient_clipping"] for p in found["prepared"]] == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+        assert [p["gradient_accumulation_steps"] for p in found["prepared"]] == [1, 1, 1, 1, 2, 1]
+    noclip = dataclasses.replace(CONFIG, max_grad_norm=0.0)
+    one = {"clip": expert_run(tiny_backbone, CONFIG), "noclip": expert_run(tiny_backbone, noclip)}
+    diffs = {
+        "zero2 vs ddp (2 processes)": _max_diff(r0["clip"]["weights"], r0["ddp"]["weights"]),
+        "finetune full, zero2 vs ddp": _max_diff(r0["full"]["weights"], r0["ddp_full"]["weights"]),
+        "bf16 autocast, zero2 vs ddp": _max_diff(r0["bf16"]["weights"], r0["ddp_bf16"]["weights"]),
+        **{f"{run} weights": _max_diff(one[run]["weights"], r0[run]["weights"]) for run in one},
+        **{f"{run} test rewards": _max_diff(one[run]["scores"], r0[run]["scores"]) for run in one},
+        **{f"{run} losses": _max_diff(one[run]["loss"], r0[run]["loss"]) for run in one},
+    }
+    print("max abs difference, ZeRO-2 on 2 processes vs:", diffs)
+    assert all(d <= 1e-6 for k, d in diffs.items() if "vs ddp" in k), diffs
+    assert all(d <= ATOL for k, d in diffs.items() if k != "clip weights"), diffs
+    assert diffs["clip weights"] <= 5e-5, diffs  # as DDP and FSDP2 (above): rounding, amplified by Adam
+    assert torch.equal(one["clip"]["dev"], r0["clip"]["dev"])
+    assert _max_diff(r0["bf16"]["weights"], r0["clip"]["weights"]) > 1e-4  # bf16 did autocast
+    assert _max_diff(r0["clip"]["weights"], r0["noclip"]["weights"]) > 1e-3  # clipping acted
+    assert _max_diff(r0["clip"]["weights"], expert_weights(fresh_bank(tiny_backbone))) > 1e-3
+    assert _max_diff(r0["full"]["weights"], expert_weights(fresh_bank(tiny_backbone, "full"))) > 1e-3
+    # Killed after epoch 1's checkpoint (whole weights, AdamW state gathered from both partitions), rerun.
+    assert _max_diff(r0["resumed"]["weights"], r0["clip"]["weights"]) <= 1e-6
+    for found in (r0, r1):
+        assert torch.equal(found["clip"]["loaded_scores"], found["clip"]["scores"])
+    stops = {
+        "mismatch": "gradient_accumulation_steps: 4 in the DeepSpeed config differs from the train config's "
+        "gradient_accumulation_steps 1 (set it to auto",
+        "cast": "bf16.enabled: true is not supported",
+    }
+    for rank, found in enumerate((r0, r1)):
+        for kind, expected in stops.items():
+            error = found[kind]["error"]
+            assert expected in error and "docs/scaling.md" in error, (rank, kind, error)
+            assert found[kind]["bank_class"] == "ExpertBank" and found[kind]["unchanged"], (rank, kind)
+
+
+def _deepspeed_launch(stage: int = 2, **keys):
+    """An accelerator-like DeepSpeed launch on 2 processes with the shipped ds-zero2.json, keys changed."""
+    import json
+    from types import SimpleNamespace
+
+    ds = json.loads((ROOT / "configs" / "accelerate" / "ds-zero2.json").read_text()) | keys
+    ds["zero_optimization"] = {**ds["zero_optimization"], "stage": stage}
+    state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds, zero_stage=stage))
+    return SimpleNamespace(distributed_type="DEEPSPEED", state=state, num_processes=2, mixed_precision="no")
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"bf16": {"enabled": True}}, "bf16.enabled: true is not supported"),
+        ({"fp16": {"enabled": True}}, "fp16.enabled: true is not supported"),
+        ({"optimizer": {"type": "AdamW"}}, "optimizer: not supported (dmoerm builds its own AdamW"),
+        ({"scheduler": {"type": "WarmupLR"}}, "scheduler: not supported"),
+        (
+            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+            "zero_optimization.offload_optimizer.device: cpu is not supported, use none",
+        ),
+    ],
+)
+def test_each_unsupported_deepspeed_key_is_named(keys, message):
+    """The shipped ds-zero2.json passes the check; each DeepSpeed key dmoerm cannot train under raises a
+    ValueError naming it (no deepspeed package needed)."""
+    from dmoerm.training.sharding import check_sharding
+
+    check_sharding(_deepspeed_launch())
+    with pytest.raises(ValueError, match=r"distributed_type DeepSpeed: unsupported DeepSpeed config keys .*"
+                       + re.escape(message)):  # fmt: skip
+        check_sharding(_deepspeed_launch(**keys))
+    with pytest.raises(
+        ValueError, match="DeepSpeed ZeRO-3: sharding the expert bank's weights is not supported"
+    ):
+        check_sharding(_deepspeed_launch(stage=3))
+
+
+def test_each_run_fills_the_deepspeed_config_from_its_train_config():
+    """``auto`` accumulation and clipping take each run's train config (0: clipping off, as in dmoerm), the
+    micro batch and global batch follow; an explicit value equal to the train config's passes, a different one
+    raises naming both; the launch's own config is left as it was for the next run."""
+    from dmoerm.training.sharding import deepspeed_settings
+
+    launch = _deepspeed_launch()
+    before = dict(launch.state.deepspeed_plugin.deepspeed_config)
+    ds = deepspeed_settings(launch, 2, 0.0, 8)
+    assert (ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (2, 0.0)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (1, 4)
+    assert launch.state.deepspeed_plugin.deepspeed_config == before
+    assert deepspeed_settings(_deepspeed_launch(gradient_clipping=0.5), 1, 0.5, 8)["gradient_clipping"] == 0.5
+    with pytest.raises(ValueError, match=re.escape("gradient_clipping: 1.0 in the DeepSpeed config differs from "
+                                                   "the train config's max_grad_norm 0.5 (set it to auto")):  # fmt: skip
+        deepspeed_settings(_deepspeed_launch(gradient_clipping=1.0), 1, 0.5, 8)

@@ -32,7 +32,14 @@ from dmoerm.training.distributed import (
     with_other_ranks,
 )
 from dmoerm.training.early_stopping import EarlyStopping
-from dmoerm.training.sharding import ShardedExpert, check_sharding, is_fsdp
+from dmoerm.training.sharding import (
+    ShardedExpert,
+    ZeroExpert,
+    check_sharding,
+    deepspeed_settings,
+    is_deepspeed,
+    is_fsdp,
+)
 from dmoerm.training.trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
@@ -269,12 +276,21 @@ class _ExpertRun:
     DDP (and FSDP2's reduce-scatter) averages the ranks' gradients: the update equals the one-process
     full-batch update. ``params`` are the bank's own trainable weights; ``trained`` the ones the optimizer
     steps: the same under DDP, the training view's shards under FSDP2 (``sharded``), which are copied into
-    the bank whole for dev scoring and at the end."""
+    the bank whole for dev scoring and at the end. Under DeepSpeed ZeRO-1/2 ``sharded`` is a
+    :class:`~dmoerm.training.sharding.ZeroExpert`: the bank's own parameters train (whole on every rank),
+    DeepSpeed steps and clips them inside ``accelerator.backward`` by the run's filled DeepSpeed config."""
 
     def __init__(self, bank, expert: str, train, dev, config: TrainConfig, cache: TrunkCache, desc):
         self.bank, self.expert, self.dev, self.config, self.cache = bank, expert, dev, config, cache
         self.accelerator = acc = process_accelerator()
         check_sharding(acc)  # ZeRO-3 or an unsupported FSDP setting stops before the bank is touched
+        zero = (
+            deepspeed_settings(
+                acc, config.gradient_accumulation_steps, config.max_grad_norm, config.batch_size
+            )
+            if is_deepspeed(acc)
+            else None
+        )  # a DeepSpeed JSON contradicting the train config stops here too
         acc.gradient_accumulation_steps = config.gradient_accumulation_steps
         acc.step = (
             0  # accumulation counts from this run's first step, not from an earlier run's (resume sets it)
@@ -300,6 +316,8 @@ class _ExpertRun:
         optimizer, self.scheduler = _expert_optimizer(self.params, config, len(train))
         # The scheduler stays unprepared: accelerate would step it once per process and update.
         self.sharded = ShardedExpert(acc, bank, self.params, self.names, optimizer) if is_fsdp(acc) else None
+        if zero is not None:  # ZeRO-1/2: the bank's own parameters train, gradients and AdamW state sharded
+            self.sharded = ZeroExpert(acc, bank, self.params, self.names, optimizer, zero)
         if self.sharded is not None:
             self.model, self.optimizer = self.sharded.model, self.sharded.optimizer
             self.trained = self.sharded.params
@@ -321,6 +339,8 @@ class _ExpertRun:
         """Leave the bank's own weights at ``best`` (else at the trained ones), whole on every rank."""
         if self.sharded is not None:
             self.sharded.to_bank()
+            if isinstance(self.sharded, ZeroExpert):
+                self.sharded.release()
         if best is not None:
             with torch.no_grad():
                 for p, v in zip(self.params, best, strict=True):

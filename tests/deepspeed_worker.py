@@ -1,0 +1,79 @@
+"""train_expert under accelerate's DeepSpeed ZeRO-2: ``accelerate launch --config_file
+configs/accelerate/deepspeed-zero2.yaml --num_processes 2`` runs this file on 2 CPU processes (DeepSpeed's CPU
+accelerator over gloo: :func:`dmoerm.training.distributed.process_accelerator`), the accelerator built from
+the launcher's environment and the shipped ds-zero2.json. After the ZeRO-2 runs the accelerator's state is
+switched to plain DDP (``MULTI_CPU``) on the same process group, for the reference runs. Writes what each rank
+saw to ``rank<r>.pt``."""
+
+import dataclasses
+import sys
+
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+
+from dmoerm.training import loop, sharding
+from dmoerm.training.distributed import process_accelerator
+from fsdp_worker import BF16, CONFIG, FULL, expert_run, refused
+
+PREPARED: list[dict] = []
+
+
+class RecordingZeroExpert(sharding.ZeroExpert):
+    """What DeepSpeed made of each run: the engine's class, its ZeRO stage, the AdamW state's size on this
+    rank (its fp32 partition) against the trained weights' whole size, and the filled config's numbers."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        settings = args[5] if len(args) > 5 else kwargs["settings"]
+        PREPARED.append(
+            {
+                "engine": type(self.model).__name__,
+                "stage": self.model.zero_optimization_stage(),
+                "local": sum(t.numel() for t in self.zero.single_partition_of_fp32_groups),
+                "whole": sum(p.numel() for p in self.bank_params),
+                "gradient_accumulation_steps": self.model.gradient_accumulation_steps(),
+                "gradient_clipping": self.model.gradient_clipping(),
+                "settings": {k: settings[k] for k in ("gradient_accumulation_steps", "gradient_clipping")},
+            }
+        )
+
+
+def refused_with(accelerator, backbone: str, **keys) -> dict:
+    """:func:`refused` with the launch's DeepSpeed config keys ``keys`` changed (restored after)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    saved = dict(config)
+    config.update(keys)
+    try:
+        return refused(backbone)
+    finally:
+        config.clear()
+        config.update(saved)
+
+
+if __name__ == "__main__":
+    backbone, out = sys.argv[1], sys.argv[2]
+    accelerator = process_accelerator()
+    rank = accelerator.process_index
+    assert accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.num_processes == 2
+    assert accelerator.state.deepspeed_plugin.zero_stage == 2
+    loop.ZeroExpert = RecordingZeroExpert
+    found = {
+        "clip": expert_run(backbone, CONFIG, f"{out}/clip", save_to=f"{out}/bank{rank}"),
+        "noclip": expert_run(backbone, dataclasses.replace(CONFIG, max_grad_norm=0.0)),
+        "resumed": expert_run(backbone, CONFIG, f"{out}/resumed", interrupt=True),
+        "full": expert_run(backbone, FULL, finetune="full"),
+        "bf16": expert_run(backbone, BF16),
+        "mismatch": refused_with(accelerator, backbone, gradient_accumulation_steps=4),
+        "cast": refused_with(accelerator, backbone, bf16={"enabled": True}),
+    }
+    found["prepared"] = PREPARED
+    # The same 2 processes as plain DDP, for ZeRO-2 to equal.
+    PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.MULTI_CPU
+    found |= {
+        "ddp": expert_run(backbone, CONFIG),
+        "ddp_full": expert_run(backbone, FULL, finetune="full"),
+        "ddp_bf16": expert_run(backbone, BF16),
+    }
+    import torch
+
+    torch.save(found, f"{out}/rank{rank}.pt")
