@@ -3,7 +3,11 @@ configs/accelerate/deepspeed-zero2.yaml --num_processes 2`` runs this file on 2 
 accelerator over gloo: :func:`dmoerm.training.distributed.process_accelerator`), the accelerator built from
 the launcher's environment and the shipped ds-zero2.json. After the ZeRO-2 runs the accelerator's state is
 switched to plain DDP (``MULTI_CPU``) on the same process group, for the reference runs. Writes what each rank
-saw to ``rank<r>.pt``."""
+saw to ``rank<r>.pt``.
+
+``deepspeed_worker.py dmoerm <args>`` runs ``dmoerm <args>`` instead (its CLI's ``main``), with the write guard
+of tests/distributed_pipeline_worker.py (``DMOERM_TEST_GUARD``); at exit each rank prints ``ZERO-RUNS rank
+<r>: <n> stage2 <m>``: n expert runs prepared by DeepSpeed, m of them ZeRO-2 engines."""
 
 import dataclasses
 import sys
@@ -50,7 +54,24 @@ def refused_with(accelerator, backbone: str, **keys) -> dict:
         config.update(saved)
 
 
+def dmoerm(args: list[str]) -> int:
+    import atexit
+    import os
+
+    from distributed_pipeline_worker import RANK, _guard
+    from dmoerm.cli import main
+
+    if os.environ.get("DMOERM_TEST_GUARD") and RANK != 0:
+        _guard(os.environ["DMOERM_TEST_GUARD"])
+    loop.ZeroExpert = RecordingZeroExpert
+    stage2 = lambda: sum(p["engine"] == "DeepSpeedEngine" and p["stage"] == 2 for p in PREPARED)  # noqa: E731
+    atexit.register(lambda: sys.stderr.write(f"ZERO-RUNS rank {RANK}: {len(PREPARED)} stage2 {stage2()}\n"))
+    return main(args)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "dmoerm":
+        sys.exit(dmoerm(sys.argv[2:]))
     backbone, out = sys.argv[1], sys.argv[2]
     accelerator = process_accelerator()
     rank = accelerator.process_index

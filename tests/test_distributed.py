@@ -393,3 +393,33 @@ def test_each_run_fills_the_deepspeed_config_from_its_train_config():
     with pytest.raises(ValueError, match=re.escape("gradient_clipping: 1.0 in the DeepSpeed config differs from "
                                                    "the train config's max_grad_norm 0.5 (set it to auto")):  # fmt: skip
         deepspeed_settings(_deepspeed_launch(gradient_clipping=1.0), 1, 0.5, 8)
+
+
+@pytest.mark.slow
+def test_dmoerm_train_under_deepspeed_zero2_gives_the_one_process_model(
+    tiny_backbone, tmp_path, one_torch_thread
+):
+    """`dmoerm train` on 2 processes under `accelerate launch` with the shipped deepspeed-zero2.yaml: every
+    bank stage (warm start, phase 1, phase-2 experts, single RM) trains as a ZeRO-2 engine, rank 0 alone writes
+    (the write guard), and the saved model scores the test responses as the 1-process run's does."""
+    _needs_deepspeed()
+    from dmoerm.pipeline import PipelineConfig, run_pipeline
+    from test_distributed_pipeline import _config_file, _files, _test_records, _test_rewards
+
+    one = _config_file(tmp_path, tiny_backbone, "one")
+    run_pipeline(PipelineConfig.from_file(one), progress=False)
+    config = _config_file(tmp_path, tiny_backbone, "zero2")
+    worker = Path(__file__).parent / "deepspeed_worker.py"
+    args = ["dmoerm", "train", "--config", str(config), "--no-progress"]
+    proc = _accelerate_launch(ZERO2_YAML, worker, *args, DMOERM_TEST_GUARD=str(config.with_suffix("")))
+    assert "RANK-WRITE" not in proc.stderr, [ln for ln in proc.stderr.splitlines() if "RANK-WRITE" in ln]
+    runs = re.findall(r"ZERO-RUNS rank (\d): (\d+) stage2 (\d+)", proc.stderr)
+    print("ZeRO-2 expert runs per rank (prepared, ZeRO-2 engines):", runs)
+    assert sorted(r for r, _, _ in runs) == ["0", "1"] and all(n == m != "0" for _, n, m in runs), runs
+    test = _test_records(one.with_suffix(""))
+    diff = float(
+        (_test_rewards(one.with_suffix(""), test) - _test_rewards(config.with_suffix(""), test)).abs().max()
+    )
+    print("max |reward difference|, 1 process vs 2 under ZeRO-2, on the test responses:", diff)
+    assert diff <= ATOL
+    assert _files(one.with_suffix("")) == _files(config.with_suffix(""))
