@@ -39,7 +39,20 @@ def process_accelerator():
             _ACCELERATOR = Accelerator(cpu=False)
         else:
             _ACCELERATOR = Accelerator(cpu=not torch.cuda.is_available())
+        _load_backbones_whole(_ACCELERATOR)
     return _ACCELERATOR
+
+
+def _load_backbones_whole(accelerator) -> None:
+    """Under DeepSpeed with ``zero3_init_flag: false``, forget the config accelerate hands transformers anyway
+    (accelerate 1.15 sets it whatever the flag), so ``from_pretrained`` loads each backbone whole: the expert
+    bank stays whole on every rank, and ZeRO-3 partitions only an expert's trained weights, when its run
+    starts (:class:`~dmoerm.training.sharding.ZeroThreeExpert`). A true flag is refused by ``check_sharding``."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and not plugin.zero3_init_flag:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
 
 def _deepspeed_on_cpu() -> bool:

@@ -92,7 +92,7 @@ def _enabled(section) -> bool:
 
 def deepspeed_problems(accelerator) -> list[str]:
     """The DeepSpeed config keys of this launch that expert training does not support (empty when the launch
-    is not DeepSpeed or every key is supported). ZeRO-3 is reported by :func:`check_sharding` itself."""
+    is not DeepSpeed or every key is supported). ZeRO-3's init flag is reported by :func:`check_sharding`."""
     if not is_deepspeed(accelerator):
         return []
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -119,16 +119,18 @@ def deepspeed_problems(accelerator) -> list[str]:
 def check_sharding(accelerator) -> None:
     """Raise ValueError, before anything is prepared, when the launch would shard the expert bank in a way
     expert training cannot read back whole: DeepSpeed ZeRO-3, a DeepSpeed key of :func:`deepspeed_problems`
-    or an FSDP setting of :func:`fsdp_problems`. DDP, DeepSpeed ZeRO-1/2 and FSDP2 with one unit
-    (``NO_WRAP``) pass."""
+    or an FSDP setting of :func:`fsdp_problems`. DDP, DeepSpeed ZeRO-1/2, ZeRO-3 with ``zero3_init_flag:
+    false`` and FSDP2 with one unit (``NO_WRAP``) pass."""
     kind = accelerator.distributed_type
-    stage = getattr(accelerator.state.deepspeed_plugin, "zero_stage", None)
-    if kind == "DEEPSPEED" and stage == 3:
+    plugin = accelerator.state.deepspeed_plugin
+    stage = getattr(plugin, "zero_stage", None)
+    if kind == "DEEPSPEED" and stage == 3 and getattr(plugin, "zero3_init_flag", False):
         raise ValueError(
             "accelerate distributed_type DeepSpeed ZeRO-3: sharding the expert bank's weights is not supported "
-            f"(its partitioned parameters are not gathered for dev scoring and saving; {_DOCS}); launch with "
-            "DDP (configs/accelerate/ddp-1x8.yaml), DeepSpeed ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml) "
-            "or FSDP2 (configs/accelerate/fsdp.yaml)"
+            "with zero3_init_flag: true (transformers would load the backbone already partitioned, and the "
+            f"bank must stay whole on every rank; {_DOCS}); set zero3_init_flag: false, as "
+            "configs/accelerate/deepspeed-zero3.yaml does (each expert's trained weights are partitioned when "
+            "its run starts), or launch with DeepSpeed ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml)"
         )
     problems = deepspeed_problems(accelerator)
     if problems:
@@ -370,17 +372,7 @@ class ZeroExpert:
     def __init__(self, accelerator, bank: nn.Module, bank_params, names, optimizer, settings: dict):
         self.bank_params, self.names = list(bank_params), list(names)
         self.params = self.bank_params  # what clipping sees (DeepSpeed clips by its config instead)
-        stale = getattr(accelerator, "deepspeed_engine_wrapped", None)
-        if stale is not None:  # an earlier run stopped by an exception before free_memory: its engine is dead
-            stale.engine.destroy()
-            accelerator.deepspeed_engine_wrapped = None  # else backward would still go to it
-        plugin = accelerator.state.deepspeed_plugin
-        launch = plugin.deepspeed_config  # the same dict as plugin.hf_ds_config.config, which prepare fills
-        plugin.deepspeed_config = plugin.hf_ds_config.config = settings
-        try:
-            self.model, self.optimizer = accelerator.prepare(training_view(bank), optimizer)
-        finally:
-            plugin.deepspeed_config = plugin.hf_ds_config.config = launch  # the next run fills its own copy
+        self.model, self.optimizer = _prepare_with(accelerator, settings, training_view(bank), optimizer)
         self.zero = self.optimizer.optimizer  # DeepSpeedZeroOptimizer inside accelerate's wrapper
 
     def weights(self) -> list[torch.Tensor]:
@@ -409,3 +401,151 @@ class ZeroExpert:
         with torch.no_grad():
             for p in self.bank_params:
                 p.data = p.data.clone()
+
+
+def zero_expert(accelerator, bank: nn.Module, bank_params, names, optimizer, settings: dict):
+    """The DeepSpeed side of one expert's run: :class:`ZeroThreeExpert` under ZeRO-3, else :class:`ZeroExpert`."""
+    stage = settings.get("zero_optimization", {}).get("stage", 0)
+    kind = ZeroThreeExpert if stage == 3 else ZeroExpert
+    return kind(accelerator, bank, bank_params, names, optimizer, settings)
+
+
+def _prepare_with(accelerator, settings: dict, model: nn.Module, optimizer):
+    """``accelerator.prepare(model, optimizer)`` under the run's DeepSpeed ``settings``."""
+    stale = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if stale is not None:  # an earlier run stopped by an exception before free_memory: its engine is dead
+        stale.engine.destroy()
+        accelerator.deepspeed_engine_wrapped = None  # else backward would still go to it
+    plugin = accelerator.state.deepspeed_plugin
+    launch = plugin.deepspeed_config  # the same dict as plugin.hf_ds_config.config, which prepare fills
+    plugin.deepspeed_config = plugin.hf_ds_config.config = settings
+    try:
+        return accelerator.prepare(model, optimizer)
+    finally:
+        plugin.deepspeed_config = plugin.hf_ds_config.config = launch  # the next run fills its own copy
+
+
+def _zero3_view(bank: nn.Module, trainable: Sequence[nn.Parameter]) -> tuple[nn.Module, list[nn.Parameter]]:
+    """A training view for ZeRO-3, which partitions every parameter of the module it wraps, in place: the
+    trained weights are copies of their own (the bank keeps its whole ones), every frozen one a
+    non-persistent buffer sharing the bank's tensor (ZeRO-3 partitions parameters only). Returns the view and
+    its copies of ``trainable``, in order."""
+    view = training_view(bank)
+    own: dict[int, nn.Parameter] = {}
+    for module in view.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            del module._parameters[name]
+            if p.requires_grad:
+                own.setdefault(id(p), nn.Parameter(p.detach().clone()))  # one copy for a tied weight
+                module._parameters[name] = own[id(p)]
+            else:
+                module.register_buffer(name, p.detach(), persistent=False)
+    return view, [own[id(p)] for p in trainable]
+
+
+class ZeroThreeExpert:
+    """The DeepSpeed ZeRO-3 side of one expert's training: the engine wraps a :func:`_zero3_view` of the bank,
+    so only the expert's trained weights (copies) are partitioned, with their gradients and AdamW state; the
+    bank keeps its own whole weights, into which the trained ones are gathered
+    (``deepspeed.zero.GatheredParameters``, a collective) for dev scoring, checkpoints and the end."""
+
+    def __init__(self, accelerator, bank: nn.Module, bank_params, names, optimizer, settings: dict):
+        self.bank_params, self.names = list(bank_params), list(names)
+        view, self.params = _zero3_view(bank, self.bank_params)
+        mine = {id(b): p for b, p in zip(self.bank_params, self.params, strict=True)}
+        for group in optimizer.param_groups:  # not stepped yet; the scheduler stays bound to this optimizer
+            group["params"] = [mine[id(p)] for p in group["params"]]
+        self.model, self.optimizer = _prepare_with(accelerator, settings, view, optimizer)
+        self.zero = self.optimizer.optimizer  # DeepSpeedZeroOptimizer_Stage3
+
+    def weights(self) -> list[torch.Tensor]:
+        """Copies of the trained weights, whole on every rank (a collective)."""
+        from deepspeed.runtime.zero import GatheredParameters
+
+        with GatheredParameters(self.params):
+            return [p.detach().clone() for p in self.params]
+
+    def to_bank(self) -> None:
+        """Gather the trained weights whole into the bank's own parameters (a collective)."""
+        from deepspeed.runtime.zero import GatheredParameters
+
+        with torch.no_grad(), GatheredParameters(self.params):
+            for mine, p in zip(self.bank_params, self.params, strict=True):
+                mine.copy_(p)
+
+    def from_bank(self) -> None:
+        """Partition the bank's weights (a checkpoint loaded them, the same on every rank) into the engine's
+        parameters and its fp32 master copy."""
+        from deepspeed.runtime.zero import GatheredParameters
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        with torch.no_grad(), GatheredParameters(self.params, modifier_rank=0):
+            for mine, p in zip(self.bank_params, self.params, strict=True):
+                p.copy_(mine)
+        for mine, p in zip(self.bank_params, self.params, strict=True):
+            safe_set_full_fp32_param(p, mine.detach())
+
+    def whole_optimizer(self) -> ZeroThreeOptimizerState:
+        return ZeroThreeOptimizerState(self.zero, self.params)
+
+    def release(self) -> None:
+        """Nothing to release: the bank's parameters were never the engine's."""
+
+
+class ZeroThreeOptimizerState:
+    """:class:`ZeroOptimizerState` for ZeRO-3 (DeepSpeed's ``safe_get_full_optimizer_state`` /
+    ``safe_set_full_optimizer_state``: collectives, every rank at once). dmoerm's AdamW has one param group."""
+
+    def __init__(self, zero_optimizer, params: Sequence[nn.Parameter]):
+        self.zero, self.params = zero_optimizer, list(params)
+        self._state: dict | None = None
+
+    def _flat_states(self):
+        base = self.zero.optimizer
+        return [(flat, base.state[flat]) for flat in self.zero.fp32_partitioned_groups_flat]
+
+    def gather(self) -> ZeroThreeOptimizerState:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        flat, flat_state = self._flat_states()[0]
+        moments = sorted(k for k, v in flat_state.items() if torch.is_tensor(v) and v.shape == flat.shape)
+        state = {}
+        for i, p in enumerate(self.params):
+            entry = {
+                k: v.clone() if torch.is_tensor(v) else v for k, v in flat_state.items() if k not in moments
+            }
+            for key in moments:
+                entry[key] = safe_get_full_optimizer_state(p, key).detach().clone().view(p.ds_shape)
+            state[i] = entry
+        (group,) = self.zero.optimizer.param_groups
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        self._state = {"state": state, "param_groups": [{**hyper, "params": list(range(len(self.params)))}]}
+        return self
+
+    def state_dict(self) -> dict:
+        if self._state is None:
+            raise RuntimeError("ZeroThreeOptimizerState.gather() must run on every rank before state_dict()")
+        return self._state
+
+    def load_state_dict(self, state: dict) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        (group,) = self.zero.optimizer.param_groups
+        (saved_group,) = state["param_groups"]
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+        saved = {int(i): entry for i, entry in state["state"].items()}
+        first = saved.get(0, {})
+        moments = [k for k, v in first.items() if torch.is_tensor(v) and v.shape == self.params[0].ds_shape]
+        for flat, flat_state in self._flat_states():  # AdamW's state, created as its first step would
+            for key, value in first.items():
+                is_moment = key in moments
+                flat_state[key] = (
+                    torch.zeros_like(flat)
+                    if is_moment
+                    else (value.clone() if torch.is_tensor(value) else value)
+                )
+        for i, p in enumerate(self.params):
+            for key in moments:
+                safe_set_full_optimizer_state(p, saved[i][key].flatten(), key)
