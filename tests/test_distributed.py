@@ -4,6 +4,7 @@ router, phase 3 and the single reward model; both ranks alike; a resumed 2-proce
 train_expert under FSDP2 too, and the FSDP settings it cannot train under are named before any work."""
 
 import dataclasses
+import importlib.util
 import os
 import re
 import socket
@@ -254,10 +255,10 @@ ZERO2_YAML = ROOT / "configs" / "accelerate" / "deepspeed-zero2.yaml"
 ZERO3_YAML = ROOT / "configs" / "accelerate" / "deepspeed-zero3.yaml"
 
 
-def _needs_deepspeed():
-    pytest.importorskip(
-        "deepspeed", reason="the deepspeed package is not installed (pip install -e '.[deepspeed]')"
-    )
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="the deepspeed package is not installed (pip install -e '.[deepspeed]')",
+)
 
 
 def _accelerate_launch(config_file: Path, script: Path, *args: str, **env_extra: str):
@@ -323,6 +324,7 @@ def _check_zero_runs(r0: dict, r1: dict, stage: int, tiny_backbone: str, runs: t
 
 
 @pytest.mark.slow
+@needs_deepspeed
 def test_train_expert_under_deepspeed_zero2_trains_like_ddp_and_one_process(
     tiny_backbone, tmp_path, one_torch_thread
 ):
@@ -333,7 +335,6 @@ def test_train_expert_under_deepspeed_zero2_trains_like_ddp_and_one_process(
     and as one process with the same global batch. The bank handed back saves and loads to the same scores, a
     run killed after epoch 1 resumes to the straight run's weights, and a DeepSpeed JSON contradicting the
     train config, or casting the bank, stops on every rank before the bank is touched."""
-    _needs_deepspeed()
     from fsdp_worker import CONFIG, expert_run
 
     r0, r1 = _zero_runs(tiny_backbone, tmp_path, ZERO2_YAML)
@@ -364,6 +365,7 @@ def test_train_expert_under_deepspeed_zero2_trains_like_ddp_and_one_process(
 
 
 @pytest.mark.slow
+@needs_deepspeed
 def test_train_expert_under_deepspeed_zero3_partitions_only_the_trained_weights(
     tiny_backbone, tmp_path, one_torch_thread
 ):
@@ -372,7 +374,6 @@ def test_train_expert_under_deepspeed_zero3_partitions_only_the_trained_weights(
     parameters never are; the weights gathered back equal DDP's on the same processes (also with finetune:
     full, accumulation 2 and the length penalty) and the 1-process run's; save then load scores the same, and
     a killed run resumes to the straight run's weights."""
-    _needs_deepspeed()
     r0, r1 = _zero_runs(tiny_backbone, tmp_path, ZERO3_YAML)
     diffs = _check_zero_runs(r0, r1, 3, tiny_backbone, ("clip", "resumed", "full"))
     print("max abs difference, ZeRO-3 on 2 processes vs:", diffs)
@@ -457,6 +458,7 @@ def one_process_run(tiny_backbone, tmp_path_factory):
 
 
 @pytest.mark.slow
+@needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_dmoerm_train_under_deepspeed_zero_gives_the_one_process_model(
     stage, one_process_run, tiny_backbone, tmp_path
@@ -465,7 +467,6 @@ def test_dmoerm_train_under_deepspeed_zero_gives_the_one_process_model(
     deepspeed-zero3.yaml): every bank stage (warm start, phase 1, phase-2 experts, single RM) trains as a ZeRO
     engine of that stage, rank 0 alone writes (the write guard), and the saved model scores the test responses
     as the 1-process run's does, with the same files."""
-    _needs_deepspeed()
     from test_distributed_pipeline import _config_file, _files, _test_records, _test_rewards
 
     one = one_process_run.with_suffix("")

@@ -11,8 +11,14 @@ or with ``finetune: full`` its top layers) FSDP shards with their gradients and 
 keeps its own whole, unsharded parameters; :class:`ShardedExpert` gathers the trained shards whole
 (``DTensor.full_tensor``) and copies them into the bank for dev scoring, checkpoints and the end of the run.
 
-Only FSDP2 wrapping the view as one unit is supported; :func:`check_sharding` names every accelerate setting
-that is not (docs/scaling.md, "DeepSpeed ZeRO-2 / ZeRO-3 and FSDP").
+Under DeepSpeed the engine wraps a training view too: ZeRO-1/2 (:class:`ZeroExpert`) steps the bank's own
+parameters, which stay whole on every rank; ZeRO-3 (:class:`ZeroThreeExpert`) partitions copies of the
+trained weights, gathered into the bank like FSDP2's shards. Checkpoints hold whole optimizer states under
+every launch (:class:`WholeOptimizerState`, :class:`ZeroOptimizerState`, :class:`ZeroThreeOptimizerState`).
+
+Only FSDP2 wrapping the view as one unit, and DeepSpeed configs leaving precision, the optimizer, the schedule
+and offloading to dmoerm, are supported; :func:`check_sharding` names every accelerate setting and DeepSpeed
+key that is not (docs/scaling.md, "DeepSpeed ZeRO-2 / ZeRO-3 and FSDP").
 """
 
 from __future__ import annotations
