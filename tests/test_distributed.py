@@ -431,18 +431,25 @@ def test_each_run_fills_the_deepspeed_config_from_its_train_config():
     """``auto`` accumulation and clipping take each run's train config (0: clipping off, as in dmoerm), the
     micro batch and global batch follow; an explicit value equal to the train config's passes, a different one
     raises naming both; the launch's own config is left as it was for the next run."""
+    from dmoerm.training.loop import TrainConfig
     from dmoerm.training.sharding import deepspeed_settings
+
+    def train(gas, clip):
+        return TrainConfig(gradient_accumulation_steps=gas, max_grad_norm=clip, batch_size=8)
 
     launch = _deepspeed_launch()
     before = dict(launch.state.deepspeed_plugin.deepspeed_config)
-    ds = deepspeed_settings(launch, 2, 0.0, 8)
+    ds = deepspeed_settings(launch, train(2, 0.0))
     assert (ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (2, 0.0)
     assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (1, 4)
     assert launch.state.deepspeed_plugin.deepspeed_config == before
-    assert deepspeed_settings(_deepspeed_launch(gradient_clipping=0.5), 1, 0.5, 8)["gradient_clipping"] == 0.5
+    assert (
+        deepspeed_settings(_deepspeed_launch(gradient_clipping=0.5), train(1, 0.5))["gradient_clipping"]
+        == 0.5
+    )
     with pytest.raises(ValueError, match=re.escape("gradient_clipping: 1.0 in the DeepSpeed config differs from "
                                                    "the train config's max_grad_norm 0.5 (set it to auto")):  # fmt: skip
-        deepspeed_settings(_deepspeed_launch(gradient_clipping=1.0), 1, 0.5, 8)
+        deepspeed_settings(_deepspeed_launch(gradient_clipping=1.0), train(1, 0.5))
 
 
 @pytest.fixture(scope="module")

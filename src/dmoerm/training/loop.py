@@ -284,14 +284,8 @@ class _ExpertRun:
     def __init__(self, bank, expert: str, train, dev, config: TrainConfig, cache: TrunkCache, desc):
         self.bank, self.expert, self.dev, self.config, self.cache = bank, expert, dev, config, cache
         self.accelerator = acc = process_accelerator()
-        check_sharding(acc)  # ZeRO-3 or an unsupported FSDP setting stops before the bank is touched
-        zero = (
-            deepspeed_settings(
-                acc, config.gradient_accumulation_steps, config.max_grad_norm, config.batch_size
-            )
-            if is_deepspeed(acc)
-            else None
-        )  # a DeepSpeed JSON contradicting the train config stops here too
+        check_sharding(acc)  # an unsupported DeepSpeed or FSDP setting stops before the bank is touched
+        zero = deepspeed_settings(acc, config) if is_deepspeed(acc) else None  # so does a contradicting JSON
         acc.gradient_accumulation_steps = config.gradient_accumulation_steps
         acc.step = (
             0  # accumulation counts from this run's first step, not from an earlier run's (resume sets it)
@@ -317,9 +311,7 @@ class _ExpertRun:
         optimizer, self.scheduler = _expert_optimizer(self.params, config, len(train))
         # The scheduler stays unprepared: accelerate would step it once per process and update.
         self.sharded = ShardedExpert(acc, bank, self.params, self.names, optimizer) if is_fsdp(acc) else None
-        if (
-            zero is not None
-        ):  # ZeRO-1/2: gradients and AdamW state partitioned; ZeRO-3: the trained weights too
+        if zero is not None:  # ZeRO-1/2 partition gradients and AdamW state; ZeRO-3 the trained weights too
             self.sharded = zero_expert(acc, bank, self.params, self.names, optimizer, zero)
         if self.sharded is not None:
             self.model, self.optimizer = self.sharded.model, self.sharded.optimizer

@@ -255,19 +255,21 @@ class ShardedExpert:
         return WholeOptimizerState(self.model, self.optimizer, self.names)
 
 
-def deepspeed_settings(accelerator, gradient_accumulation_steps: int, max_grad_norm: float, batch_size: int):
+def deepspeed_settings(accelerator, config) -> dict:
     """The launch's DeepSpeed config for one expert's run: a copy whose ``auto`` (or absent) keys the run's
-    train config fills (``gradient_accumulation_steps``, ``gradient_clipping`` from ``max_grad_norm``, 0 off
-    in both; ``train_micro_batch_size_per_gpu`` this rank's share of ``batch_size``; ``train_batch_size``).
+    train config (a :class:`~dmoerm.training.loop.TrainConfig`) fills: ``gradient_accumulation_steps``,
+    ``gradient_clipping`` from ``max_grad_norm`` (0 is off in both), ``train_micro_batch_size_per_gpu`` (this
+    rank's share of ``batch_size``) and ``train_batch_size``.
     A value set in the JSON that differs from the train config raises ValueError naming both (DeepSpeed
     accumulates and clips by its config, and would silently train otherwise)."""
     ds = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
     world = accelerator.num_processes
     problems = []
-    for key, ours, field_name in (
-        ("gradient_accumulation_steps", gradient_accumulation_steps, "gradient_accumulation_steps"),
-        ("gradient_clipping", max_grad_norm, "max_grad_norm"),
+    for key, field_name in (
+        ("gradient_accumulation_steps", "gradient_accumulation_steps"),
+        ("gradient_clipping", "max_grad_norm"),
     ):
+        ours = getattr(config, field_name)
         value = ds.get(key, "auto")
         if value == "auto":
             ds[key] = ours
@@ -279,7 +281,7 @@ def deepspeed_settings(accelerator, gradient_accumulation_steps: int, max_grad_n
     if problems:
         raise ValueError(f"accelerate distributed_type DeepSpeed: {'; '.join(problems)} ({_DOCS})")
     if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        ds["train_micro_batch_size_per_gpu"] = max(1, -(-batch_size // world))
+        ds["train_micro_batch_size_per_gpu"] = max(1, -(-config.batch_size // world))
     if ds.get("train_batch_size", "auto") == "auto":
         ds["train_batch_size"] = (
             ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
