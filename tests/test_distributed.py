@@ -4,6 +4,7 @@ router, phase 3 and the single reward model; both ranks alike; a resumed 2-proce
 train_expert under FSDP2 too, and the FSDP settings it cannot train under are named before any work."""
 
 import dataclasses
+import importlib.util
 import os
 import re
 import socket
@@ -217,7 +218,9 @@ def test_the_shipped_accelerate_configs_load_with_accelerate():
             config.num_machines,
             config.num_processes,
         )
-        assert config.mixed_precision == "no", path.name
+        assert config.mixed_precision in ("no", None), (
+            path.name
+        )  # None: the DeepSpeed ones (accelerate refuses it)
         if config.deepspeed_config:
             ds = json.loads((root / config.deepspeed_config["deepspeed_config_file"]).read_text())
             assert isinstance(ds["train_micro_batch_size_per_gpu"], int), path.name
@@ -243,3 +246,257 @@ def test_the_pipeline_refuses_fsdp_before_any_work(tiny_backbone, tmp_path, monk
     with pytest.raises(ValueError, match="distributed_type FSDP: unsupported settings .* fsdp_version: 1"):
         run_pipeline(config, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# DeepSpeed ZeRO-2 and ZeRO-3 (tests/deepspeed_worker.py). The training tests need the deepspeed package (the
+# `deepspeed` extra); the checks of the DeepSpeed config run without it.
+ROOT = Path(__file__).parent.parent
+ZERO2_YAML = ROOT / "configs" / "accelerate" / "deepspeed-zero2.yaml"
+ZERO3_YAML = ROOT / "configs" / "accelerate" / "deepspeed-zero3.yaml"
+
+
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="the deepspeed package is not installed (pip install -e '.[deepspeed]')",
+)
+
+
+def _accelerate_launch(config_file: Path, script: Path, *args: str, **env_extra: str):
+    """``accelerate launch --config_file config_file --num_processes 2 script args`` from the repository root
+    (the config's DeepSpeed JSON path is relative to it); the finished process."""
+    here = Path(__file__).parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **env_extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+        "--num_processes", "2", "--main_process_port", str(_free_port()), str(script), *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _zero_runs(tiny_backbone: str, out: Path, config_file: Path) -> tuple[dict, dict]:
+    """tests/deepspeed_worker.py on 2 processes under ``config_file``; what each rank saved."""
+    _accelerate_launch(config_file, Path(__file__).parent / "deepspeed_worker.py", tiny_backbone, str(out))
+    return tuple(torch.load(out / f"rank{r}.pt") for r in (0, 1))
+
+
+def _check_zero_runs(r0: dict, r1: dict, stage: int, tiny_backbone: str, runs: tuple[str, ...]) -> dict:
+    """What every ZeRO stage must give (the tests below); the differences measured, by name."""
+    from fsdp_worker import CONFIG, expert_run, expert_weights, fresh_bank
+
+    assert r0["stage"] == r1["stage"] == stage
+    for run in (*runs, "ddp", "ddp_full"):
+        assert _max_diff(r0[run]["weights"], r1[run]["weights"]) == 0.0, run  # the ranks are identical
+        assert r0[run]["bank_class"] == r1[run]["bank_class"] == "ExpertBank", run
+    # Every run was a ZeRO engine of the launch's stage holding half of the trained weights' AdamW state on
+    # each rank, with the train config's accumulation and clipping (FULL, the 4th, accumulates 2).
+    for found in (r0, r1):
+        prepared = found["prepared"]
+        assert len(prepared) == len(runs) + 1  # the killed run and its rerun
+        for seen in prepared:
+            assert seen["engine"] == "DeepSpeedEngine" and seen["stage"] == stage, seen
+            assert 0.45 * seen["whole"] <= seen["local"] <= 0.55 * seen["whole"], seen
+            assert seen["settings"]["gradient_clipping"] == seen["gradient_clipping"], seen
+            assert seen["settings"]["gradient_accumulation_steps"] == seen["gradient_accumulation_steps"], (
+                seen
+            )
+        assert [p["gradient_accumulation_steps"] for p in prepared][:4] == [1, 1, 1, 2]
+    one = expert_run(tiny_backbone, CONFIG)
+    diffs = {
+        f"zero{stage} vs ddp (2 processes)": _max_diff(r0["clip"]["weights"], r0["ddp"]["weights"]),
+        f"finetune full, zero{stage} vs ddp": _max_diff(r0["full"]["weights"], r0["ddp_full"]["weights"]),
+        "clip weights": _max_diff(one["weights"], r0["clip"]["weights"]),
+        "clip test rewards": _max_diff(one["scores"], r0["clip"]["scores"]),
+        "clip losses": _max_diff(one["loss"], r0["clip"]["loss"]),
+    }
+    assert all(d <= ATOL for k, d in diffs.items() if k != "clip weights"), diffs
+    assert diffs["clip weights"] <= 5e-5, diffs  # as DDP and FSDP2 (above): rounding, amplified by Adam
+    assert torch.equal(one["dev"], r0["clip"]["dev"])
+    assert _max_diff(r0["clip"]["weights"], expert_weights(fresh_bank(tiny_backbone))) > 1e-3
+    assert _max_diff(r0["full"]["weights"], expert_weights(fresh_bank(tiny_backbone, "full"))) > 1e-3
+    # Killed after epoch 1's checkpoint (whole weights, AdamW state gathered from both partitions), rerun.
+    assert _max_diff(r0["resumed"]["weights"], r0["clip"]["weights"]) <= 1e-6
+    for found in (r0, r1):  # the bank handed back: ExpertBank.save then load, the same test rewards
+        assert torch.equal(found["clip"]["loaded_scores"], found["clip"]["scores"])
+    return diffs
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_train_expert_under_deepspeed_zero2_trains_like_ddp_and_one_process(
+    tiny_backbone, tmp_path, one_torch_thread
+):
+    """train_expert under `accelerate launch` with the shipped deepspeed-zero2.yaml / ds-zero2.json on 2 CPU
+    processes (DeepSpeed's CPU accelerator over gloo): each run is a ZeRO-2 engine whose AdamW state is half
+    on each rank, filled from the train config (accumulation, clipping); both ranks end alike, as DDP on the
+    same processes (also with finetune: full, accumulation 2 and the length penalty, and with bf16 autocast)
+    and as one process with the same global batch. The bank handed back saves and loads to the same scores, a
+    run killed after epoch 1 resumes to the straight run's weights, and a DeepSpeed JSON contradicting the
+    train config, or casting the bank, stops on every rank before the bank is touched."""
+    from fsdp_worker import CONFIG, expert_run
+
+    r0, r1 = _zero_runs(tiny_backbone, tmp_path, ZERO2_YAML)
+    diffs = _check_zero_runs(r0, r1, 2, tiny_backbone, ("clip", "resumed", "full", "noclip", "bf16"))
+    assert _max_diff(r0["ddp_bf16"]["weights"], r1["ddp_bf16"]["weights"]) == 0.0
+    one = expert_run(tiny_backbone, dataclasses.replace(CONFIG, max_grad_norm=0.0))
+    diffs |= {
+        "bf16 autocast, zero2 vs ddp": _max_diff(r0["bf16"]["weights"], r0["ddp_bf16"]["weights"]),
+        "noclip weights": _max_diff(one["weights"], r0["noclip"]["weights"]),
+        "noclip test rewards": _max_diff(one["scores"], r0["noclip"]["scores"]),
+    }
+    print("max abs difference, ZeRO-2 on 2 processes vs:", diffs)
+    assert all(d <= 1e-6 for k, d in diffs.items() if "vs ddp" in k), diffs
+    assert diffs["noclip weights"] <= ATOL and diffs["noclip test rewards"] <= ATOL, diffs
+    assert [p["gradient_clipping"] for p in r0["prepared"]] == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0]
+    assert _max_diff(r0["bf16"]["weights"], r0["clip"]["weights"]) > 1e-4  # bf16 did autocast
+    assert _max_diff(r0["clip"]["weights"], r0["noclip"]["weights"]) > 1e-3  # clipping acted
+    stops = {
+        "mismatch": "gradient_accumulation_steps: 4 in the DeepSpeed config differs from the train config's "
+        "gradient_accumulation_steps 1 (set it to auto",
+        "cast": "bf16.enabled: true is not supported",
+    }
+    for rank, found in enumerate((r0, r1)):
+        for kind, expected in stops.items():
+            error = found[kind]["error"]
+            assert expected in error and "docs/scaling.md" in error, (rank, kind, error)
+            assert found[kind]["bank_class"] == "ExpertBank" and found[kind]["unchanged"], (rank, kind)
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_train_expert_under_deepspeed_zero3_partitions_only_the_trained_weights(
+    tiny_backbone, tmp_path, one_torch_thread
+):
+    """train_expert under the shipped deepspeed-zero3.yaml / ds-zero3.json on 2 CPU processes: each run's
+    trained weights (copies in a training view) are partitioned, about half on each rank, while the bank's own
+    parameters never are; the weights gathered back equal DDP's on the same processes (also with finetune:
+    full, accumulation 2 and the length penalty) and the 1-process run's; save then load scores the same, and
+    a killed run resumes to the straight run's weights."""
+    r0, r1 = _zero_runs(tiny_backbone, tmp_path, ZERO3_YAML)
+    diffs = _check_zero_runs(r0, r1, 3, tiny_backbone, ("clip", "resumed", "full"))
+    print("max abs difference, ZeRO-3 on 2 processes vs:", diffs)
+    assert all(d <= ATOL for k, d in diffs.items() if "vs ddp" in k), diffs  # ZeRO-3 sums in its own order
+    for found in (r0, r1):
+        for seen in found["prepared"]:
+            assert seen["bank_whole"] and seen["partitioned"] == seen["local"], seen
+
+
+def _deepspeed_launch(stage: int = 2, **keys):
+    """An accelerator-like DeepSpeed launch on 2 processes with the shipped ds-zero2.json, keys changed."""
+    import json
+    from types import SimpleNamespace
+
+    ds = json.loads((ROOT / "configs" / "accelerate" / "ds-zero2.json").read_text()) | keys
+    ds["zero_optimization"] = {**ds["zero_optimization"], "stage": stage}
+    plugin = SimpleNamespace(deepspeed_config=ds, zero_stage=stage, zero3_init_flag=False)
+    return SimpleNamespace(
+        distributed_type="DEEPSPEED", state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=2,
+        mixed_precision="no",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"bf16": {"enabled": True}}, "bf16.enabled: true is not supported"),
+        ({"fp16": {"enabled": True}}, "fp16.enabled: true is not supported"),
+        ({"optimizer": {"type": "AdamW"}}, "optimizer: not supported (dmoerm builds its own AdamW"),
+        ({"scheduler": {"type": "WarmupLR"}}, "scheduler: not supported"),
+        (
+            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+            "zero_optimization.offload_optimizer.device: cpu is not supported, use none",
+        ),
+    ],
+)
+def test_each_unsupported_deepspeed_key_is_named(keys, message):
+    """The shipped ds-zero2.json passes the check, and ZeRO-3 with zero3_init_flag: false; each DeepSpeed key
+    dmoerm cannot train under raises a ValueError naming it (no deepspeed package needed), and so does ZeRO-3
+    with zero3_init_flag: true (transformers would load the backbone partitioned)."""
+    from dmoerm.training.sharding import check_sharding
+
+    check_sharding(_deepspeed_launch())
+    check_sharding(_deepspeed_launch(stage=3))
+    with pytest.raises(ValueError, match=r"distributed_type DeepSpeed: unsupported DeepSpeed config keys .*"
+                       + re.escape(message)):  # fmt: skip
+        check_sharding(_deepspeed_launch(**keys))
+    init = _deepspeed_launch(stage=3)
+    init.state.deepspeed_plugin.zero3_init_flag = True
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3: .* not supported with zero3_init_flag: true"):
+        check_sharding(init)
+
+
+def test_each_run_fills_the_deepspeed_config_from_its_train_config():
+    """``auto`` accumulation and clipping take each run's train config (0: clipping off, as in dmoerm), the
+    micro batch and global batch follow; an explicit value equal to the train config's passes, a different one
+    raises naming both; the launch's own config is left as it was for the next run."""
+    from dmoerm.training.loop import TrainConfig
+    from dmoerm.training.sharding import deepspeed_settings
+
+    def train(gas, clip):
+        return TrainConfig(gradient_accumulation_steps=gas, max_grad_norm=clip, batch_size=8)
+
+    launch = _deepspeed_launch()
+    before = dict(launch.state.deepspeed_plugin.deepspeed_config)
+    ds = deepspeed_settings(launch, train(2, 0.0))
+    assert (ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (2, 0.0)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (1, 4)
+    assert launch.state.deepspeed_plugin.deepspeed_config == before
+    assert (
+        deepspeed_settings(_deepspeed_launch(gradient_clipping=0.5), train(1, 0.5))["gradient_clipping"]
+        == 0.5
+    )
+    with pytest.raises(ValueError, match=re.escape("gradient_clipping: 1.0 in the DeepSpeed config differs from "
+                                                   "the train config's max_grad_norm 0.5 (set it to auto")):  # fmt: skip
+        deepspeed_settings(_deepspeed_launch(gradient_clipping=1.0), train(1, 0.5))
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_backbone, tmp_path_factory):
+    """The tests' tiny job trained by `dmoerm train` in this process: its config file (run folder beside)."""
+    from dmoerm.pipeline import PipelineConfig, run_pipeline
+    from test_distributed_pipeline import _config_file
+
+    one = _config_file(tmp_path_factory.mktemp("one_process_run"), tiny_backbone, "one")
+    torch.set_num_threads(1)
+    run_pipeline(PipelineConfig.from_file(one), progress=False)
+    return one
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize(
+    "stage",
+    [
+        pytest.param(2, marks=pytest.mark.skipif(
+            not os.environ.get("DMOERM_TEST_ALL_ZERO"),
+            reason="set DMOERM_TEST_ALL_ZERO=1 to run it (~16 s): ZeRO-3's case runs every stage's path and more",
+        )),
+        3,
+    ],
+)  # fmt: skip
+def test_dmoerm_train_under_deepspeed_zero_gives_the_one_process_model(
+    stage, one_process_run, tiny_backbone, tmp_path
+):
+    """`dmoerm train` on 2 processes under `accelerate launch` with the shipped deepspeed-zero2.yaml (or
+    deepspeed-zero3.yaml): every bank stage (warm start, phase 1, phase-2 experts, single RM) trains as a ZeRO
+    engine of that stage, rank 0 alone writes (the write guard), and the saved model scores the test responses
+    as the 1-process run's does, with the same files."""
+    from test_distributed_pipeline import _config_file, _files, _test_records, _test_rewards
+
+    one = one_process_run.with_suffix("")
+    config = _config_file(tmp_path, tiny_backbone, f"zero{stage}")
+    worker = Path(__file__).parent / "deepspeed_worker.py"
+    args = ["dmoerm", "train", "--config", str(config), "--no-progress"]
+    launch = ZERO2_YAML if stage == 2 else ZERO3_YAML
+    proc = _accelerate_launch(launch, worker, *args, DMOERM_TEST_GUARD=str(config.with_suffix("")))
+    assert "RANK-WRITE" not in proc.stderr, [ln for ln in proc.stderr.splitlines() if "RANK-WRITE" in ln]
+    runs = re.findall(rf"ZERO-RUNS rank (\d): (\d+) stage {stage} (\d+)", proc.stderr)
+    print(f"ZeRO-{stage} expert runs per rank (prepared, ZeRO-{stage} engines):", runs)
+    assert sorted(r for r, _, _ in runs) == ["0", "1"] and all(n == m != "0" for _, n, m in runs), runs
+    test = _test_records(one)
+    diff = float((_test_rewards(one, test) - _test_rewards(config.with_suffix(""), test)).abs().max())
+    print(f"max |reward difference|, 1 process vs 2 under ZeRO-{stage}, on the test responses:", diff)
+    assert diff <= ATOL
+    assert _files(one) == _files(config.with_suffix(""))

@@ -30,8 +30,36 @@ def process_accelerator():
     if _ACCELERATOR is None:
         from accelerate import Accelerator
 
-        _ACCELERATOR = Accelerator(cpu=not torch.cuda.is_available())
+        if _deepspeed_on_cpu():
+            from accelerate.state import PartialState
+
+            # accelerate 1.15 finds no backend for DeepSpeed without a GPU and would run every rank as a
+            # 1-process job (all of them rank 0, all writing): join the launch's processes over gloo instead.
+            PartialState(cpu=False, backend="gloo")
+            _ACCELERATOR = Accelerator(cpu=False)
+        else:
+            _ACCELERATOR = Accelerator(cpu=not torch.cuda.is_available())
+        _load_backbones_whole(_ACCELERATOR)
     return _ACCELERATOR
+
+
+def _load_backbones_whole(accelerator) -> None:
+    """Under DeepSpeed with ``zero3_init_flag: false``, forget the config accelerate hands transformers anyway
+    (accelerate 1.15 sets it whatever the flag), so ``from_pretrained`` loads each backbone whole: the expert
+    bank stays whole on every rank, and ZeRO-3 partitions only an expert's trained weights, when its run
+    starts (:class:`~dmoerm.training.sharding.ZeroThreeExpert`). A true flag is refused by ``check_sharding``."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and not plugin.zero3_init_flag:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
+def _deepspeed_on_cpu() -> bool:
+    """True in a process of ``accelerate launch`` with a DeepSpeed config on a machine without CUDA."""
+    launched = int(os.environ.get("LOCAL_RANK", "-1")) != -1
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return launched and deepspeed and not torch.cuda.is_available()
 
 
 def rank_and_world() -> tuple[int, int]:

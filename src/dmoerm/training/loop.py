@@ -32,7 +32,14 @@ from dmoerm.training.distributed import (
     with_other_ranks,
 )
 from dmoerm.training.early_stopping import EarlyStopping
-from dmoerm.training.sharding import ShardedExpert, check_sharding, is_fsdp
+from dmoerm.training.sharding import (
+    ShardedExpert,
+    check_sharding,
+    deepspeed_settings,
+    is_deepspeed,
+    is_fsdp,
+    zero_expert,
+)
 from dmoerm.training.trunk_cache import TrunkCache
 
 logger = logging.getLogger(__name__)
@@ -272,12 +279,16 @@ class _ExpertRun:
     DDP (and FSDP2's reduce-scatter) averages the ranks' gradients: the update equals the one-process
     full-batch update. ``params`` are the bank's own trainable weights; ``trained`` the ones the optimizer
     steps: the same under DDP, the training view's shards under FSDP2 (``sharded``), which are copied into
-    the bank whole for dev scoring and at the end."""
+    the bank whole for dev scoring and at the end. Under DeepSpeed ``sharded`` is a ZeRO-1/2
+    :class:`~dmoerm.training.sharding.ZeroExpert` (the bank's own parameters train, whole on every rank) or a
+    ZeRO-3 :class:`~dmoerm.training.sharding.ZeroThreeExpert` (partitioned copies, gathered like FSDP2's);
+    DeepSpeed steps and clips inside ``accelerator.backward`` by the run's filled DeepSpeed config."""
 
     def __init__(self, bank, expert: str, train, dev, config: TrainConfig, cache: TrunkCache, desc):
         self.bank, self.expert, self.dev, self.config, self.cache = bank, expert, dev, config, cache
         self.accelerator = acc = process_accelerator()
-        check_sharding(acc)  # ZeRO-3 or an unsupported FSDP setting stops before the bank is touched
+        check_sharding(acc)  # an unsupported DeepSpeed or FSDP setting stops before the bank is touched
+        zero = deepspeed_settings(acc, config) if is_deepspeed(acc) else None  # so does a contradicting JSON
         acc.gradient_accumulation_steps = config.gradient_accumulation_steps
         acc.step = (
             0  # accumulation counts from this run's first step, not from an earlier run's (resume sets it)
@@ -303,6 +314,8 @@ class _ExpertRun:
         optimizer, self.scheduler = _expert_optimizer(self.params, config, len(train))
         # The scheduler stays unprepared: accelerate would step it once per process and update.
         self.sharded = ShardedExpert(acc, bank, self.params, self.names, optimizer) if is_fsdp(acc) else None
+        if zero is not None:  # ZeRO-1/2 partition gradients and AdamW state; ZeRO-3 the trained weights too
+            self.sharded = zero_expert(acc, bank, self.params, self.names, optimizer, zero)
         if self.sharded is not None:
             self.model, self.optimizer = self.sharded.model, self.sharded.optimizer
             self.trained = self.sharded.params
@@ -324,6 +337,8 @@ class _ExpertRun:
         """Leave the bank's own weights at ``best`` (else at the trained ones), whole on every rank."""
         if self.sharded is not None:
             self.sharded.to_bank()
+            if hasattr(self.sharded, "release"):  # DeepSpeed: the bank's tensors made its own again
+                self.sharded.release()
         if best is not None:
             with torch.no_grad():
                 for p, v in zip(self.params, best, strict=True):
