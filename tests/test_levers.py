@@ -66,6 +66,33 @@ def test_a_prompt_routes_the_same_in_any_batch(trained):
         assert a.reward == pytest.approx(m.reward, abs=1e-5)
 
 
+def test_labelled_category_scoring_sends_each_input_where_it_is_told(trained):
+    """``dmoerm_outputs(categories=...)`` (the evaluation's "DMoERM, labelled category"): each input goes to
+    the named category's inner model; where the router picked that category the reward is the routed one,
+    and batched equals one input at a time."""
+    from dmoerm.scoring import dmoerm_outputs, flatten
+
+    model, _, recs, _ = trained
+    cache = TrunkCache()
+    flat, where = flatten([encode_record(model.tokenizer, r, model.max_length) for r in recs[:16]])
+    routed = dmoerm_outputs(model, flat, cache)
+    told = [r.category for r, w in zip(recs, where) for _ in range(w.start, w.stop)]
+    sent = dmoerm_outputs(model, flat, cache, categories=told)
+    assert sent.category == told
+    same = [i for i, c in enumerate(told) if routed.category[i] == c]
+    moved = [i for i, c in enumerate(told) if routed.category[i] != c]
+    assert same and moved  # the tiny router is wrong on some: both cases are exercised
+    assert torch.allclose(sent.reward[same], routed.reward[same], atol=1e-6)
+    for i in moved[:4]:
+        alone = dmoerm_outputs(model, [flat[i]], cache, categories=[told[i]])
+        assert alone.reward[0].item() == pytest.approx(sent.reward[i].item(), abs=1e-6)
+        assert alone.reward[0].item() != pytest.approx(routed.reward[i].item(), abs=1e-6)
+    with pytest.raises(ValueError, match=r"categories: nope not among the model's \("):
+        dmoerm_outputs(model, flat[:1], cache, categories=["nope"])
+    with pytest.raises(ValueError, match="categories: 2 given for 1 inputs"):
+        dmoerm_outputs(model, flat[:1], cache, categories=["code", "code"])
+
+
 @pytest.mark.parametrize("kind", ["residual", "linear"])
 def test_residual_aggregator_starts_at_the_phase1_reward(trained, kind):
     """Both aggregators that start from the phase-1 reward score exactly as it before any training."""

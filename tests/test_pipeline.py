@@ -21,7 +21,8 @@ def test_pipeline_runs_end_to_end_and_a_rerun_skips_finished_stages(tmp_path, ti
     out = tmp_path / "run"
     for name in ("report.md", "config.yaml", "state.json", "sizes.json", "curves/router.png"):
         assert (out / name).exists(), name
-    for system in ("DMoERM", "DMoERM, experts averaged", "per-category RMs (routed)", "single RM"):
+    systems = ("DMoERM", "DMoERM, experts averaged", "per-category RMs (routed)", "DMoERM, labelled category")
+    for system in (*systems, "single RM"):
         assert system in result.table, system
     for rule in ("mean", "min", "uwo"):
         assert (out / "eval" / f"RM_ensemble_{rule}_N_2" / "eval.json").exists(), rule

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dmoerm.encoding import EncodedInput, RankedItem, collate, length_buckets
@@ -195,16 +196,24 @@ def dmoerm_outputs(
     cache=None,
     batch_size: int = 16,
     batches: Sequence[Sequence[int]] | None = None,
+    categories: Sequence[str] | None = None,
 ) -> DMoERMScores:
     """Score inputs with a DMoERM: route, inner models, rewards. A prompt is routed once per call
-    (:meth:`~dmoerm.model.DMoERM.route`'s memo), so every response to it goes to the same inner model."""
+    (:meth:`~dmoerm.model.DMoERM.route`'s memo), so every response to it goes to the same inner model.
+
+    ``categories`` (one per input) skips the router and sends each input to that category's inner model: with
+    the records' labelled categories, the DMoERM a perfect router would give (an evaluation diagnostic)."""
     n = len(inputs)
     scores = DMoERMScores(torch.empty(n), [""] * n, torch.empty(n), [{} for _ in range(n)])
     memo: dict = {}  # prompt tokens -> router features, for this call
+    sent = None if categories is None else _category_indices(model, categories, n)  # [N]
     with _inference(model):
         for b in trunk_batches(model.bank, inputs, cache, batch_size, batches):
             prompts = [inputs[i].input_ids[: inputs[i].prompt_length] for i in b.index]
-            probs = model.route(b.states, b.prompt_mask.to(b.states.device), prompts, memo)  # [B, C]
+            if sent is None:
+                probs = model.route(b.states, b.prompt_mask.to(b.states.device), prompts, memo)  # [B, C]
+            else:  # [B, C] one-hot on each input's given category
+                probs = F.one_hot(sent[list(b.index)], len(model.categories)).float().to(b.states.device)
             res = model(b.states, b.attention_mask, b.prompt_mask, probs)
             rows = torch.arange(len(b.index), device=res.category_probs.device)
             scores.reward[b.index] = res.reward.float().cpu()
@@ -213,3 +222,16 @@ def dmoerm_outputs(
                 scores.category[i] = model.categories[int(res.category_index[j])]
                 scores.capability_scores[i] = res.capability_scores[j]
     return scores
+
+
+def _category_indices(model, categories: Sequence[str], n: int) -> torch.Tensor:
+    """[N] each input's position in ``model.categories``; a count or a name the model lacks is an error."""
+    if len(categories) != n:
+        raise ValueError(f"categories: {len(categories)} given for {n} inputs")
+    unknown = sorted(set(categories) - set(model.categories))
+    if unknown:
+        raise ValueError(
+            f"categories: {', '.join(unknown)} not among the model's ({', '.join(model.categories)})"
+        )
+    index = {c: i for i, c in enumerate(model.categories)}
+    return torch.tensor([index[c] for c in categories], dtype=torch.long)

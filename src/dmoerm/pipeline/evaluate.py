@@ -58,10 +58,16 @@ def evaluation_stage(
             # routing, same experts): no second pass through the experts.
             rewards = torch.tensor([sum(c.values()) / len(c) for c in capability_scores])
         else:
+            sent = None
+            if system == LABELLED:  # every test record to its labelled category's inner model
+                system, sent = (
+                    "mlp",
+                    [r.category for w, r in zip(where, test_recs) for _ in range(w.start, w.stop)],
+                )
             if isinstance(system, str):
                 model.routing = dataclasses.replace(config.routing, aggregation=system)
                 system = model
-            rewards, routed, scores = score_sharded(system, flat, cache)
+            rewards, routed, scores = score_sharded(system, flat, cache, categories=sent)
             if name == first:
                 capability_scores = scores
                 router_right = sum(routed[w.start] == r.category for w, r in zip(where, test_recs))
@@ -86,6 +92,11 @@ def evaluation_stage(
     return results, router_right / max(1, len(test_recs))
 
 
+LABELLED = "labelled category"
+"""The DMoERM with every test record sent to its labelled category: what a perfect router would give, so
+DMoERM's row minus this one is what routing errors cost."""
+
+
 def _systems(config: PipelineConfig, baseline: RewardModel | None) -> dict:
     """System name -> DMoERM's aggregation (``mlp``, ``mean``, ``phase1``) or the single reward model."""
     # DMoERM, its two scoring-time ablations (issue 5: experts averaged instead of the MLP; the router with
@@ -94,6 +105,7 @@ def _systems(config: PipelineConfig, baseline: RewardModel | None) -> dict:
         "DMoERM": "mlp",
         "DMoERM, experts averaged": "mean",
         "per-category RMs (routed)": "phase1",
+        "DMoERM, labelled category": LABELLED,
     }
     if config.without_router:  # one inner model: its phase-1 model is one RM on phase 1 of every category
         systems = {"DMoERM without router": "mlp", "DMoERM without router, experts averaged": "mean"}
@@ -113,16 +125,23 @@ def _my_share(n: int, batch_size: int = 16) -> range:
 
 
 def score_sharded(
-    model: DMoERM | RewardModel, inputs: Sequence[EncodedInput], cache: TrunkCache, batch_size: int = 16
+    model: DMoERM | RewardModel,
+    inputs: Sequence[EncodedInput],
+    cache: TrunkCache,
+    batch_size: int = 16,
+    categories: Sequence[str] | None = None,
 ):
     """:func:`score_cached`, each rank scoring its share of the batches (:func:`_my_share`) and every rank
     getting all the outputs, in order. Under one process: :func:`score_cached` itself."""
     if launched_world() == 1:
-        return score_cached(model, inputs, cache, batch_size)
+        return score_cached(model, inputs, cache, batch_size, categories)
     mine = _my_share(len(inputs), batch_size)
     part = None  # a rank with no batch (fewer batches than ranks) sends nothing
     if len(mine):
-        rewards, routed, scores = score_cached(model, list(inputs)[mine.start : mine.stop], cache, batch_size)
+        sent = None if categories is None else list(categories)[mine.start : mine.stop]
+        rewards, routed, scores = score_cached(
+            model, list(inputs)[mine.start : mine.stop], cache, batch_size, sent
+        )
         part = (rewards.cpu(), routed, scores)
     parts = [p for p in gather_lists([part]) if p is not None]
     if not parts:
@@ -132,14 +151,19 @@ def score_sharded(
 
 
 def score_cached(
-    model: DMoERM | RewardModel, inputs: Sequence[EncodedInput], cache: TrunkCache, batch_size: int = 16
+    model: DMoERM | RewardModel,
+    inputs: Sequence[EncodedInput],
+    cache: TrunkCache,
+    batch_size: int = 16,
+    categories: Sequence[str] | None = None,
 ):
-    """Score encoded inputs reading trunk states from ``cache`` (shared by every model on the same trunk).
+    """Score encoded inputs reading trunk states from ``cache`` (shared by every model on the same trunk);
+    a DMoERM with ``categories`` sends each input to that category instead of routing it.
 
     Returns (rewards [N], routed category per input or None, capability scores per input)."""
     batches = in_order(len(inputs), batch_size)  # consecutive batches, as this evaluation always scored
     if isinstance(model, DMoERM):
-        out = dmoerm_outputs(model, inputs, cache, batches=batches)
+        out = dmoerm_outputs(model, inputs, cache, batches=batches, categories=categories)
         return out.reward, out.category, out.capability_scores
     rewards = expert_rewards(model.bank, RewardModel.EXPERT, inputs, cache, batches=batches)
     return rewards, [None] * len(inputs), [{} for _ in inputs]

@@ -11,7 +11,13 @@ from dmoerm.pipeline.files import write_text
 
 logger = logging.getLogger(__name__)
 
-_SYSTEM_ORDER = ("DMoERM", "DMoERM, experts averaged", "per-category RMs (routed)", "single RM")
+_SYSTEM_ORDER = (
+    "DMoERM",
+    "DMoERM, experts averaged",
+    "per-category RMs (routed)",
+    "DMoERM, labelled category",
+    "single RM",
+)
 
 
 def eval_folder(system: str) -> str:
