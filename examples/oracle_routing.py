@@ -17,18 +17,12 @@ import torch
 
 
 def oracle_rewards(model, records, flat, where, cache) -> torch.Tensor:
-    """Rewards [N] with each record's responses scored by its own category's inner model (no router)."""
-    from dmoerm.scoring import in_order, trunk_batches
+    """Rewards [N] with each record's responses scored by its own category's inner model (no router): the
+    evaluation's "DMoERM, labelled category"."""
+    from dmoerm.pipeline.evaluate import score_cached
 
     category = [r.category for r, span in zip(records, where) for _ in range(span.start, span.stop)]
-    rewards = torch.empty(len(flat))
-    with torch.no_grad():
-        for b in trunk_batches(model.bank, flat, cache, batches=in_order(len(flat), 16)):
-            for c in sorted({category[i] for i in b.index}):
-                rows = [j for j, i in enumerate(b.index) if category[i] == c]
-                r, _, _ = model.inner_reward(b.states[rows], b.attention_mask[rows], c)  # [b_c]
-                rewards[[b.index[j] for j in rows]] = r.float().cpu()
-    return rewards
+    return score_cached(model, flat, cache, categories=category)[0]
 
 
 def main(argv: list[str]) -> int:

@@ -3,8 +3,7 @@ pairs (the same pairs for both, resampled by record), e.g. for the scaling study
 
     python examples/paired_difference.py runs/scaling/n384_seed0 runs/scaling/n384_seed1
 
-Prints, per run, DMoERM agreement, single RM agreement and the difference with its 95% interval; then the
-same for the DMoERM with every test record sent to its labelled category (what a perfect router would give).
+Prints, per run, DMoERM agreement, single RM agreement and the difference with its 95% interval.
 """
 
 from __future__ import annotations
@@ -26,16 +25,14 @@ def outcomes(records, rewards, where) -> list[list[float]]:
     return out
 
 
-def pair_outcomes(model, records, cache, labelled: bool = False) -> list[list[float]]:
-    """:func:`outcomes` of ``model``'s rewards, scored as the pipeline's evaluation scores them (``labelled``:
-    a DMoERM sends each record to its labelled category instead of routing it)."""
+def pair_outcomes(model, records, cache) -> list[list[float]]:
+    """:func:`outcomes` of ``model``'s rewards, scored as the pipeline's evaluation scores them."""
     from dmoerm.encoding import encode_record
     from dmoerm.pipeline.evaluate import score_cached
     from dmoerm.scoring import flatten
 
     flat, where = flatten([encode_record(model.tokenizer, r, model.max_length) for r in records])
-    sent = [r.category for r, w in zip(records, where) for _ in range(w.start, w.stop)] if labelled else None
-    return outcomes(records, score_cached(model, flat, cache, categories=sent)[0], where)
+    return outcomes(records, score_cached(model, flat, cache)[0], where)
 
 
 def paired_difference(a, b, resamples: int = 2000) -> tuple[float, float, float]:
@@ -72,18 +69,12 @@ def main(argv: list[str]) -> int:
     args, cache = run_arguments(argv, __doc__)
     for run in map(Path, args.runs):
         records = [r for r in load_data(str(run / "splits" / "test.jsonl")) if r.pairs()]
-        model = load_model(run / "model")
-        a = pair_outcomes(model, records, cache)
+        a = pair_outcomes(load_model(run / "model"), records, cache)
         b = pair_outcomes(load_model(run / "baseline"), records, cache)
         d, lo, hi = paired_difference(a, b, args.resamples)
         print(
             f"{run}: DMoERM {agreement(a):.1f}, single RM {agreement(b):.1f}, "
             f"difference {d:+.1f} [{lo:+.1f}, {hi:+.1f}] ({sum(map(len, a))} pairs)"
-        )
-        c = pair_outcomes(model, records, cache, labelled=True)
-        d, lo, hi = paired_difference(c, b, args.resamples)
-        print(
-            f"{run}: DMoERM sent to the labelled category {agreement(c):.1f}, difference {d:+.1f} [{lo:+.1f}, {hi:+.1f}]"
         )
     return 0
 
