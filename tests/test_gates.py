@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -197,3 +198,29 @@ def test_cross_fit_config_is_checked_and_recorded_only_when_on():
     crossed = PipelineConfig(specialise=SpecialiseConfig(gate_cross_fit=True))
     assert stage_inputs(crossed, "phase1/code")["specialise.gate_cross_fit"] is True
     assert stage_inputs(crossed, "phase3/code")["specialise.gate_cross_fit"] is True
+
+
+def test_a_cross_fitted_phase1_killed_mid_run_resumes_to_the_same_gate(tiny_backbone, tmp_path):
+    """The evaluations the gate reads are in the phase-1 checkpoint: killed after epoch 1 and rerun, the run
+    records the straight run's evaluations and gate, and ends with its weights."""
+    from helpers import killed_in_epoch_two
+
+    fast = dataclasses.replace(FAST, learning_rate=5e-2, epochs=3)
+    gated = dict(progress=False, init_from=WARM_START, gate_alpha=0.5, cross_fit=True)
+    runs = []
+    for kill in (False, True):
+        model = make_model(tiny_backbone)
+        cache = TrunkCache()
+        code = _code_items(model, 24, seed=1)
+        train_warm_start(model, code[:8], code[8:12], FAST, cache, progress=False)
+        ckpt = tmp_path / f"kill{kill}"
+        call = functools.partial(
+            train_phase1, model, "code", code[:12], code[12:], fast, cache, ckpt, **gated
+        )
+        if kill:
+            killed_in_epoch_two(call)
+        res = call()
+        runs.append((res, score_items(model.bank, rm_expert("code"), code, cache)))
+    (straight, straight_scores), (resumed, resumed_scores) = runs
+    assert resumed.dev_rewards == straight.dev_rewards and resumed.gate == straight.gate
+    assert torch.allclose(torch.tensor(resumed_scores), torch.tensor(straight_scores), atol=1e-6)
