@@ -30,6 +30,11 @@ from dmoerm.training.trunk_cache import TrunkCache
 logger = logging.getLogger(__name__)
 
 
+LABELLED = "labelled category"
+"""The DMoERM with every test record sent to its labelled category: what a perfect router would give, so
+DMoERM's row minus this one is what routing errors cost."""
+
+
 def evaluation_stage(
     run: RunContext, model: DMoERM, data: RunData, items: Encoded, members: Sequence[RewardModel]
 ) -> tuple[dict, float]:
@@ -90,11 +95,6 @@ def evaluation_stage(
         )
     run.timings["eval"] = round(time.perf_counter() - t0, 2)
     return results, router_right / max(1, len(test_recs))
-
-
-LABELLED = "labelled category"
-"""The DMoERM with every test record sent to its labelled category: what a perfect router would give, so
-DMoERM's row minus this one is what routing errors cost."""
 
 
 def _systems(config: PipelineConfig, baseline: RewardModel | None) -> dict:

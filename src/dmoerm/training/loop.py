@@ -10,6 +10,7 @@ ZeRO-2, or FSDP2 sharding the trained weights of a training view while the bank 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -337,8 +338,7 @@ class _ExpertRun:
         """Leave the bank's own weights at ``best`` (else at the trained ones), whole on every rank."""
         if self.sharded is not None:
             self.sharded.to_bank()
-            if hasattr(self.sharded, "release"):  # DeepSpeed: the bank's tensors made its own again
-                self.sharded.release()
+            self.sharded.release()
         if best is not None:
             with torch.no_grad():
                 for p, v in zip(self.params, best, strict=True):
@@ -481,28 +481,7 @@ def train_expert(
         if result.stopped_early:
             break
         picking = not stopping.should_stop  # else this epoch runs only for ``pending``'s sake
-        run.model.train()
-        penalties = []
-        batches = epoch_batches(run.lengths, config.batch_size, config.seed, epoch)
-        for idx in tqdm(
-            batches, desc=f"{desc or expert} epoch {epoch + 1}/{config.epochs}", disable=desc is None
-        ):
-            items = [train[i] for i in idx]
-            if not any(item.pairs for item in items):
-                continue
-            loss, penalty = run.step(items)
-            penalties.append(penalty)
-            result.steps += 1
-            result.history["step"].append(result.steps)
-            result.history["loss"].append(loss)
-            if config.eval_every and result.steps % config.eval_every == 0:
-                evaluate(picking)
-                run.model.train()
-        if config.length_penalty > 0 and penalties:
-            logger.info(
-                "%s: epoch %d mean batch squared reward-length correlation %.4f (length_penalty %g)",
-                expert, epoch + 1, sum(penalties) / len(penalties), config.length_penalty,
-            )  # fmt: skip
+        _train_epoch(run, train, epoch, result, desc, functools.partial(evaluate, picking))
         if not config.eval_every:
             evaluate(picking)
         if stopping.should_stop and not (pending is not None and pending(result.dev_rewards)):
@@ -515,6 +494,34 @@ def train_expert(
     bank.eval()
     run.accelerator.free_memory()
     return result
+
+
+def _train_epoch(run: _ExpertRun, train, epoch: int, result: TrainResult, desc, evaluate) -> None:
+    """One epoch's updates of ``run``, each logged in ``result``; with ``eval_every``, ``evaluate()`` every
+    that many updates."""
+    config = run.config
+    run.model.train()
+    penalties = []
+    batches = epoch_batches(run.lengths, config.batch_size, config.seed, epoch)
+    for idx in tqdm(
+        batches, desc=f"{desc or run.expert} epoch {epoch + 1}/{config.epochs}", disable=desc is None
+    ):
+        items = [train[i] for i in idx]
+        if not any(item.pairs for item in items):
+            continue
+        loss, penalty = run.step(items)
+        penalties.append(penalty)
+        result.steps += 1
+        result.history["step"].append(result.steps)
+        result.history["loss"].append(loss)
+        if config.eval_every and result.steps % config.eval_every == 0:
+            evaluate()
+            run.model.train()
+    if config.length_penalty > 0 and penalties:
+        logger.info(
+            "%s: epoch %d mean batch squared reward-length correlation %.4f (length_penalty %g)",
+            run.expert, epoch + 1, sum(penalties) / len(penalties), config.length_penalty,
+        )  # fmt: skip
 
 
 def save_curves(history: dict, path: str | Path, title: str = "") -> None:

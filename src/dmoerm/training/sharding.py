@@ -178,7 +178,19 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-class WholeOptimizerState:
+class _GatheredState:
+    """An optimizer state that ``gather()`` (a collective, every rank at once) assembles before
+    ``state_dict()`` can hand it to a checkpoint."""
+
+    _state: dict | None = None
+
+    def state_dict(self) -> dict:
+        if self._state is None:
+            raise RuntimeError(f"{type(self).__name__}.gather() must run on every rank before state_dict()")
+        return self._state
+
+
+class WholeOptimizerState(_GatheredState):
     """An optimizer's state as one process's optimizer would have it (whole tensors, keyed by the position of
     each parameter in ``names``): what :class:`~dmoerm.training.checkpoint.Checkpoint` saves and loads, so a
     checkpoint is the same under FSDP2 and DDP. ``state_dict`` gathers (every rank calls it at once) and
@@ -187,7 +199,6 @@ class WholeOptimizerState:
     def __init__(self, model: nn.Module, optimizer, names: Sequence[str]):
         self.model, self.names = model, list(names)
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's
-        self._state: dict | None = None
 
     def gather(self) -> WholeOptimizerState:
         """Gather the whole state now (a collective; rank 0 then saves it alone)."""
@@ -200,11 +211,6 @@ class WholeOptimizerState:
         groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
         self._state = {"state": {index[n]: s for n, s in full["state"].items()}, "param_groups": groups}
         return self
-
-    def state_dict(self) -> dict:
-        if self._state is None:
-            raise RuntimeError("WholeOptimizerState.gather() must run on every rank before state_dict()")
-        return self._state
 
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -254,6 +260,9 @@ class ShardedExpert:
     def whole_optimizer(self) -> WholeOptimizerState:
         return WholeOptimizerState(self.model, self.optimizer, self.names)
 
+    def release(self) -> None:
+        """Nothing to release: the bank's parameters were never the view's shards."""
+
 
 def deepspeed_settings(accelerator, config) -> dict:
     """The launch's DeepSpeed config for one expert's run: a copy whose ``auto`` (or absent) keys the run's
@@ -289,7 +298,7 @@ def deepspeed_settings(accelerator, config) -> dict:
     return ds
 
 
-class ZeroOptimizerState:
+class ZeroOptimizerState(_GatheredState):
     """A DeepSpeed ZeRO-1/2 optimizer's state as one process's AdamW would have it (whole ``exp_avg`` /
     ``exp_avg_sq`` per parameter, keyed by its position in ``params``), so a checkpoint is the same as under
     DDP and FSDP2. ZeRO keeps each rank's partition of the flattened trainable weights (an fp32 master copy)
@@ -299,7 +308,6 @@ class ZeroOptimizerState:
     def __init__(self, zero_optimizer, params: Sequence[nn.Parameter]):
         self.zero, self.params = zero_optimizer, list(params)
         self._index = {id(p): i for i, p in enumerate(self.params)}
-        self._state: dict | None = None
 
     def _groups(self):
         """(flat fp32 partition, its AdamW state, the parameters flattened into it) of each param group."""
@@ -344,11 +352,6 @@ class ZeroOptimizerState:
         ]
         self._state = {"state": state, "param_groups": groups}
         return self
-
-    def state_dict(self) -> dict:
-        if self._state is None:
-            raise RuntimeError("ZeroOptimizerState.gather() must run on every rank before state_dict()")
-        return self._state
 
     def load_state_dict(self, state: dict) -> None:
         saved = {int(i): entry for i, entry in state["state"].items()}
@@ -502,13 +505,12 @@ class ZeroThreeExpert:
         """Nothing to release: the bank's parameters were never the engine's."""
 
 
-class ZeroThreeOptimizerState:
+class ZeroThreeOptimizerState(_GatheredState):
     """:class:`ZeroOptimizerState` for ZeRO-3 (DeepSpeed's ``safe_get_full_optimizer_state`` /
     ``safe_set_full_optimizer_state``: collectives, every rank at once). dmoerm's AdamW has one param group."""
 
     def __init__(self, zero_optimizer, params: Sequence[nn.Parameter]):
         self.zero, self.params = zero_optimizer, list(params)
-        self._state: dict | None = None
 
     def _flat_states(self):
         base = self.zero.optimizer
@@ -531,11 +533,6 @@ class ZeroThreeOptimizerState:
         hyper = {k: v for k, v in group.items() if k != "params"}
         self._state = {"state": state, "param_groups": [{**hyper, "params": list(range(len(self.params)))}]}
         return self
-
-    def state_dict(self) -> dict:
-        if self._state is None:
-            raise RuntimeError("ZeroThreeOptimizerState.gather() must run on every rank before state_dict()")
-        return self._state
 
     def load_state_dict(self, state: dict) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
