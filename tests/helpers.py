@@ -146,3 +146,21 @@ def killed_in_epoch_two(train) -> None:
         pass
     finally:
         loop.epoch_batches = original
+
+
+def marker_records(n: int, seed: int = 0, longer_share: float = 0.8) -> list[PreferenceRecord]:
+    """Pairs a first word decides ("water" chosen, "boils" rejected), where the chosen response is also the
+    longer one in about ``longer_share`` of them: length is a shortcut that holds there and fails at 0."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) + f" #{i}"
+        short = " ".join(rng.choice(WORDS[:8]) for _ in range(rng.randint(1, 3)))
+        long = " ".join(rng.choice(WORDS[:8]) for _ in range(rng.randint(10, 16)))
+        chosen, rejected = (long, short) if rng.random() < longer_share else (short, long)
+        out.append(
+            PreferenceRecord.from_pair(
+                [Message("user", prompt)], "water " + chosen, "boils " + rejected, source="test", uid=str(i)
+            )
+        )
+    return out

@@ -9,24 +9,24 @@ import numpy as np
 import pytest
 import torch
 
-from dmoerm.encoding import encode_record
+from dmoerm.encoding import EncodedInput, RankedItem, encode_record
 from dmoerm.evaluation import pearson
 from dmoerm.experts import BackboneConfig
 from dmoerm.model import new_dmoerm, rm_expert
 from dmoerm.scoring import expert_states
 from dmoerm.taxonomy import Capability, Category, Taxonomy
 from dmoerm.training import loop, phases
-from dmoerm.training.loop import (
-    TrainConfig,
+from dmoerm.training.length import (
+    fit_length_coefficient,
     length_correlation,
     length_correlation_penalty,
-    ranking_loss,
+    length_feature,
     response_lengths,
-    score_items,
 )
+from dmoerm.training.loop import TrainConfig, pair_agreement, ranking_loss, score_items
 from dmoerm.training.phases import AggregatorTrainConfig, train_phase1, train_phase3
 from dmoerm.training.trunk_cache import TrunkCache
-from helpers import length_records
+from helpers import length_records, marker_records
 
 TAXONOMY = Taxonomy(
     name="tiny",
@@ -107,7 +107,7 @@ def test_zero_penalty_is_exactly_the_old_loss(trained, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("length_correlation called with length_penalty=0")
 
-    monkeypatch.setattr(loop, "length_correlation", boom)
+    monkeypatch.setattr(loop, "length_correlation_penalty", boom)
     monkeypatch.setattr(phases, "length_correlation_penalty", boom)
     items = train[:8]
     model.bank.add_expert("code__zero", init_from=rm_expert("code"))
@@ -170,3 +170,88 @@ def test_length_penalty_defaults_off_and_accepts_numbers():
     assert TrainConfig().length_penalty == 0.0 and AggregatorTrainConfig().length_penalty == 0.0
     assert TrainConfig(length_penalty=1).length_penalty == 1
     assert AggregatorTrainConfig(length_penalty=0.5).length_penalty == 0.5
+
+
+def _pair(better_tokens: int, worse_tokens: int, weight: float = 1.0) -> RankedItem:
+    """One pair whose responses have these many tokens after a 3-token prompt."""
+    better = EncodedInput(tuple(range(3 + better_tokens)), 3)
+    worse = EncodedInput(tuple(range(3 + worse_tokens)), 3)
+    return RankedItem((better, worse), ((0, 1),), weight)
+
+
+def test_length_coefficient_is_the_length_only_models_fit():
+    """Three pairs won by the answer twice as long, one by the half as long: sigmoid(beta log 2) = 3/4."""
+    expected = math.log(3) / math.log(2)
+    assert fit_length_coefficient([_pair(20, 10)] * 3 + [_pair(10, 20)]) == pytest.approx(expected, rel=1e-9)
+    # item weights count as in the ranking loss: one pair at weight 1/3 against one at 1 is the same fit
+    assert fit_length_coefficient([_pair(20, 10), _pair(10, 20, 1 / 3)]) == pytest.approx(expected, rel=1e-9)
+    assert fit_length_coefficient([_pair(10, 10), _pair(7, 7)]) == 0.0  # no length difference, no fit
+    assert fit_length_coefficient([]) == 0.0
+    assert fit_length_coefficient([_pair(20, 10)] * 4) == 20.0  # separable: clipped, not infinite
+    assert fit_length_coefficient([_pair(10, 20)] * 4) == -20.0
+
+
+def test_covariate_loss_ranks_reward_plus_the_length_only_model(trained):
+    """The first logged loss is the ranking loss of start reward + scale * beta * log tokens; scores stay the
+    reward alone (the covariate is in the loss, not the model)."""
+    model, train, _, cache = trained
+    # two of eight pairs reversed, so the shorter answer wins those and beta is finite
+    items = train[:6] + [RankedItem(item.inputs, ((1, 0),)) for item in train[6:8]]
+    model.bank.add_expert("code__cov", init_from=rm_expert("chat"))
+    start = torch.tensor([x for r in score_items(model.bank, "code__cov", items, cache) for x in r])
+    lengths = response_lengths([e for item in items for e in item.inputs])
+    beta = fit_length_coefficient(items)
+    pairs = torch.tensor([(2 * k + b, 2 * k + w) for k, item in enumerate(items) for b, w in item.pairs])
+    expected = ranking_loss(start + 1.5 * beta * length_feature(lengths), pairs)
+    assert ranking_loss(start, pairs).item() != pytest.approx(expected.item(), abs=1e-3)  # the term matters
+    config = TrainConfig(
+        epochs=1, batch_size=8, learning_rate=1e-3, early_stopping_patience=0, length_covariate=1.5
+    )
+    result = loop.train_expert(model.bank, "code__cov", items, [], config, cache)
+    assert result.steps == 1
+    assert result.length_coefficient == pytest.approx(1.5 * beta)
+    assert result.history["loss"][0] == pytest.approx(expected.item(), abs=1e-6)
+    assert (
+        loop.train_expert(model.bank, "code__cov", items, [], TrainConfig(epochs=1), cache).length_coefficient
+        is None
+    )
+
+
+def _marker_model(tiny_backbone, seed: int, scale: float):
+    """Phase 1 on 48 marker pairs (the longer answer wins 80% of them) with ``length_covariate=scale``;
+    the model's agreement on 64 held-out pairs the shorter answer wins and its reward's correlation with
+    response tokens on 64 held-out pairs where either wins."""
+    torch.manual_seed(seed)
+    config = BackboneConfig(backbone=tiny_backbone, num_top_layers=2, trunk_dtype="float32", max_length=64)
+    model = new_dmoerm(config, TAXONOMY, ["code"], init_lora_weights=False)
+    tok, n = model.tokenizer, model.max_length
+    train = [encode_record(tok, r, n) for r in marker_records(48, seed=seed, longer_share=0.8)]
+    shorter = [encode_record(tok, r, n) for r in marker_records(64, seed=100 + seed, longer_share=0.0)]
+    either = [encode_record(tok, r, n) for r in marker_records(64, seed=200 + seed, longer_share=0.5)]
+    cache = TrunkCache()
+    cfg = TrainConfig(
+        epochs=8, batch_size=8, learning_rate=5e-3, early_stopping_patience=0, length_covariate=scale
+    )
+    train_phase1(model, "code", train, [], cfg, cache, progress=False)
+    expert = rm_expert("code")
+    agreement = pair_agreement(shorter, score_items(model.bank, expert, shorter, cache))
+    return agreement, _corr(score_items(model.bank, expert, either, cache), either)
+
+
+def test_covariate_learns_less_length_and_no_less_of_what_length_does_not_tell(
+    tiny_backbone, one_torch_thread
+):
+    """A first word decides every pair and the longer answer wins 80% of the training pairs. In each of four
+    seeds the reward trained with the length-only model in its loss correlates less with length (0.45 against
+    0.25 on average with these seeds), and on pairs the shorter answer wins it agrees no less on average."""
+    plain = [_marker_model(tiny_backbone, seed, 0.0) for seed in range(4)]
+    covariate = [_marker_model(tiny_backbone, seed, 1.0) for seed in range(4)]
+    for (_, corr_plain), (_, corr_cov) in zip(plain, covariate):
+        assert corr_cov < corr_plain - 0.03, (plain, covariate)
+    assert sum(a for a, _ in covariate) >= sum(a for a, _ in plain), (plain, covariate)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("inf"), "yes", True])
+def test_length_covariate_must_be_a_number_at_least_zero(value):
+    with pytest.raises(ValueError, match="length_covariate"):
+        TrainConfig(length_covariate=value)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dmoerm.encoding import EncodedInput, RankedItem, length_buckets
+from dmoerm.encoding import RankedItem, length_buckets
 from dmoerm.scoring import expert_rewards, flatten, items_in_order, padded_states
 from dmoerm.training.checkpoint import Checkpoint, ResumeState
 from dmoerm.training.distributed import (
@@ -33,6 +33,13 @@ from dmoerm.training.distributed import (
     with_other_ranks,
 )
 from dmoerm.training.early_stopping import EarlyStopping
+from dmoerm.training.length import (
+    check_length_penalty,
+    fit_length_coefficient,
+    length_correlation_penalty,
+    length_feature,
+    response_lengths,
+)
 from dmoerm.training.sharding import (
     ShardedExpert,
     check_sharding,
@@ -76,6 +83,13 @@ class TrainConfig:
     """Weight of the length decorrelation penalty: ``length_penalty * corr(reward, response tokens)^2`` over
     the responses of each batch is added to the ranking loss (:func:`length_correlation_penalty`), so the
     reward cannot rank by length alone. 0 (the default) trains with the ranking loss exactly as before."""
+    length_covariate: float = 0.0
+    """Train as product-of-experts debiasing does (:mod:`dmoerm.training.length`): the loss ranks
+    ``reward + length_covariate * beta * log(response tokens)``, with ``beta`` the length-only model fitted once
+    on the training pairs (the added coefficient is ``TrainResult.length_coefficient``), while dev, the saved
+    model and every score use the reward alone. The pairs length explains then teach little and those the
+    shorter answer wins teach most; above 1 the length-only model is trusted more than its fit. 0 (the
+    default): the ranking loss as before."""
 
     def __post_init__(self) -> None:
         check_length_penalty(self.length_penalty)
@@ -93,6 +107,7 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision: {self.mixed_precision!r} is not 'no' or 'bf16'")
+        check_length_penalty(self.length_covariate, "length_covariate")
 
 
 def ranking_loss(
@@ -116,61 +131,6 @@ def ranking_loss(
     if total_weight is None:
         total_weight = weights.sum().clamp(min=1e-8)
     return (loss * weights).sum() / total_weight.to(rewards.device)
-
-
-# Keeping length out of the reward. Of the two methods the length-bias issue names, we use ODIN's
-# correlation term (Chen et al. 2024, "ODIN: Disentangled Reward Mitigates Hacking in RLHF", arXiv 2402.07319,
-# whose quality head is trained with a Pearson-correlation-with-length penalty on each batch) without ODIN's
-# second, length head. That head is dropped at inference anyway, and leaving it out means the models
-# (ExpertBank, Aggregator), their forward passes and their saved files stay as they are: the option lives in
-# the loss alone, works the same for every expert and the phase-3 aggregator, and costs one Pearson per batch.
-# We square the correlation instead of ODIN's absolute value: within a batch of a few dozen responses the
-# sample correlation is noisy (about 1/sqrt(N) even when the true one is 0), and |r| would push on that noise
-# with full force around 0, while r^2 is smooth there and its expectation is minimised at a true 0.
-def check_length_penalty(value: float, field_name: str = "length_penalty") -> None:
-    """Raise ValueError naming ``field_name`` unless ``value`` is a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{field_name}: must be a number >= 0, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{field_name}: must be a finite number >= 0, got {value}")
-
-
-def response_lengths(inputs: Sequence[EncodedInput]) -> torch.Tensor:
-    """Response length in tokens of each encoded input (tokens after the prompt, end marker included): [N]."""
-    return torch.tensor([len(e.input_ids) - e.prompt_length for e in inputs], dtype=torch.float32)
-
-
-def length_correlation(
-    rewards: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Pearson correlation of rewards [N] with lengths [N], differentiable in rewards.
-
-    With ``groups`` [N] (the item, i.e. prompt, of each response), rewards and lengths are first centred within
-    their group, so the correlation is the within-prompt one (responses to different prompts are not compared).
-    The reward variance has a floor of ``1e-4`` (a standard deviation of 0.01), so a nearly constant reward
-    (e.g. a fresh value head) has a near-zero correlation instead of an exploding gradient. 0 when there are
-    fewer than 3 responses or the lengths do not vary.
-    """
-    r = rewards.float()
-    if r.numel() < 3:
-        return r.sum() * 0.0  # keeps the graph (and the device) without moving anything
-    n = lengths.to(r.device, torch.float32)
-    if groups is None:
-        r, n = r - r.mean(), n - n.mean()
-    else:
-        g = groups.to(r.device)
-        size = torch.zeros(int(g.max()) + 1, device=r.device).index_add_(0, g, torch.ones_like(r))
-        r = r - (torch.zeros_like(size).index_add(0, g, r) / size)[g]
-        n = n - (torch.zeros_like(size).index_add_(0, g, n) / size)[g]
-    den = torch.sqrt((r * r).mean() + 1e-4) * torch.sqrt((n * n).mean()).clamp(min=1e-6)
-    return (r * n).mean() / den
-
-
-def length_correlation_penalty(
-    rewards: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The length penalty: the squared :func:`length_correlation` of a batch's rewards with response lengths."""
-    return length_correlation(rewards, lengths, groups) ** 2
 
 
 def pair_weights(items: Sequence[RankedItem]) -> list[float]:
@@ -232,6 +192,8 @@ class TrainResult:
     gate: dict = field(default_factory=dict)
     """Phase 1 (``specialise.gate_alpha``) or phase 3 (``gate_alpha``) with a gate below 1: the dev pairs the
     change turned right and wrong against its start, the sign test's p and whether it was kept (else empty)."""
+    length_coefficient: float | None = None
+    """With ``length_covariate``: the length-only model's ``beta`` the loss added (else None)."""
 
 
 def _autocast(accelerator, mixed_precision: str):
@@ -313,6 +275,9 @@ class _ExpertRun:
         inputs = [e for item in [train[i] for i in mine] + own_dev for e in item.inputs]
         cache.get(bank, inputs, desc=desc and f"{desc} trunk")
         optimizer, self.scheduler = _expert_optimizer(self.params, config, len(train))
+        self.length_coefficient = (
+            config.length_covariate * fit_length_coefficient(train) if config.length_covariate > 0 else None
+        )
         # The scheduler stays unprepared: accelerate would step it once per process and update.
         self.sharded = ShardedExpert(acc, bank, self.params, self.names, optimizer) if is_fsdp(acc) else None
         if zero is not None:  # ZeRO-1/2 partition gradients and AdamW state; ZeRO-3 the trained weights too
@@ -352,7 +317,10 @@ class _ExpertRun:
             batch = batch_items(self.bank, mine, self.cache)
             with _autocast(self.accelerator, self.config.mixed_precision):
                 rewards = self.model(batch["states"], batch["attention_mask"], self.expert)  # [n]
-            return rewards, ranking_loss(rewards.float(), batch["pairs"], batch["weights"], total)
+            ranked = rewards.float()
+            if self.length_coefficient is not None:  # the length-only model's share, in the loss alone
+                ranked = ranked + self.length_coefficient * length_feature(batch["lengths"]).to(ranked.device)
+            return rewards, ranking_loss(ranked, batch["pairs"], batch["weights"], total)
         # No item here: a zero-weighted forward of one blank state still joins DDP's gradient all-reduce.
         blank = torch.zeros(1, 1, self.bank.hidden_size, dtype=self.bank.backbone.trunk_dtype)
         with _autocast(self.accelerator, self.config.mixed_precision):
@@ -461,6 +429,9 @@ def train_expert(
     run = _ExpertRun(bank, expert, train, dev, config, cache, desc)
     checkpoint = Checkpoint(checkpoint_dir) if checkpoint_dir else None
     start_epoch, result, stopping = run.resume(checkpoint)
+    if run.length_coefficient is not None:
+        result.length_coefficient = run.length_coefficient
+        logger.info("%s: length-only model's coefficient %.4f on log tokens", expert, run.length_coefficient)
 
     def evaluate(picking: bool = True) -> None:
         if dev:

@@ -30,14 +30,12 @@ from dmoerm.training.distributed import (
 )
 from dmoerm.training.early_stopping import EarlyStopping
 from dmoerm.training.gates import cross_fit_gate, cross_fit_pending, sign_test_gate, sign_test_p  # noqa: F401
+from dmoerm.training.length import check_length_penalty, length_correlation_penalty, response_lengths
 from dmoerm.training.loop import (
     TrainConfig,
     TrainResult,
-    check_length_penalty,
-    length_correlation_penalty,
     pair_agreement,
     ranking_loss,
-    response_lengths,
     score_items,
     train_expert,
 )
