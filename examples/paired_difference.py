@@ -3,7 +3,11 @@ pairs (the same pairs for both, resampled by record), e.g. for the scaling study
 
     python examples/paired_difference.py runs/scaling/n384_seed0 runs/scaling/n384_seed1
 
-Prints, per run, DMoERM agreement, single RM agreement and the difference with its 95% interval.
+Prints, per run, DMoERM agreement, single RM agreement and the difference with its 95% interval, then the same
+on the pairs whose better response is the shorter one (in characters) and on those where it is the longer.
+``--against RUN`` compares each run's DMoERM with the single RM of another run trained on the same splits
+(e.g. a run with ``phase1.length_covariate`` against the main job's plain single RM); the test records must be
+the same, or it stops.
 """
 
 from __future__ import annotations
@@ -50,6 +54,17 @@ def agreement(a) -> float:
     return 100 * sum(map(sum, a)) / sum(map(len, a))
 
 
+def by_length(records, a) -> tuple[list[list[float]], list[list[float]]]:
+    """:func:`outcomes` ``a`` split into (pairs whose better response is the shorter, is the longer), per record;
+    pairs of equal length in characters are left out, as the evaluation's length controls leave them."""
+    shorter, longer = [], []
+    for r, o in zip(records, a, strict=True):
+        sizes = [(len(r.responses[b]), len(r.responses[w])) for b, w in r.pairs()]
+        shorter.append([x for x, (lb, lw) in zip(o, sizes) if lb < lw])
+        longer.append([x for x, (lb, lw) in zip(o, sizes) if lb > lw])
+    return shorter, longer
+
+
 def run_arguments(argv: list[str], doc: str):
     """(arguments, trunk cache) of a script over run folders: ``runs``, ``--trunk-cache-dir``, ``--resamples``."""
     from dmoerm.training.trunk_cache import TrunkCache
@@ -58,8 +73,19 @@ def run_arguments(argv: list[str], doc: str):
     parser.add_argument("runs", nargs="+", help="run folders of `dmoerm train` (model/, baseline/, splits/)")
     parser.add_argument("--trunk-cache-dir", default="runs/trunk-cache", help="the runs' on-disk trunk cache")
     parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--against", help="compare with this run's single RM instead of each run's own")
     args = parser.parse_args(argv)
     return args, TrunkCache(6 << 30, args.trunk_cache_dir)
+
+
+def _line(name: str, a, b, resamples: int) -> str:
+    keep = [k for k, x in enumerate(a) if x]  # records with a pair in this subset
+    a, b = [a[k] for k in keep], [b[k] for k in keep]
+    d, lo, hi = paired_difference(a, b, resamples)
+    return (
+        f"{name}: DMoERM {agreement(a):.1f}, single RM {agreement(b):.1f}, "
+        f"difference {d:+.1f} [{lo:+.1f}, {hi:+.1f}] ({sum(map(len, a))} pairs)"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -69,13 +95,19 @@ def main(argv: list[str]) -> int:
     args, cache = run_arguments(argv, __doc__)
     for run in map(Path, args.runs):
         records = [r for r in load_data(str(run / "splits" / "test.jsonl")) if r.pairs()]
+        other = Path(args.against) if args.against else run
+        if other != run:
+            theirs = [r.uid for r in load_data(str(other / "splits" / "test.jsonl")) if r.pairs()]
+            if theirs != [r.uid for r in records]:
+                raise SystemExit(f"{other}/splits/test.jsonl: not the test records of {run}")
         a = pair_outcomes(load_model(run / "model"), records, cache)
-        b = pair_outcomes(load_model(run / "baseline"), records, cache)
-        d, lo, hi = paired_difference(a, b, args.resamples)
-        print(
-            f"{run}: DMoERM {agreement(a):.1f}, single RM {agreement(b):.1f}, "
-            f"difference {d:+.1f} [{lo:+.1f}, {hi:+.1f}] ({sum(map(len, a))} pairs)"
-        )
+        b = pair_outcomes(load_model(other / "baseline"), records, cache)
+        label = f"{run}" if other == run else f"{run} against {other}'s single RM"
+        print(_line(label, a, b, args.resamples))
+        for name, sa, sb in zip(
+            ("  shorter better", "  longer better"), by_length(records, a), by_length(records, b)
+        ):
+            print(_line(name, sa, sb, args.resamples))
     return 0
 
 

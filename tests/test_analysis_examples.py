@@ -53,6 +53,17 @@ def test_paired_difference_resamples_records_for_both_systems_alike():
     assert paired.agreement(a) == pytest.approx(75.0)
 
 
+def test_paired_difference_splits_pairs_by_which_answer_is_longer():
+    paired = _load("paired_difference")
+    records = [
+        _pair("code", "a long answer", "short"),
+        _pair("code", "tiny", "much longer"),
+        _pair("chat", "ab", "cd"),
+    ]
+    shorter, longer = paired.by_length(records, [[1.0], [0.0], [0.5]])
+    assert shorter == [[], [0.0], []] and longer == [[1.0], [], []]  # equal lengths are in neither
+
+
 def _pair(category: str, chosen: str, rejected: str, ranks=(0, 1)):
     from dmoerm.data import Message, PreferenceRecord
 

@@ -217,7 +217,30 @@ def test_covariate_loss_ranks_reward_plus_the_length_only_model(trained):
     )
 
 
-def _marker_model(tiny_backbone, seed: int, scale: float):
+def test_aggregator_covariate_loss_ranks_its_reward_plus_the_length_only_model(trained):
+    """Phase 3 (residual, so its reward starts as the phase-1 reward): the first logged loss is the ranking loss
+    of that reward + scale * beta * log tokens, beta fitted on phase 3's own training pairs."""
+    model, train, _, cache = trained
+    items = train[:6] + [RankedItem(item.inputs, ((1, 0),)) for item in train[6:8]]
+    start = torch.tensor([x for r in score_items(model.bank, rm_expert("chat"), items, cache) for x in r])
+    lengths = response_lengths([e for item in items for e in item.inputs])
+    beta = fit_length_coefficient(items)
+    pairs = torch.tensor([(2 * k + b, 2 * k + w) for k, item in enumerate(items) for b, w in item.pairs])
+    expected = ranking_loss(start + 2.0 * beta * length_feature(lengths), pairs)
+    config = AggregatorTrainConfig(epochs=1, batch_size=16, aggregator="residual", length_covariate=2.0)
+    result = train_phase3(model, "chat", items, [], config, cache, experts=[rm_expert("code")])
+    assert result.length_coefficient == pytest.approx(2.0 * beta)
+    assert result.history["loss"][0] == pytest.approx(expected.item(), rel=1e-5)
+    plain = AggregatorTrainConfig(epochs=1)
+    assert (
+        train_phase3(model, "chat", items, [], plain, cache, experts=[rm_expert("code")]).length_coefficient
+        is None
+    )
+    with pytest.raises(ValueError, match="length_covariate"):
+        AggregatorTrainConfig(length_covariate=-0.5)
+
+
+def _marker_model(tiny_backbone, seed: int, scale: float, cache: TrunkCache):
     """Phase 1 on 48 marker pairs (the longer answer wins 80% of them) with ``length_covariate=scale``;
     the model's agreement on 64 held-out pairs the shorter answer wins and its reward's correlation with
     response tokens on 64 held-out pairs where either wins."""
@@ -228,7 +251,6 @@ def _marker_model(tiny_backbone, seed: int, scale: float):
     train = [encode_record(tok, r, n) for r in marker_records(48, seed=seed, longer_share=0.8)]
     shorter = [encode_record(tok, r, n) for r in marker_records(64, seed=100 + seed, longer_share=0.0)]
     either = [encode_record(tok, r, n) for r in marker_records(64, seed=200 + seed, longer_share=0.5)]
-    cache = TrunkCache()
     cfg = TrainConfig(
         epochs=8, batch_size=8, learning_rate=5e-3, early_stopping_patience=0, length_covariate=scale
     )
@@ -244,8 +266,9 @@ def test_covariate_learns_less_length_and_no_less_of_what_length_does_not_tell(
     """A first word decides every pair and the longer answer wins 80% of the training pairs. In each of four
     seeds the reward trained with the length-only model in its loss correlates less with length (0.45 against
     0.25 on average with these seeds), and on pairs the shorter answer wins it agrees no less on average."""
-    plain = [_marker_model(tiny_backbone, seed, 0.0) for seed in range(4)]
-    covariate = [_marker_model(tiny_backbone, seed, 1.0) for seed in range(4)]
+    cache = TrunkCache()  # one frozen trunk below the trained layers: its states serve every model here
+    plain = [_marker_model(tiny_backbone, seed, 0.0, cache) for seed in range(4)]
+    covariate = [_marker_model(tiny_backbone, seed, 1.0, cache) for seed in range(4)]
     for (_, corr_plain), (_, corr_cov) in zip(plain, covariate):
         assert corr_cov < corr_plain - 0.03, (plain, covariate)
     assert sum(a for a, _ in covariate) >= sum(a for a, _ in plain), (plain, covariate)

@@ -30,7 +30,13 @@ from dmoerm.training.distributed import (
 )
 from dmoerm.training.early_stopping import EarlyStopping
 from dmoerm.training.gates import cross_fit_gate, cross_fit_pending, sign_test_gate, sign_test_p  # noqa: F401
-from dmoerm.training.length import check_length_penalty, length_correlation_penalty, response_lengths
+from dmoerm.training.length import (
+    check_length_penalty,
+    fit_length_coefficient,
+    length_correlation_penalty,
+    length_feature,
+    response_lengths,
+)
 from dmoerm.training.loop import (
     TrainConfig,
     TrainResult,
@@ -319,7 +325,11 @@ class AggregatorTrainConfig:
     length_penalty: float = 0.0
     """Weight of the length decorrelation penalty on the aggregator's reward, as ``TrainConfig.length_penalty``
     (squared correlation of reward with response tokens over each batch's responses, added to the ranking
-    loss; see :func:`dmoerm.training.loop.length_correlation`). 0 (the default) leaves the loss unchanged."""
+    loss; see :func:`dmoerm.training.length.length_correlation`). 0 (the default) leaves the loss unchanged."""
+    length_covariate: float = 0.0
+    """The length-only model in the loss, as ``TrainConfig.length_covariate``: the aggregator's reward plus
+    this times ``beta * log(response tokens)``, ``beta`` fitted on phase 3's training pairs, is what the loss
+    ranks; dev and every score read the reward alone. 0 (the default) leaves the loss unchanged."""
     gate_alpha: float = 1.0
     """How sure dev must be before a ``residual`` or ``linear`` aggregator keeps its correction: the best
     epoch's rewards are kept only when, over the dev pairs it ranks differently from "no correction", the
@@ -330,6 +340,7 @@ class AggregatorTrainConfig:
 
     def __post_init__(self) -> None:
         check_length_penalty(self.length_penalty)
+        check_length_penalty(self.length_covariate, "length_covariate")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if self.epochs < 1:
@@ -397,10 +408,13 @@ def train_phase3(
     feats, scores, where, flat = _aggregator_inputs(model, names, train, cache)  # computed once: frozen
     dev_data = _aggregator_inputs(model, names, dev, cache)
     lengths = response_lengths(flat)  # [N] response tokens, for the length penalty
+    coefficient = config.length_covariate * fit_length_coefficient(train) if config.length_covariate else None
+    # [N] the length-only model's share of each response's reward in the loss (None: no covariate)
+    offsets = None if coefficient is None else coefficient * length_feature(lengths)
     torch.manual_seed(config.seed)
     agg = Aggregator(len(names), model.bank.hidden_size, kind=config.aggregator)
     opt = torch.optim.AdamW(agg.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    result = TrainResult()
+    result = TrainResult(length_coefficient=coefficient)
     crossed = cross_fit and residual and config.gate_alpha < 1.0
     tracker = _BestOnDev(agg, dev, dev_data, config.early_stopping_patience, cross_fit=crossed)
     if residual:
@@ -416,7 +430,7 @@ def train_phase3(
             chunk = order[start : start + config.batch_size]
             if not any(train[i].pairs for i in chunk):
                 continue
-            data = (feats, scores, where, lengths)
+            data = (feats, scores, where, lengths, offsets)
             loss, logged = _aggregator_loss(agg, data, train, chunk, config.length_penalty, rank, world)
             opt.zero_grad()
             loss.backward()
@@ -451,7 +465,7 @@ def train_phase3(
 def _aggregator_loss(agg, data, train, chunk, length_penalty: float, rank: int, world: int):
     """(loss, logged batch loss) of the items ``chunk``: under several processes this rank's share of the
     batch's loss (pair weights over the whole batch's total), so the ranks' gradients sum to the batch's."""
-    feats, scores, where, lengths = data
+    feats, scores, where, lengths, offsets = data
     wts_all = [train[i].weight / len(train[i].pairs) for i in chunk for _ in train[i].pairs]
     total = torch.tensor(wts_all).sum().clamp(min=1e-8)
     s = share(len(chunk), rank, world)
@@ -461,7 +475,8 @@ def _aggregator_loss(agg, data, train, chunk, length_penalty: float, rank: int, 
     pairs = [(local[where[i][b]], local[where[i][w]]) for i in mine for b, w in train[i].pairs]
     wts = [train[i].weight / len(train[i].pairs) for i in mine for _ in train[i].pairs]
     rewards = agg(feats[:, rows], scores[:, rows])  # [n]
-    loss = ranking_loss(rewards, torch.tensor(pairs, dtype=torch.long).view(-1, 2), torch.tensor(wts), total)
+    ranked = rewards if offsets is None else rewards + offsets[rows]  # the length-only model: the loss alone
+    loss = ranking_loss(ranked, torch.tensor(pairs, dtype=torch.long).view(-1, 2), torch.tensor(wts), total)
     logged = sum_over_ranks(loss.detach())
     if length_penalty > 0:
         counts = [
