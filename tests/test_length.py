@@ -278,3 +278,17 @@ def test_covariate_learns_less_length_and_no_less_of_what_length_does_not_tell(
 def test_length_covariate_must_be_a_number_at_least_zero(value):
     with pytest.raises(ValueError, match="length_covariate"):
         TrainConfig(length_covariate=value)
+
+
+def test_length_covariate_is_a_stage_input_only_when_set():
+    """Run folders recorded before the option resume (0 is left out of the inputs); any other value is a
+    changed input of every stage that trains with it."""
+    from dmoerm.pipeline import PipelineConfig
+    from dmoerm.pipeline.state import stage_inputs
+
+    plain = PipelineConfig()
+    for stage in ("baseline", "phase1/code", "phase3/code"):
+        assert not any(k.endswith("length_covariate") for k in stage_inputs(plain, stage)), stage
+    covariate = PipelineConfig(phase1=TrainConfig(length_covariate=2.0))
+    assert stage_inputs(covariate, "baseline")["phase1.length_covariate"] == 2.0
+    assert stage_inputs(covariate, "phase1/code")["phase1.length_covariate"] == 2.0

@@ -217,6 +217,9 @@ _ADDED_LATER = {
     "specialise.gate_alpha": 1.0,
     "specialise.gate_share": 0.0,
     "specialise.gate_cross_fit": False,
+    "phase1.length_covariate": 0.0,
+    "phase2.length_covariate": 0.0,
+    "phase3.length_covariate": 0.0,
 }
 """Fields added after runs were recorded, at the value that does what those runs did: left out of a stage's
 inputs at that value (computed or recorded), so such a run folder resumes, while any other value is a changed
