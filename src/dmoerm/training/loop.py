@@ -193,7 +193,8 @@ class TrainResult:
     """Phase 1 (``specialise.gate_alpha``) or phase 3 (``gate_alpha``) with a gate below 1: the dev pairs the
     change turned right and wrong against its start, the sign test's p and whether it was kept (else empty)."""
     length_coefficient: float | None = None
-    """With ``length_covariate``: the length-only model's ``beta`` the loss added (else None)."""
+    """With ``length_covariate``: the coefficient on log tokens the loss added (``length_covariate * beta``),
+    else None."""
 
 
 def _autocast(accelerator, mixed_precision: str):
