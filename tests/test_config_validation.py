@@ -34,6 +34,8 @@ def test_numbers_written_as_1e_3_are_floats(job):
         ("baseline=yes_please", r"baseline: 'yes_please' is not allowed; expected a boolean"),
         ("labels.min_labels=-1", r"labels\.min_labels: must be >= 1, got -1"),
         ("ensemble_size=2.5", r"ensemble_size: 2\.5 is not allowed; expected an integer"),
+        ("phase1.length_covariate=-1", r"phase1\.length_covariate: must be a finite number >= 0, got -1\.0"),
+        ("phase3.length_covariate=yes", r"phase3\.length_covariate: True is not allowed; expected a number"),
         (
             "data.sources=/path/file.jsonl",
             r"data\.sources: '/path/file\.jsonl' is not allowed; expected a list of "
