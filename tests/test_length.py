@@ -3,6 +3,7 @@ at 0, and is validated. Tiny random backbone; data where the longer response alw
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -292,3 +293,20 @@ def test_length_covariate_is_a_stage_input_only_when_set():
     covariate = PipelineConfig(phase1=TrainConfig(length_covariate=2.0))
     assert stage_inputs(covariate, "baseline")["phase1.length_covariate"] == 2.0
     assert stage_inputs(covariate, "phase1/code")["phase1.length_covariate"] == 2.0
+
+
+def test_a_run_records_each_models_length_coefficient(tmp_path, tiny_backbone, one_torch_thread):
+    """`dmoerm train` with ``phase1.length_covariate``: state.json keeps the coefficient the single RM's and
+    every phase 1's loss added (the scale times the length-only fit on that model's training pairs)."""
+    from dmoerm.pipeline import run_pipeline
+    from helpers import job_config
+
+    config = job_config(tmp_path, tiny_backbone, phase1={"epochs": 1, "length_covariate": 2.0})
+    run_pipeline(config, progress=False)
+    stages = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert isinstance(stages["baseline"]["length_coefficient"], float)
+    phase1 = [info for stage, info in stages.items() if stage.startswith("phase1/")]
+    assert phase1 and all(isinstance(info["length_coefficient"], float) for info in phase1)
+    assert not any(
+        "length_coefficient" in v.get("info", {}) for k, v in stages.items() if k.startswith("phase3/")
+    )

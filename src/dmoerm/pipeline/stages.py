@@ -207,9 +207,17 @@ def warm_start_stage(run: RunContext, model: DMoERM, data: RunData, items: Encod
         save_curves(
             res.history, run.out / "curves" / "warm_start.png", "warm start: every category's phase 1"
         )
-        info = {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps}
-        run.record("warm_start", t0, info, res.history, model=model)
+        run.record("warm_start", t0, result_info(res), res.history, model=model)
     return []
+
+
+def result_info(res) -> dict:
+    """What state.json keeps of a training result: best dev agreement and steps, and with
+    ``length_covariate`` the coefficient on log tokens its loss added."""
+    info = {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps}
+    if res.length_coefficient is not None:
+        info["length_coefficient"] = res.length_coefficient
+    return info
 
 
 def phase1_stage(run: RunContext, model: DMoERM, category: str, items: Encoded) -> None:
@@ -241,7 +249,7 @@ def phase1_stage(run: RunContext, model: DMoERM, category: str, items: Encoded) 
         cross_fit=config.specialise.gate_cross_fit,
     )
     save_curves(res.history, run.out / "curves" / f"{category}_phase1.png", f"{category}: phase 1")
-    info = {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps}
+    info = result_info(res)
     if res.gate:
         info["gate"] = res.gate
     if len(train) > len(items["phase1"][category]):
@@ -350,6 +358,8 @@ def expert_stage(run: RunContext, model: DMoERM, category: str, capability: str,
         model, capability_expert_name(category, capability), plan.held_back.get(capability, []), run.cache
     )
     info = {"labels": len(plan.train[capability]), "source": plan.sources.get(capability)}
+    if res.length_coefficient is not None:
+        info["length_coefficient"] = res.length_coefficient
     run.record(stage, t0, dict(info, steps=res.steps, held_back=held), res.history, model=model)
 
 
@@ -383,7 +393,7 @@ def phase3_stage(
     info = {"experts": model.aggregator_experts[category], "label_counts": label_counts}
     if res.gate:
         info["gate"] = res.gate
-    run.record(stage, t0, dict(info, best_dev_agreement=res.best_dev_agreement), res.history, model=model)
+    run.record(stage, t0, dict(info, **result_info(res)), res.history, model=model)
 
 
 def baseline_stage(run: RunContext, data: RunData) -> list[RewardModel]:
@@ -409,7 +419,10 @@ def baseline_stage(run: RunContext, data: RunData) -> list[RewardModel]:
         )
         members.append(member)
         if name not in run.stages:
-            run.record(name, t0, {"train_records": len(train_recs)}, track=False)
+            info = {"train_records": len(train_recs)}
+            if res is not None and res.length_coefficient is not None:
+                info["length_coefficient"] = res.length_coefficient
+            run.record(name, t0, info, track=False)
             if res is not None:  # None: trained by a run that stopped before recording it
                 run.tracker.log_stage(name, {"best_dev_agreement": res.best_dev_agreement}, res.history)
     return members
