@@ -464,18 +464,16 @@ def one_process_run(tiny_backbone, tmp_path_factory):
     return one
 
 
+_ALL_ZERO = pytest.mark.skipif(
+    not os.environ.get("DMOERM_TEST_ALL_ZERO"),
+    reason="set DMOERM_TEST_ALL_ZERO=1 to run it (16-25 s a stage); the train_expert ZeRO tests run by default",
+)
+
+
 @pytest.mark.slow
 @needs_deepspeed
-@pytest.mark.parametrize(
-    "stage",
-    [
-        pytest.param(2, marks=pytest.mark.skipif(
-            not os.environ.get("DMOERM_TEST_ALL_ZERO"),
-            reason="set DMOERM_TEST_ALL_ZERO=1 to run it (~16 s): ZeRO-3's case runs every stage's path and more",
-        )),
-        3,
-    ],
-)  # fmt: skip
+@_ALL_ZERO
+@pytest.mark.parametrize("stage", [2, 3])
 def test_dmoerm_train_under_deepspeed_zero_gives_the_one_process_model(
     stage, one_process_run, tiny_backbone, tmp_path
 ):
