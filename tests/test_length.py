@@ -264,12 +264,12 @@ def _marker_model(tiny_backbone, seed: int, scale: float, cache: TrunkCache):
 def test_covariate_learns_less_length_and_no_less_of_what_length_does_not_tell(
     tiny_backbone, one_torch_thread
 ):
-    """A first word decides every pair and the longer answer wins 80% of the training pairs. In each of four
-    seeds the reward trained with the length-only model in its loss correlates less with length (0.45 against
-    0.25 on average with these seeds), and on pairs the shorter answer wins it agrees no less on average."""
+    """A first word decides every pair and the longer answer wins 80% of the training pairs. In each of three
+    seeds the reward trained with the length-only model in its loss correlates less with length (0.48 against
+    0.29 on average with these seeds), and on pairs the shorter answer wins it agrees no less on average."""
     cache = TrunkCache()  # one frozen trunk below the trained layers: its states serve every model here
-    plain = [_marker_model(tiny_backbone, seed, 0.0, cache) for seed in range(4)]
-    covariate = [_marker_model(tiny_backbone, seed, 1.0, cache) for seed in range(4)]
+    plain = [_marker_model(tiny_backbone, seed, 0.0, cache) for seed in range(3)]
+    covariate = [_marker_model(tiny_backbone, seed, 1.0, cache) for seed in range(3)]
     for (_, corr_plain), (_, corr_cov) in zip(plain, covariate):
         assert corr_cov < corr_plain - 0.03, (plain, covariate)
     assert sum(a for a, _ in covariate) >= sum(a for a, _ in plain), (plain, covariate)
