@@ -212,12 +212,18 @@ def warm_start_stage(run: RunContext, model: DMoERM, data: RunData, items: Encod
 
 
 def result_info(res) -> dict:
-    """What state.json keeps of a training result: best dev agreement and steps, and with
-    ``length_covariate`` the coefficient on log tokens its loss added."""
-    info = {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps}
-    if res.length_coefficient is not None:
-        info["length_coefficient"] = res.length_coefficient
-    return info
+    """What state.json keeps of a training result: best dev agreement and steps, and
+    :func:`length_info`."""
+    return {"best_dev_agreement": res.best_dev_agreement, "steps": res.steps, **length_info(res)}
+
+
+def length_info(res) -> dict:
+    """With ``length_covariate``: the coefficient on log tokens the result's loss added; else nothing."""
+    return (
+        {}
+        if res is None or res.length_coefficient is None
+        else {"length_coefficient": res.length_coefficient}
+    )
 
 
 def phase1_stage(run: RunContext, model: DMoERM, category: str, items: Encoded) -> None:
@@ -357,9 +363,7 @@ def expert_stage(run: RunContext, model: DMoERM, category: str, capability: str,
     held = expert_agreement(
         model, capability_expert_name(category, capability), plan.held_back.get(capability, []), run.cache
     )
-    info = {"labels": len(plan.train[capability]), "source": plan.sources.get(capability)}
-    if res.length_coefficient is not None:
-        info["length_coefficient"] = res.length_coefficient
+    info = {"labels": len(plan.train[capability]), "source": plan.sources.get(capability), **length_info(res)}
     run.record(stage, t0, dict(info, steps=res.steps, held_back=held), res.history, model=model)
 
 
@@ -419,10 +423,7 @@ def baseline_stage(run: RunContext, data: RunData) -> list[RewardModel]:
         )
         members.append(member)
         if name not in run.stages:
-            info = {"train_records": len(train_recs)}
-            if res is not None and res.length_coefficient is not None:
-                info["length_coefficient"] = res.length_coefficient
-            run.record(name, t0, info, track=False)
+            run.record(name, t0, {"train_records": len(train_recs), **length_info(res)}, track=False)
             if res is not None:  # None: trained by a run that stopped before recording it
                 run.tracker.log_stage(name, {"best_dev_agreement": res.best_dev_agreement}, res.history)
     return members

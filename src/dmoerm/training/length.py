@@ -20,16 +20,7 @@ import torch
 from dmoerm.encoding import EncodedInput, RankedItem
 
 
-# Keeping length out of the reward. Of the two methods the length-bias issue names, we use ODIN's
-# correlation term (Chen et al. 2024, "ODIN: Disentangled Reward Mitigates Hacking in RLHF", arXiv 2402.07319,
-# whose quality head is trained with a Pearson-correlation-with-length penalty on each batch) without ODIN's
-# second, length head. That head is dropped at inference anyway, and leaving it out means the models
-# (ExpertBank, Aggregator), their forward passes and their saved files stay as they are: the option lives in
-# the loss alone, works the same for every expert and the phase-3 aggregator, and costs one Pearson per batch.
-# We square the correlation instead of ODIN's absolute value: within a batch of a few dozen responses the
-# sample correlation is noisy (about 1/sqrt(N) even when the true one is 0), and |r| would push on that noise
-# with full force around 0, while r^2 is smooth there and its expectation is minimised at a true 0.
-def check_length_penalty(value: float, field_name: str = "length_penalty") -> None:
+def check_length_weight(value: float, field_name: str) -> None:
     """Raise ValueError naming ``field_name`` unless ``value`` is a finite number >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{field_name}: must be a number >= 0, got {value!r}")
@@ -42,6 +33,15 @@ def response_lengths(inputs: Sequence[EncodedInput]) -> torch.Tensor:
     return torch.tensor([len(e.input_ids) - e.prompt_length for e in inputs], dtype=torch.float32)
 
 
+# Keeping length out of the reward. Of the two methods the length-bias issue names, we use ODIN's
+# correlation term (Chen et al. 2024, "ODIN: Disentangled Reward Mitigates Hacking in RLHF", arXiv 2402.07319,
+# whose quality head is trained with a Pearson-correlation-with-length penalty on each batch) without ODIN's
+# second, length head. That head is dropped at inference anyway, and leaving it out means the models
+# (ExpertBank, Aggregator), their forward passes and their saved files stay as they are: the option lives in
+# the loss alone, works the same for every expert and the phase-3 aggregator, and costs one Pearson per batch.
+# We square the correlation instead of ODIN's absolute value: within a batch of a few dozen responses the
+# sample correlation is noisy (about 1/sqrt(N) even when the true one is 0), and |r| would push on that noise
+# with full force around 0, while r^2 is smooth there and its expectation is minimised at a true 0.
 def length_correlation(
     rewards: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -83,6 +83,12 @@ def length_correlation_penalty(
 # training pairs, so every rank of a data-parallel run computes the same beta and the loss stays a sum over
 # pairs (no extra trained parameter, nothing to shard or save).
 _MAX_COEFFICIENT = 20.0  # all pairs won by the longer answer would send the fit to infinity
+
+
+def length_coefficient(items: Sequence[RankedItem], scale: float) -> float | None:
+    """The coefficient on log tokens that ``length_covariate = scale`` adds in the loss: ``scale`` times the
+    length-only fit on ``items`` (:func:`fit_length_coefficient`); None when ``scale`` is 0 (no covariate)."""
+    return scale * fit_length_coefficient(items) if scale > 0 else None
 
 
 def length_feature(lengths: torch.Tensor) -> torch.Tensor:

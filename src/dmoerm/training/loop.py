@@ -34,8 +34,8 @@ from dmoerm.training.distributed import (
 )
 from dmoerm.training.early_stopping import EarlyStopping
 from dmoerm.training.length import (
-    check_length_penalty,
-    fit_length_coefficient,
+    check_length_weight,
+    length_coefficient,
     length_correlation_penalty,
     length_feature,
     response_lengths,
@@ -92,7 +92,7 @@ class TrainConfig:
     default): the ranking loss as before."""
 
     def __post_init__(self) -> None:
-        check_length_penalty(self.length_penalty)
+        check_length_weight(self.length_penalty, "length_penalty")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if self.epochs < 1:
@@ -107,7 +107,7 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision: {self.mixed_precision!r} is not 'no' or 'bf16'")
-        check_length_penalty(self.length_covariate, "length_covariate")
+        check_length_weight(self.length_covariate, "length_covariate")
 
 
 def ranking_loss(
@@ -276,9 +276,7 @@ class _ExpertRun:
         inputs = [e for item in [train[i] for i in mine] + own_dev for e in item.inputs]
         cache.get(bank, inputs, desc=desc and f"{desc} trunk")
         optimizer, self.scheduler = _expert_optimizer(self.params, config, len(train))
-        self.length_coefficient = (
-            config.length_covariate * fit_length_coefficient(train) if config.length_covariate > 0 else None
-        )
+        self.length_coefficient = length_coefficient(train, config.length_covariate)
         # The scheduler stays unprepared: accelerate would step it once per process and update.
         self.sharded = ShardedExpert(acc, bank, self.params, self.names, optimizer) if is_fsdp(acc) else None
         if zero is not None:  # ZeRO-1/2 partition gradients and AdamW state; ZeRO-3 the trained weights too

@@ -31,8 +31,8 @@ from dmoerm.training.distributed import (
 from dmoerm.training.early_stopping import EarlyStopping
 from dmoerm.training.gates import cross_fit_gate, cross_fit_pending, sign_test_gate, sign_test_p  # noqa: F401
 from dmoerm.training.length import (
-    check_length_penalty,
-    fit_length_coefficient,
+    check_length_weight,
+    length_coefficient,
     length_correlation_penalty,
     length_feature,
     response_lengths,
@@ -339,8 +339,8 @@ class AggregatorTrainConfig:
     the start by chance (docs/levers.md), which 0.05 stops."""
 
     def __post_init__(self) -> None:
-        check_length_penalty(self.length_penalty)
-        check_length_penalty(self.length_covariate, "length_covariate")
+        check_length_weight(self.length_penalty, "length_penalty")
+        check_length_weight(self.length_covariate, "length_covariate")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if self.epochs < 1:
@@ -408,7 +408,7 @@ def train_phase3(
     feats, scores, where, flat = _aggregator_inputs(model, names, train, cache)  # computed once: frozen
     dev_data = _aggregator_inputs(model, names, dev, cache)
     lengths = response_lengths(flat)  # [N] response tokens, for the length penalty
-    coefficient = config.length_covariate * fit_length_coefficient(train) if config.length_covariate else None
+    coefficient = length_coefficient(train, config.length_covariate)
     # [N] the length-only model's share of each response's reward in the loss (None: no covariate)
     offsets = None if coefficient is None else coefficient * length_feature(lengths)
     torch.manual_seed(config.seed)
@@ -423,22 +423,10 @@ def train_phase3(
     rng = random.Random(config.seed)
     order = list(range(len(train)))
     rank, world = rank_and_world()
+    data = (feats, scores, where, lengths, offsets)
     for _epoch in range(config.epochs):
-        agg.train()
         rng.shuffle(order)
-        for start in range(0, len(order), config.batch_size):
-            chunk = order[start : start + config.batch_size]
-            if not any(train[i].pairs for i in chunk):
-                continue
-            data = (feats, scores, where, lengths, offsets)
-            loss, logged = _aggregator_loss(agg, data, train, chunk, config.length_penalty, rank, world)
-            opt.zero_grad()
-            loss.backward()
-            sum_gradients(list(agg.parameters()))
-            opt.step()
-            result.steps += 1
-            result.history["step"].append(result.steps)
-            result.history["loss"].append(logged)
+        _aggregator_epoch(agg, opt, data, train, order, config, result, rank, world)
         if tracker.evaluate(result):
             result.stopped_early = True
             break
@@ -460,6 +448,26 @@ def train_phase3(
         config.aggregator,
     )
     return result
+
+
+def _aggregator_epoch(
+    agg, opt, data, train, order, config, result: TrainResult, rank: int, world: int
+) -> None:
+    """One epoch of phase 3's updates, batches of ``config.batch_size`` items in ``order``, each logged in
+    ``result`` (``data``: :func:`_aggregator_loss`'s)."""
+    agg.train()
+    for start in range(0, len(order), config.batch_size):
+        chunk = order[start : start + config.batch_size]
+        if not any(train[i].pairs for i in chunk):
+            continue
+        loss, logged = _aggregator_loss(agg, data, train, chunk, config.length_penalty, rank, world)
+        opt.zero_grad()
+        loss.backward()
+        sum_gradients(list(agg.parameters()))
+        opt.step()
+        result.steps += 1
+        result.history["step"].append(result.steps)
+        result.history["loss"].append(logged)
 
 
 def _aggregator_loss(agg, data, train, chunk, length_penalty: float, rank: int, world: int):
