@@ -6,6 +6,9 @@ All three read the same backbone (the default SmolLM2-135M-Instruct unless --bac
 - single: ``RewardModel.rewards``: the bf16 trunk once, then the top layers with one LoRA adapter, value head.
 - dmoerm: ``DMoERM.score_inputs``: the router on the same trunk states, all K capability experts of the routed
   category in one mixed-adapter batch over the top layers, the MLP aggregator.
+- likelihood (with ``--likelihood``): ``dmoerm`` with the backbone's likelihood term on (``likelihood.fit``;
+  docs/likelihood.md): also the top layers with no adapter at every position and the LM head over every
+  response token.
 - naive: the paper's way: a router pass over the whole backbone, then K whole-backbone passes with
   ``set_adapter`` per expert, then the aggregator. Its rewards are checked against ``dmoerm``'s.
 
@@ -17,6 +20,7 @@ variant in a fresh subprocess (VmHWM after resetting it once the model is loaded
 
     .venv/bin/python benchmarks/bench_scoring.py                        # 8 records (16 inputs), 256 tokens
     .venv/bin/python benchmarks/bench_scoring.py --records 24 --rounds 5 --threads 2
+    .venv/bin/python benchmarks/bench_scoring.py --likelihood --no-naive --no-memory
     .venv/bin/python benchmarks/bench_scoring.py --device cuda          # full size: 512 records, 1024 tokens
 """
 
@@ -34,7 +38,7 @@ from peak_memory import reset_peak_rss, rss_mib
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-VARIANTS = ("single", "dmoerm", "naive")
+VARIANTS = ("single", "dmoerm", "likelihood", "naive")
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -56,10 +60,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         help="run every variant under bf16 autocast (the top layers too; the trunk is bf16 anyway)",
     )
     ap.add_argument("--no-naive", action="store_true", help="skip the naive K+1-pass variant (the slow one)")
+    ap.add_argument("--likelihood", action="store_true", help="add DMoERM with the likelihood term on")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.variants = tuple(v for v in VARIANTS if not (args.no_naive and v == "naive"))
+    args.variants = tuple(
+        v for v in VARIANTS if not (args.no_naive and v == "naive") and (args.likelihood or v != "likelihood")
+    )
     full = args.device == "cuda"
     args.records = args.records or (512 if full else 8)
     args.max_length = args.max_length or (1024 if full else 256)
@@ -111,6 +118,8 @@ def _build(args, variant: str):
         with torch.no_grad():
             model.router.head.bias.zero_()
             model.router.head.bias[0] = 50.0  # every row goes to --category
+        if variant == "likelihood":
+            model.likelihood_weights = {c: -0.5 for c in model.categories}
     model.requires_grad_(False)
     model.eval()
     if args.device == "cuda":
@@ -162,7 +171,8 @@ def _run(variant: str, model, inputs, batch_size: int, bf16_top: bool = False):
             return _run(variant, model, inputs, batch_size).float()
     if variant == "single":
         return model.rewards(inputs, batch_size)
-    if variant == "dmoerm":
+    if variant in ("dmoerm", "likelihood"):
+        model.likelihood_weights = {c: -0.5 for c in model.categories} if variant == "likelihood" else {}
         return torch.tensor([o.reward for o in model.score_inputs(inputs, batch_size)])
     return naive_scores(model, inputs, batch_size)
 
@@ -234,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     dmoerm, inputs = _build(args, "dmoerm")
     single = _build(args, "single")[0]
-    models = {"single": single, "dmoerm": dmoerm, "naive": dmoerm}
+    models = {"single": single, "dmoerm": dmoerm, "likelihood": dmoerm, "naive": dmoerm}
     tokens = sum(len(e.input_ids) for e in inputs)
     k = len(dmoerm.aggregator_experts[args.category])
     print(
@@ -266,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         print(f"{v:<8} {med[v]:>9.2f} {min(times[v]):>7.2f} {tokens / med[v]:>9.1f}")
     print(f"\nDMoERM (single pass) / single RM : {med['dmoerm'] / med['single']:.2f}x   (goal <= 1.3x)")
+    if "likelihood" in med:
+        print(f"DMoERM + likelihood / DMoERM      : {med['likelihood'] / med['dmoerm']:.2f}x")
+        print(f"DMoERM + likelihood / single RM   : {med['likelihood'] / med['single']:.2f}x")
     if "naive" in med:
         print(f"naive K+1-pass DMoERM / DMoERM   : {med['naive'] / med['dmoerm']:.2f}x")
         print(f"naive K+1-pass DMoERM / single RM: {med['naive'] / med['single']:.2f}x   (K+1 = {k + 1})")

@@ -51,7 +51,9 @@ def build_tiny_tokenizer():
     return fast
 
 
-def build_tiny_backbone(folder, *, hidden_size: int = 32, num_layers: int = 4, seed: int = 0) -> str:
+def build_tiny_backbone(
+    folder, *, hidden_size: int = 32, num_layers: int = 4, seed: int = 0, tie_word_embeddings: bool = True
+) -> str:
     """Save a tiny random LlamaForCausalLM and its tokenizer to ``folder``; return the folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,7 +67,7 @@ def build_tiny_backbone(folder, *, hidden_size: int = 32, num_layers: int = 4, s
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,

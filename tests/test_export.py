@@ -262,6 +262,7 @@ def dmoerm_export(tmp_path_factory, tiny_backbone) -> Path:
     dm.aggregator_experts["code"] = experts
     dm.aggregators["code"] = Aggregator(len(experts), dm.bank.hidden_size)
     route_code_prompt_to_code(dm)
+    dm.likelihood_weights = {"code": 0.7, "chat": -1.3}  # the backbone's likelihood term travels too
     dm.save_pretrained(folder / "dm")
     save_normalization(folder / "dm", RewardNormalization(mean=-0.5, std=3.0, count=10))
     result = export_model(folder / "dm", folder / "hf")
@@ -281,7 +282,9 @@ def test_dmoerm_export_loads_with_remote_code_and_equals_dmoerm_score(dmoerm_exp
     model, tokenizer = load_remote(dmoerm_export / "hf")
     assert type(model).__name__ == "DMoERMForSequenceClassification"
     assert json.loads((dmoerm_export / "hf" / "config.json").read_text())["auto_map"]
-    reference = DMoERM.from_pretrained(dmoerm_export / "dm").score(messages(), RESPONSES)
+    native = DMoERM.from_pretrained(dmoerm_export / "dm")
+    assert native.likelihood_weights == {"code": 0.7, "chat": -1.3}
+    reference = native.score(messages(), RESPONSES)
     expected = torch.tensor([o.reward for o in reference])
     assert [o.category for o in reference] == [
         "code",

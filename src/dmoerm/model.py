@@ -64,6 +64,9 @@ class DMoERMOutput:
     """[B] index of the category whose inner model scored each row (the most probable one)."""
     capability_scores: list[dict[str, float]] = field(default_factory=list)
     """Per row, each capability expert's scalar score (of the chosen category)."""
+    likelihood: torch.Tensor | None = None
+    """[B] the backbone's mean log-probability of each row's response (:mod:`dmoerm.likelihood`), when the
+    model weighs it in its reward; else None."""
 
 
 def rm_expert(category: str) -> str:
@@ -98,6 +101,9 @@ class DMoERM(nn.Module):
         self.aggregators = nn.ModuleDict()
         self.aggregator_experts: dict[str, list[str]] = {}
         """Per category, the expert adapters whose states its aggregator reads, in order."""
+        self.likelihood_weights: dict[str, float] = {}
+        """Per category, the weight of the backbone's likelihood of the response in its inner model's reward
+        (:mod:`dmoerm.likelihood`; fitted by phase 3's ``likelihood``); a category absent weighs it 0."""
         self.eval()
 
     # ------------------------------------------------------------------ structure
@@ -180,39 +186,68 @@ class DMoERM(nn.Module):
         attention_mask: torch.Tensor,
         prompt_mask: torch.Tensor,
         category_probs: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
     ) -> DMoERMOutput:
         """Trunk states [B, T, H], masks [B, T] -> rewards with routing and capability scores.
 
         ``category_probs`` [B, C] are the router's probabilities when the caller routed already
-        (:meth:`route` with a per-call memo); None routes each row on its own prompt tokens."""
+        (:meth:`route` with a per-call memo); None routes each row on its own prompt tokens. ``input_ids``
+        [B, T] (the rows' tokens) are needed only when the model weighs the backbone's likelihood
+        (``likelihood_weights``)."""
         device = self.bank.device
         trunk_states, attention_mask = trunk_states.to(device), attention_mask.to(device)
         probs = (
             self.route(trunk_states, prompt_mask.to(device)) if category_probs is None else category_probs
         )  # [B, C]
-        top_p, top_i = probs.max(-1)  # [B]
+        top_i = probs.max(-1)[1]  # [B]
+        weights = self._inner_weights(probs)  # [B, C]
+        likelihood = self._likelihood(trunk_states, attention_mask, prompt_mask, input_ids, weights)
         reward = torch.zeros(trunk_states.shape[0], device=device)
         caps: list[dict[str, float]] = [{} for _ in range(trunk_states.shape[0])]
-        k = min(self.routing.top_k, len(self.categories)) if self.routing.mode == "topk" else 1
-        mixed = (top_p < self.routing.mix_below) if k > 1 else torch.zeros_like(top_p, dtype=torch.bool)
-        weights = torch.zeros_like(probs)  # [B, C] weight of each inner model per row
-        weights[torch.arange(len(top_i)), top_i] = 1.0
-        if mixed.any():
-            p_k, i_k = probs[mixed].topk(k, dim=-1)  # [M, k]
-            w = torch.zeros(int(mixed.sum()), probs.shape[1], device=device).scatter(
-                1, i_k, p_k / p_k.sum(-1, keepdim=True)
-            )
-            weights[mixed] = w
         for c, category in enumerate(self.categories):
             rows = (weights[:, c] > 0).nonzero().squeeze(-1)
             if rows.numel() == 0:
                 continue
             r, scores, names = self.inner_reward(trunk_states[rows], attention_mask[rows], category)
+            if likelihood is not None:
+                r = r.float() + self.likelihood_weights.get(category, 0.0) * likelihood[rows]
             reward[rows] += weights[rows, c] * r.float()
             for j, row in enumerate(rows.tolist()):
                 if top_i[row] == c:
                     caps[row] = {n.split("__", 1)[1]: float(scores[i, j]) for i, n in enumerate(names)}
-        return DMoERMOutput(reward, probs, top_i, caps)
+        return DMoERMOutput(reward, probs, top_i, caps, likelihood)
+
+    def _inner_weights(self, probs: torch.Tensor) -> torch.Tensor:
+        """[B, C] router probabilities -> each inner model's weight per row: one-hot on the most probable
+        category, or (``topk`` mode, below ``mix_below``) the top k renormalised."""
+        top_p, top_i = probs.max(-1)  # [B]
+        k = min(self.routing.top_k, len(self.categories)) if self.routing.mode == "topk" else 1
+        mixed = (top_p < self.routing.mix_below) if k > 1 else torch.zeros_like(top_p, dtype=torch.bool)
+        weights = torch.zeros_like(probs)  # [B, C]
+        weights[torch.arange(len(top_i)), top_i] = 1.0
+        if mixed.any():
+            p_k, i_k = probs[mixed].topk(k, dim=-1)  # [M, k]
+            weights[mixed] = torch.zeros(int(mixed.sum()), probs.shape[1], device=probs.device).scatter(
+                1, i_k, p_k / p_k.sum(-1, keepdim=True)
+            )
+        return weights
+
+    def _likelihood(
+        self, trunk_states, attention_mask, prompt_mask, input_ids, weights
+    ) -> torch.Tensor | None:
+        """[B] the backbone's likelihood of each response when a category the rows go to weighs it, else None."""
+        used = [
+            c for i, c in enumerate(self.categories) if self.likelihood_weights.get(c) and weights[:, i].any()
+        ]
+        if not used:
+            return None
+        if input_ids is None:
+            raise ValueError(
+                f"this DMoERM weighs the backbone's likelihood ({', '.join(used)}): forward needs input_ids"
+            )
+        from dmoerm.likelihood import response_log_likelihood
+
+        return response_log_likelihood(self.bank, trunk_states, attention_mask, prompt_mask, input_ids)
 
     def encode(self, conversation: Sequence[Message], response: str) -> EncodedInput:
         return encode(self.tokenizer, conversation, response, self.max_length)
@@ -264,6 +299,7 @@ class DMoERM(nn.Module):
                     "routing": asdict(self.routing),
                     "aggregator_experts": self.aggregator_experts,
                     "aggregator_kinds": {c: m.kind for c, m in sorted(self.aggregators.items())},
+                    "likelihood_weights": dict(sorted(self.likelihood_weights.items())),
                 },
                 indent=2,
             )
@@ -290,6 +326,7 @@ class DMoERM(nn.Module):
         )
         model.router.load_state_dict(load_file(directory / "router.safetensors"))
         model.aggregator_experts = {c: list(v) for c, v in config["aggregator_experts"].items()}
+        model.likelihood_weights = {c: float(w) for c, w in config.get("likelihood_weights", {}).items()}
         if (directory / "aggregators.safetensors").exists():
             state = load_file(directory / "aggregators.safetensors")
             # Folders saved before the linear aggregator name their residual ones only.

@@ -61,19 +61,22 @@ class TrunkBatch:
     """[B, T] 1 on real tokens."""
     prompt_mask: torch.Tensor
     """[B, T] 1 on prompt tokens (what the router reads)."""
+    input_ids: torch.Tensor
+    """[B, T] the rows' tokens, right-padded (what the backbone's likelihood of a response reads)."""
 
 
 def padded_states(
     bank, inputs: Sequence[EncodedInput], cache=None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Trunk states [B, T, H], attention mask [B, T] and prompt mask [B, T] of one batch of inputs: from
-    ``cache`` (a :class:`~dmoerm.training.trunk_cache.TrunkCache`) when given, else ``bank.trunk``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trunk states [B, T, H], attention mask [B, T], prompt mask [B, T] and token ids [B, T] of one batch of
+    inputs, right-padded: the states from ``cache`` (a :class:`~dmoerm.training.trunk_cache.TrunkCache`) when
+    given, else ``bank.trunk``."""
     batch = collate(inputs, bank.tokenizer.pad_token_id)
     if cache is None:
         states = bank.trunk(batch["input_ids"], batch["attention_mask"])  # [B, T, H], each row alone
     else:
         states, _ = pad_states(cache.get(bank, inputs))  # [B, T, H], the same mask as collate's
-    return states, batch["attention_mask"], batch["prompt_mask"]
+    return states, batch["attention_mask"], batch["prompt_mask"], batch["input_ids"]
 
 
 def trunk_batches(
@@ -124,6 +127,22 @@ def expert_rewards(
     with _inference(bank):
         for b in trunk_batches(bank, inputs, cache, batch_size, batches):
             out[b.index] = bank(b.states, b.attention_mask, expert).float().cpu()  # [B]
+    return out
+
+
+def response_likelihoods(
+    bank, inputs: Sequence[EncodedInput], cache=None, batch_size: int = 16
+) -> torch.Tensor:
+    """The backbone's mean log-probability of each input's response
+    (:func:`~dmoerm.likelihood.response_log_likelihood`), in their order: [N] float32 on the CPU."""
+    from dmoerm.likelihood import response_log_likelihood
+
+    out = torch.empty(len(inputs))
+    with _inference(bank):
+        for b in trunk_batches(bank, inputs, cache, batch_size):
+            out[b.index] = response_log_likelihood(
+                bank, b.states, b.attention_mask, b.prompt_mask, b.input_ids
+            ).cpu()  # [B]
     return out
 
 
@@ -214,7 +233,7 @@ def dmoerm_outputs(
                 probs = model.route(b.states, b.prompt_mask.to(b.states.device), prompts, memo)  # [B, C]
             else:  # [B, C] one-hot on each input's given category
                 probs = F.one_hot(sent[list(b.index)], len(model.categories)).float().to(b.states.device)
-            res = model(b.states, b.attention_mask, b.prompt_mask, probs)
+            res = model(b.states, b.attention_mask, b.prompt_mask, probs, b.input_ids)
             rows = torch.arange(len(b.index), device=res.category_probs.device)
             scores.reward[b.index] = res.reward.float().cpu()
             scores.category_probability[b.index] = res.category_probs[rows, res.category_index].float().cpu()

@@ -220,6 +220,31 @@ class SpecialiseConfig:
             )
 
 
+LIKELIHOOD_FITS = ("none", "global", "category")
+
+
+@dataclass
+class LikelihoodConfig:
+    """The backbone's own likelihood of a response as a term of DMoERM's reward (:mod:`dmoerm.likelihood`;
+    docs/likelihood.md). Off by default: the model then scores exactly as without it."""
+
+    fit: str = "none"
+    """``none``: no term. ``global``: one weight for every category, fitted on every category's dev records
+    after phase 3 (stage ``likelihood``). ``category``: a weight per category, fitted on the dev pairs routed
+    to it. The fit maximises the dev pairs' Bradley-Terry likelihood of reward + weight * likelihood, with
+    the model's own dev rewards as offset; dev is the only human ranking none of DMoERM's models trained on."""
+    max_weight: float = 10.0
+    """Bound on each weight's size (dev pairs the term alone separates would send the fit to infinity)."""
+
+    def __post_init__(self) -> None:
+        if self.fit not in LIKELIHOOD_FITS:
+            raise ValueError(f"fit: {self.fit!r} is not one of {', '.join(LIKELIHOOD_FITS)}")
+        if isinstance(self.max_weight, bool) or not isinstance(self.max_weight, (int, float)):
+            raise ValueError(f"max_weight: must be a number > 0, got {self.max_weight!r}")
+        if not 0 < self.max_weight < float("inf"):
+            raise ValueError(f"max_weight: must be a finite number > 0, got {self.max_weight!r}")
+
+
 @dataclass
 class PipelineConfig:
     """``dmoerm train --config FILE``: everything the job does, saved resolved beside its outputs."""
@@ -259,6 +284,8 @@ class PipelineConfig:
     then specialises it, keeping the start when specialising does not beat it on dev."""
     specialise: SpecialiseConfig = field(default_factory=SpecialiseConfig)
     """How a warm-started inner model specialises on its category: rehearsal, step size, a shared expert."""
+    likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    """The backbone's likelihood of a response as a term of DMoERM's reward, fitted on dev after phase 3."""
     trunk_cache_dir: str | None = None
     """Folder of the on-disk trunk-state cache shared between runs; None keeps states in memory only."""
     without_router: bool = False

@@ -58,9 +58,10 @@ def evaluation_stage(
     capability_scores: list[dict[str, float]] = []
     for name, system in systems.items():
         t1 = time.perf_counter()
-        if system == "mean" and config.routing.mode == "top1":
+        if system == "mean" and config.routing.mode == "top1" and not model.likelihood_weights:
             # The experts' mean is the mean of the capability scores the DMoERM pass already returned (same
-            # routing, same experts): no second pass through the experts.
+            # routing, same experts): no second pass through the experts. With the likelihood term the
+            # model's own pass adds it to the mean.
             rewards = torch.tensor([sum(c.values()) / len(c) for c in capability_scores])
         else:
             sent = None

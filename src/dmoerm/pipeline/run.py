@@ -27,6 +27,7 @@ from dmoerm.pipeline.stages import (
     capability_stages,
     data_stage,
     encode_splits,
+    likelihood_stage,
     phase1_stage,
     phase3_stage,
     router_stage,
@@ -113,6 +114,7 @@ def run_pipeline(
         phase1_stage(run, model, c, items)
         label_counts = capability_stages(run, model, data, labeller, c)
         phase3_stage(run, model, c, items, label_counts)
+    likelihood_stage(run, model, data, items)
     if config.baseline and not members:
         members = baseline_stage(run, data)
     results, router_test_accuracy = evaluation_stage(run, model, data, items, members)

@@ -23,6 +23,7 @@ import torch
 from dmoerm.data import load_data
 from dmoerm.encoding import EncodedInput, RankedItem, encode_prompt, encode_record
 from dmoerm.labelling.human import expert_agreement, plan_category_labels
+from dmoerm.likelihood import fit_likelihood_weights
 from dmoerm.model import DMoERM, capability_expert_name, rm_expert
 from dmoerm.pipeline.config import PipelineConfig
 from dmoerm.pipeline.files import save_curves, save_model, save_records, save_rng_state, write_json
@@ -398,6 +399,23 @@ def phase3_stage(
     if res.gate:
         info["gate"] = res.gate
     run.record(stage, t0, dict(info, **result_info(res)), res.history, model=model)
+
+
+def likelihood_stage(run: RunContext, model: DMoERM, data: RunData, items: Encoded) -> None:
+    """Stage ``likelihood``: the weight of the backbone's likelihood of a response in DMoERM's reward, fitted on
+    every category's dev records after phase 3 (``config.likelihood``). Not recorded with ``fit: none``, which
+    only clears weights a restarted run left in the model."""
+    fit = run.config.likelihood.fit
+    if "likelihood" in run.stages or (fit == "none" and not model.likelihood_weights):
+        return
+    t0 = time.perf_counter()
+    dev = [item for c in data.categories for item in items["dev"][c]]
+    info = fit_likelihood_weights(model, dev, run.cache, fit, run.config.likelihood.max_weight)
+    if fit == "none":
+        save_model(model, run.out / "model")
+        return
+    logger.info("likelihood: weights %s; dev agreement %s", info["weights"], info["dev_agreement"])
+    run.record("likelihood", t0, info, model=model)
 
 
 def baseline_stage(run: RunContext, data: RunData) -> list[RewardModel]:

@@ -181,6 +181,7 @@ _STAGE_SECTIONS = {
     "labels": ("labels",),
     "phase2": ("phase1", "labels", "phase2"),
     "phase3": ("phase1", "labels", "phase2", "phase3"),
+    "likelihood": ("phase1", "labels", "phase2", "phase3", "likelihood"),
     "baseline": ("phase1",),
     "warm_start": ("phase1",),
 }
@@ -245,17 +246,21 @@ def stage_inputs(config, stage: str) -> dict:
     sections = {"data": data, "model": asdict(config.model), "without_router": config.without_router}
     for name in _STAGE_SECTIONS[kind]:
         sections[name] = asdict(getattr(config, name))
-    if kind in ("phase1", "phase2", "phase3"):  # where each inner model starts (issue 13's warm start)
+    if kind in ("phase1", "phase2", "phase3", "likelihood"):  # where each inner model starts (issue 13)
         sections["warm_start"] = config.warm_start
         specialise = asdict(config.specialise)
-        if kind != "phase3":  # the shared expert changes phase 3 only
+        if kind in ("phase1", "phase2"):  # the shared expert changes phase 3 (and what follows) only
             specialise.pop("shared_expert")
         sections["specialise"] = specialise
     if stage.startswith("baseline_seed"):
         sections["phase1"]["seed"] += int(stage[len("baseline_seed") :])
     flat = {k: v for k, v in _flatten(sections).items() if _ADDED_LATER.get(k, _MISSING) != v}
     files = list(enumerate(config.data.sources))
-    if kind in ("labels", "phase2", "phase3") and config.labels.source == "file" and config.labels.file:
+    if (
+        kind in ("labels", "phase2", "phase3", "likelihood")
+        and config.labels.source == "file"
+        and config.labels.file
+    ):
         files.append(("labels.file", config.labels.file))
     for where, name in files:  # a data file edited in place is a changed input too
         digest = _file_digest(Path(name))
@@ -308,7 +313,9 @@ def forget_lost_model_stages(stages: StageState, model_dir: Path) -> None:
     their last epoch checkpoint where one is left)."""
     if (model_dir / MODEL_FILE).exists():
         return
-    lost = [s for s in stages.done if s.split("/", 1)[0] in ("router", "phase1", "phase2", "phase3")]
+    lost = [
+        s for s in stages.done if s.split("/", 1)[0] in ("router", "phase1", "phase2", "phase3", "likelihood")
+    ]
     if lost:
         logger.warning(
             "%s is missing but %s records %d finished stages in it (%s): training them again",

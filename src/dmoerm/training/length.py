@@ -110,18 +110,9 @@ def fit_length_coefficient(items: Sequence[RankedItem], steps: int = 50) -> floa
         for better, worse in item.pairs:
             diffs.append(feature[better] - feature[worse])
             weights.append(item.weight / len(item.pairs))
-    d, w = torch.tensor(diffs, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64)
-    if not diffs or not bool((d != 0).any()):
-        return 0.0
-    beta = 0.0
-    for _ in range(steps):
-        p = torch.sigmoid(beta * d)  # [P] the length-only model's probability of the human's order
-        grad = float((w * d * (1 - p)).sum())
-        hess = float((w * d * d * p * (1 - p)).sum())
-        if hess <= 1e-12:
-            break
-        step = grad / hess
-        beta = max(-_MAX_COEFFICIENT, min(_MAX_COEFFICIENT, beta + step))
-        if abs(step) < 1e-10 or abs(beta) == _MAX_COEFFICIENT:
-            break
-    return beta
+    from dmoerm.likelihood import fit_pair_weight
+
+    d = torch.tensor(diffs, dtype=torch.float64)
+    return fit_pair_weight(
+        d, torch.zeros_like(d), torch.tensor(weights, dtype=torch.float64), _MAX_COEFFICIENT, steps
+    )

@@ -146,7 +146,7 @@ def batch_items(bank, items: Sequence[RankedItem], cache: TrunkCache) -> dict[st
     pairs = [(rows.start + b, rows.start + w) for item, rows in zip(items, where) for b, w in item.pairs]
     weights = pair_weights(items)
     groups = [k for k, item in enumerate(items) for _ in item.inputs]
-    states, mask, _ = padded_states(bank, flat, cache)
+    states, mask, _, _ = padded_states(bank, flat, cache)
     return {
         "states": states,
         "attention_mask": mask,
