@@ -34,23 +34,26 @@ def single_rm_with_term(baseline, dev, test, cache, bound: float):
     def scored(records):
         items = [encode_record(baseline.tokenizer, r, baseline.max_length) for r in records]
         flat, where = flatten(items)
-        return score_cached(baseline, flat, cache)[0], response_likelihoods(baseline.bank, flat, cache), where
+        rewards = score_cached(baseline, flat, cache)[0]
+        return items, rewards, response_likelihoods(baseline.bank, flat, cache), where
 
-    reward, like, where = scored(dev)
-    rows = [
-        (float(reward[s][b] - reward[s][w]), float(like[s][b] - like[s][w]), 1.0 / len(r.pairs()))
-        for r, s in zip(dev, where)
-        for b, w in r.pairs()
+    items, reward, like, where = scored(dev)
+    rows = [  # as dmoerm.likelihood.fit_likelihood_weights weighs them: an item's weight over its pairs
+        (float(reward[s][b] - reward[s][w]), float(like[s][b] - like[s][w]), item.weight / len(item.pairs))
+        for item, s in zip(items, where)
+        for b, w in item.pairs
     ]
     o, d, w = (torch.tensor([x[i] for x in rows], dtype=torch.float64) for i in range(3))
     weight = fit_pair_weight(d, o, w, bound)
-    reward, like, where = scored(test)
+    _, reward, like, where = scored(test)
     return reward + weight * like, weight, like, where
 
 
 def _row(name: str, a, b, resamples: int) -> str:
     keep = [k for k, x in enumerate(a) if x]  # records with a pair in this subset
     a, b = [a[k] for k in keep], [b[k] for k in keep]
+    if not a:
+        return f"{name}: no pairs"
     d, lo, hi = paired_difference(a, b, resamples)
     return f"{name}: {100 * sum(map(sum, a)) / sum(map(len, a)):.1f} vs single RM {d:+.1f} [{lo:+.1f}, {hi:+.1f}] ({sum(map(len, a))} pairs)"
 

@@ -175,8 +175,28 @@ def test_stage_inputs_of_the_likelihood_stage():
     assert not any(k.startswith("likelihood.") for k in stage_inputs(config, "phase3/code"))
 
 
+def check_likelihood_term_example(run, capsys) -> None:
+    """examples/likelihood_term.py on a real run folder: its three systems, each split by length, on every pair."""
+    import importlib.util
+    from pathlib import Path
+
+    from dmoerm.data import load_data
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "likelihood_term.py"
+    spec = importlib.util.spec_from_file_location("likelihood_term", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    assert module.main([str(run), "--trunk-cache-dir", str(run.parent / "cache"), "--resamples", "50"]) == 0
+    out = capsys.readouterr().out
+    pairs = sum(len(r.pairs()) for r in load_data(str(run / "splits" / "test.jsonl")))
+    for name in ("the term alone", "single RM + term", "DMoERM"):
+        assert f"  {name}: " in out and f"({pairs} pairs)" in out.split(f"  {name}: ")[1].splitlines()[0]
+    assert "the single RM's, fitted alike" in out and out.count("shorter better: ") == 3
+
+
 def test_a_run_fits_the_term_on_dev_and_a_changed_fit_is_a_changed_input(
-    tmp_path, tiny_backbone, one_torch_thread
+    tmp_path, tiny_backbone, one_torch_thread, capsys
 ):
     import json
 
@@ -190,6 +210,7 @@ def test_a_run_fits_the_term_on_dev_and_a_changed_fit_is_a_changed_input(
     assert info["fit"] == "global" and info["dev_pairs"] > 0 and len(set(info["weights"].values())) == 1
     saved = load_model(tmp_path / "run" / "model").likelihood_weights
     assert {c: round(w, 6) for c, w in saved.items()} == info["weights"]
+    check_likelihood_term_example(tmp_path / "run", capsys)
     with pytest.raises(
         RunStopped,
         match="stage likelihood finished with other inputs.*likelihood.fit: 'global' -> 'category'",

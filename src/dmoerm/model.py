@@ -103,7 +103,7 @@ class DMoERM(nn.Module):
         """Per category, the expert adapters whose states its aggregator reads, in order."""
         self.likelihood_weights: dict[str, float] = {}
         """Per category, the weight of the backbone's likelihood of the response in its inner model's reward
-        (:mod:`dmoerm.likelihood`; fitted by phase 3's ``likelihood``); a category absent weighs it 0."""
+        (:mod:`dmoerm.likelihood`; fitted by the run's ``likelihood`` stage); a category absent weighs it 0."""
         self.eval()
 
     # ------------------------------------------------------------------ structure
