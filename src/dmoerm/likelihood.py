@@ -50,9 +50,10 @@ def _lm_head_from_files(folder: str) -> torch.Tensor:
 
     root = Path(folder)
     index = root / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else {}
     files = (
-        [root / json.loads(index.read_text())["weight_map"]["lm_head.weight"]]
-        if index.exists() and "lm_head.weight" in json.loads(index.read_text())["weight_map"]
+        [root / weight_map["lm_head.weight"]]
+        if "lm_head.weight" in weight_map
         else sorted(root.glob("*.safetensors"))
     )
     for path in files:

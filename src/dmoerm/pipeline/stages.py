@@ -408,12 +408,13 @@ def likelihood_stage(run: RunContext, model: DMoERM, data: RunData, items: Encod
     fit = run.config.likelihood.fit
     if "likelihood" in run.stages or (fit == "none" and not model.likelihood_weights):
         return
+    if fit == "none":
+        model.likelihood_weights = {}
+        save_model(model, run.out / "model")
+        return
     t0 = time.perf_counter()
     dev = [item for c in data.categories for item in items["dev"][c]]
     info = fit_likelihood_weights(model, dev, run.cache, fit, run.config.likelihood.max_weight)
-    if fit == "none":
-        save_model(model, run.out / "model")
-        return
     logger.info("likelihood: weights %s; dev agreement %s", info["weights"], info["dev_agreement"])
     run.record("likelihood", t0, info, model=model)
 

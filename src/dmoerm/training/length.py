@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from dmoerm.encoding import EncodedInput, RankedItem
+from dmoerm.likelihood import fit_pair_weight
 
 
 def check_length_weight(value: float, field_name: str) -> None:
@@ -110,8 +111,6 @@ def fit_length_coefficient(items: Sequence[RankedItem], steps: int = 50) -> floa
         for better, worse in item.pairs:
             diffs.append(feature[better] - feature[worse])
             weights.append(item.weight / len(item.pairs))
-    from dmoerm.likelihood import fit_pair_weight
-
     d = torch.tensor(diffs, dtype=torch.float64)
     return fit_pair_weight(
         d, torch.zeros_like(d), torch.tensor(weights, dtype=torch.float64), _MAX_COEFFICIENT, steps
